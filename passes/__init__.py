@@ -1,0 +1,1 @@
+"""Graph passes, one module per pass, in pipeline order (see DESIGN.md)."""
