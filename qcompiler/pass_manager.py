@@ -94,7 +94,7 @@ class PassRun:
     def render(self, path: str, stage: str | None = None, **kwargs: Any) -> str:
         from .drawing import render_graph
 
-        return render_graph(self.graph(stage), path, groups=self.ctx.groups, **kwargs)
+        return render_graph(self.graph(stage), path, **kwargs)
 
     def summary(self) -> str:
         """A text table: stage, seconds, nodes before -> after."""
