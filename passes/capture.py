@@ -15,6 +15,7 @@ opaque to the reason.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import os
@@ -299,9 +300,16 @@ class NodeFacts(fx.Interpreter):
         return out
 
 
-def record_facts(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Any:
+def record_facts(gm: fx.GraphModule, example_inputs: tuple[Any, ...], concrete_args: dict[str, Any] | None = None,
+                 arg_names: list[str] | None = None) -> Any:
     """Run `gm` on the example inputs with NodeFacts; returns the output."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if concrete_args and arg_names:
+        # Arguments fixed by concrete_args stay placeholders (torch.fx checks them): pass the values.
+        example_inputs = tuple(example_inputs) + tuple(
+            concrete_args.get(name, p.args[0] if p.args else None)
+            for name, p in zip(arg_names[len(example_inputs):], placeholders[len(example_inputs):])
+        )
     if len(example_inputs) > len(placeholders):
         raise CaptureError(
             f"{len(example_inputs)} example inputs given but the traced forward takes {len(placeholders)}: "
@@ -332,7 +340,7 @@ def capture_module(model: nn.Module, example_inputs: Any, leaf_modules: Iterable
     if not inputs:
         raise CaptureError("example_inputs is empty: give one tensor or a tuple of the forward's tensors")
     gm = trace(model, leaf_modules, concrete_args)
-    record_facts(gm, inputs)
+    record_facts(gm, inputs, concrete_args, list(inspect.signature(model.forward).parameters))
     return gm
 
 

@@ -1,0 +1,184 @@
+"""Tests of passes/capture.py: tracing, opaque leaves, CaptureError and node facts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import qcompiler
+from qcompiler import CaptureError
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # decided by tensor values: untraceable
+            return x * 2
+        return x - 1
+
+
+class InnerControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), DataDependent())
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+class TopLevelControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            y = y.relu()
+        return y
+
+
+def test_control_flow_inside_a_submodule_becomes_opaque_and_outputs_are_kept():
+    model = InnerControlFlow().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = qcompiler.capture(model, x)
+    assert list(gm.meta["opaque_modules"]) == ["body.1"]
+    reason = gm.meta["opaque_modules"]["body.1"]
+    assert "control flow" in reason and "test_capture.py" in reason
+    opaque_nodes = [n for n in gm.graph.nodes if n.meta.get("opaque")]
+    assert [n.target for n in opaque_nodes] == ["body.1"]
+    # The traceable parts around it are still traced node by node.
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"stem", "head"} <= targets
+    for sign in (1, -1):  # both branches of the opaque module still run correctly
+        xs = sign * x.abs()
+        torch.testing.assert_close(gm(xs), model(xs), rtol=0, atol=0)
+
+
+def test_top_level_control_flow_raises_capture_error_with_location_and_fix():
+    with pytest.raises(CaptureError) as info:
+        qcompiler.capture(TopLevelControlFlow(), torch.randn(1, 3, 4, 4))
+    msg = str(info.value)
+    assert "TopLevelControlFlow" in msg
+    assert "test_capture.py" in msg and "if y.mean() > 0" in msg
+    assert "data-dependent control flow" in msg
+    assert "concrete_args" in msg
+    assert "Traceback" not in msg
+
+
+def test_detector_root_cannot_be_traced_but_its_backbone_can():
+    model = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    with pytest.raises(CaptureError) as info:
+        qcompiler.capture(model, [torch.randn(3, 64, 64)])
+    msg = str(info.value)
+    assert "RetinaNet" in msg and "retinanet.py" in msg
+    assert "iteration over a traced value" in msg
+    assert "model.backbone" in msg
+    gm = qcompiler.capture(model.backbone, torch.randn(1, 3, 64, 64))
+    assert gm.meta["opaque_modules"] == {}
+    x = torch.randn(1, 3, 64, 64)
+    out, ref = gm(x), model.backbone(x)
+    assert out.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k])
+
+
+def test_user_leaf_modules_by_path_and_by_type():
+    model = InnerControlFlow().eval()
+    gm = qcompiler.capture(model, torch.randn(1, 3, 8, 8), leaf_modules=["body"])
+    assert gm.meta["opaque_modules"] == {}  # asked for, not forced
+    assert "body" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    gm = qcompiler.capture(model, torch.randn(1, 3, 8, 8), leaf_modules=[DataDependent])
+    assert gm.meta["opaque_modules"] == {}
+    with pytest.raises(CaptureError, match="not a submodule"):
+        qcompiler.capture(model, torch.randn(1, 3, 8, 8), leaf_modules=["nope"])
+
+
+def test_concrete_args_remove_the_control_flow():
+    class Switch(nn.Module):
+        def forward(self, x, double: bool = False):
+            return x * 2 if double else x
+
+    gm = qcompiler.capture(Switch(), (torch.ones(2),), concrete_args={"double": True})
+    assert [n.op for n in gm.graph.nodes].count("call_function") >= 1
+    # torch.fx keeps the fixed argument as a checked parameter: it must be passed as fixed.
+    torch.testing.assert_close(gm(torch.ones(2), True), torch.full((2,), 2.0))
+    assert gm.graph.find_nodes(op="call_function", target=torch.mul) or any(
+        "mul" in n.name for n in gm.graph.nodes
+    )
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    with pytest.raises(CaptureError, match="example inputs"):
+        qcompiler.capture(nn.Linear(4, 2), torch.randn(1, 5))
+    with pytest.raises(CaptureError, match="nn.Module"):
+        qcompiler.capture(lambda x: x, torch.randn(1))
+
+
+def test_capture_does_not_change_the_users_model_mode_or_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qcompiler.capture(model, torch.randn(2, 3, 8, 8))
+    assert model.training and model[1].training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _facts(gm):
+    return {n.name: n.meta for n in gm.graph.nodes}
+
+
+def test_macs_and_params_of_every_conv_kind_match_hand_counts():
+    class Convs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 8, 3, padding=1)
+            self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.t = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2)
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x):
+            y = self.t(self.dw(self.g(self.c(x))))
+            z = self.fc(y.mean((2, 3)))
+            return z @ z.t(), torch.bmm(y.flatten(2), y.flatten(2).transpose(1, 2))
+
+    gm = qcompiler.capture(Convs(), torch.randn(1, 4, 5, 5))
+    f = _facts(gm)
+    assert f["c"]["macs"] == 8 * 25 * 4 * 9 and f["c"]["params"] == 8 * 4 * 9 + 8
+    assert f["g"]["macs"] == 8 * 25 * 4 * 9 and f["g"]["params"] == 8 * 4 * 9 + 8
+    assert f["dw"]["macs"] == 8 * 25 * 9 and f["dw"]["params"] == 8 * 9 + 8
+    # transposed: every input element meets (out/groups) * k*k weights
+    assert f["t"]["macs"] == 8 * 25 * 3 * 4 and f["t"]["shape"] == (1, 6, 10, 10)
+    assert f["fc"]["macs"] == 5 * 6 and f["fc"]["params"] == 35
+    assert f["matmul"]["macs"] == 1 * 1 * 5
+    assert f["bmm"]["macs"] == 6 * 6 * 100
+    assert f["c"]["dtype"] == torch.float32 and f["c"]["out_elems"] == 8 * 25 and f["c"]["in_elems"] == 100
+
+
+def test_attention_macs():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    gm = qcompiler.capture(Attn(), torch.randn(1, 10, 16))
+    macs = _facts(gm)["mha"]["macs"]
+    # 3 input projections + output projection (L*E*E each) + scores and weighted sum (2*L*L*E)
+    assert macs == 4 * 10 * 16 * 16 + 2 * 10 * 10 * 16
+
+
+def test_resnet18_total_macs_are_the_published_figure():
+    gm = qcompiler.capture(torchvision.models.resnet18().eval(), torch.randn(1, 3, 224, 224))
+    total = sum(n.meta["macs"] for n in gm.graph.nodes)
+    assert math.isclose(total / 1e9, 1.814, rel_tol=0.01)  # 1.81 GMACs, as torchvision documents
+    assert sum(n.meta["params"] for n in gm.graph.nodes) == 11_689_512

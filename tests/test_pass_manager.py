@@ -1,0 +1,109 @@
+"""Tests of qcompiler/pass_manager.py: editing the pipeline, stages, timings, snapshots, drawing."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import fx, nn
+
+import qcompiler
+from qcompiler import PassError, PassManager
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout(), nn.Flatten(), nn.LazyLinear(2)).eval()
+
+
+def _model_ready():
+    m = _model()
+    m(torch.randn(1, 3, 6, 6))  # materialise the lazy layer
+    return m
+
+
+def test_stages_timings_and_snapshots():
+    model = _model_ready()
+    x = torch.randn(1, 3, 6, 6)
+    run = PassManager(["capture", "canonicalize"]).run(model, x)
+    assert run.stages == ["capture", "canonicalize"]
+    assert set(run.timings) == {"capture", "canonicalize"} and all(t >= 0 for t in run.timings.values())
+    before, after = run.node_counts["canonicalize"]
+    assert after == before - 1  # dropout went
+    # Each stage is its own graph: the capture snapshot still has the dropout, canonicalize not.
+    kinds_capture = [n.target for n in run.graph("capture").graph.nodes if n.op == "call_module"]
+    assert "2" in kinds_capture
+    assert "2" not in [n.target for n in run.graph("canonicalize").graph.nodes if n.op == "call_module"]
+    for stage in run.stages:
+        torch.testing.assert_close(run.graph(stage)(x), model(x))
+    assert "canonicalize" in run.summary()
+    with pytest.raises(KeyError, match="no stage"):
+        run.graph("fold_bn")
+
+
+def test_user_can_insert_drop_and_replace_passes():
+    seen = []
+
+    def count_nodes(gm, ctx):
+        seen.append(len(gm.graph.nodes))
+        ctx.note("count_nodes", f"{len(gm.graph.nodes)} nodes")
+        return gm
+
+    def double_output(gm: fx.GraphModule, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            doubled = gm.graph.call_function(torch.mul, (out.args[0], 2.0))
+        out.args = (doubled,)
+        gm.recompile()
+        return gm
+
+    pm = PassManager(["capture", "canonicalize"])
+    pm.insert(count_nodes, after="capture").insert(("double", double_output))
+    assert pm.names == ["capture", "count_nodes", "canonicalize", "double"]
+    pm.drop("canonicalize")
+    pm.replace("count_nodes", count_nodes)
+    assert pm.names == ["capture", "count_nodes", "double"]
+    model = _model_ready()
+    x = torch.randn(1, 3, 6, 6)
+    run = pm.run(model, x)
+    assert seen and run.ctx.notes["count_nodes"]
+    torch.testing.assert_close(run.graph()(x), 2 * model(x))
+    torch.testing.assert_close(run.graph("capture")(x), model(x))  # earlier snapshot unaffected
+
+
+def test_bad_pipelines_are_clear_errors():
+    with pytest.raises(PassError, match="unknown pass 'fold_bnn'"):
+        PassManager(["capture", "fold_bnn"])
+    with pytest.raises(PassError, match="appears twice"):
+        PassManager(["capture", "capture"])
+    with pytest.raises(PassError, match="expected a torch.fx.GraphModule"):
+        PassManager(["capture", ("broken", lambda gm, ctx: None)]).run(_model_ready(), torch.randn(1, 3, 6, 6))
+
+
+@pytest.mark.parametrize("suffix", ["svg", "png", "pdf", "dot"])
+def test_render_writes_each_format(tmp_path, suffix):
+    if suffix != "dot":
+        assert shutil.which("dot"), "graphviz's dot must be installed (apt-get install graphviz)"
+    run = PassManager(["capture", "canonicalize"]).run(_model_ready(), torch.randn(1, 3, 6, 6))
+    path = run.render(str(tmp_path / f"g.{suffix}"), stage="canonicalize")
+    data = open(path, "rb").read()
+    assert len(data) > 100
+    if suffix == "svg":
+        text = data.decode()
+        assert "<svg" in text and "conv" in text and "1×4×4×4" in text
+    if suffix == "png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    if suffix == "pdf":
+        assert data[:4] == b"%PDF"
+
+
+def test_render_marks_opaque_leaves(tmp_path):
+    class Opaque(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Opaque()).eval()
+    run = PassManager(["capture", "canonicalize"]).run(model, torch.randn(1, 3, 4, 4))
+    src = open(run.render(str(tmp_path / "g.dot")), encoding="utf-8").read()
+    assert "opaque: float on host" in src and "box3d" in src
+    with pytest.raises(qcompiler.QCompileError, match="must end in"):
+        run.render(str(tmp_path / "g.jpeg2000"))
