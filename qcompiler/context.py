@@ -20,12 +20,15 @@ class CompileContext:
     concrete_args: dict[str, Any] | None = None
     target: Any = None                      # a validated TargetSpec once loaded
     calib_data: Any = None
+    calib_batches: list[Any] | None = None  # the calibration data, materialised and checked once
     observer: Any = None                    # observer choice / overrides from the user
     budget: dict[str, Any] | None = None
     progress: bool = True
     seed: int = 0
     groups: list[Any] = field(default_factory=list)      # QuantizerGroup, from group_quantizers
+    ties: list[Any] = field(default_factory=list)        # Tie: bit-width couplings between groups
     observers: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[int, str] = field(default_factory=dict)  # group id -> chosen format name
     plan: Any = None                        # frozen per-group formats and parameters
     # Diagnostics each pass wants the user to see, keyed by stage name.
     notes: dict[str, list[str]] = field(default_factory=dict)

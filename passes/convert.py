@@ -1,0 +1,87 @@
+"""convert: freeze every group's format and parameters into the graph: the simulated model.
+
+Before: a calibrated graph (`ObserverStub`s after quantized tensors, observers full of
+statistics). After: each stub is a `FakeQuantize` with its group's chosen format and frozen
+parameters, and each kernel whose weights are quantized is a copy of its module holding the
+weights as the target stores them (decoded to float). `ctx.plan` records it all.
+
+The chosen format of a group is `ctx.allocation[group.id]` (from `allocate_bits`), else the
+spec's default.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from ..context import CompileContext
+from ..errors import QCompileError
+from ..formats import HostFloat
+from ..plan import GroupPlan, Plan
+from ..quantizers import FakeQuantize, ObserverStub, quantize_weight, weight_axis
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """A structural copy that shares tensors: the user's module is never changed."""
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def _quantize_kernel_weights(gm: fx.GraphModule, node: fx.Node, group, fmt) -> tuple:
+    """Install a copy of the kernel's module with quantized weights; returns the params of the first."""
+    module = _copy_module(gm.get_submodule(node.target))
+    params = None
+    axis = weight_axis(module)
+    for qualified in group.weights:
+        path = qualified[len(node.target) + 1:]
+        owner_path, _, leaf = path.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        w = getattr(owner, leaf)
+        qw, p = quantize_weight(fmt, w, axis)
+        setattr(owner, leaf, nn.Parameter(qw, requires_grad=w.requires_grad))
+        params = params if params is not None else p
+    _set(gm, node.target, module)
+    return params
+
+
+def _set(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    stubs: dict[int, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ObserverStub):
+            stubs.setdefault(gm.get_submodule(n.target).group, []).append(n)
+    plans = []
+    for group in ctx.groups:
+        name = "float" if group.fallback else ctx.allocation.get(group.id, group.default)
+        if not group.fallback and name not in group.candidates:
+            raise QCompileError(f"group {group.id} was given format {name!r}, which is not among its candidates {group.candidates}")
+        fmt = HostFloat() if group.fallback else group.formats[name]
+        params = None
+        if group.kind == "activation" and not group.fallback:
+            observer = ctx.observers[group.id]
+            params = None if isinstance(fmt, HostFloat) else observer.compute_qparams(fmt)
+            for stub in stubs.get(group.id, []):
+                _set(gm, stub.target, FakeQuantize(group.id, fmt, params))
+                stub.meta["format"] = fmt.name
+                nodes[stub.meta["quantizes"]].meta["format"] = fmt.name
+        elif group.kind == "weight":
+            kernel = nodes[group.owner]
+            if kernel.op != "call_module":
+                raise QCompileError(f"weights of functional kernel {kernel.name} cannot be quantized yet")
+            params = _quantize_kernel_weights(gm, kernel, group, fmt)
+            kernel.meta["weight_format"] = fmt.name
+        plans.append(GroupPlan(
+            id=group.id, kind=group.kind, tensors=group.tensors, weights=group.weights, owner=group.owner,
+            op_kind=group.op_kind, candidates=group.candidates, format_name=name, format=fmt,
+            params=params, fallback=group.fallback,
+        ))
+    spec = ctx.target
+    ctx.plan = Plan(target=spec.name, target_version=str(spec.version), groups=tuple(plans))
+    gm.recompile()
+    return gm
