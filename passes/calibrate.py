@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..context import CompileContext
 from ..errors import CalibrationError
 
-Batch = tuple[tuple[Any, ...], dict[str, Any]]
+Batch = tuple[Any, ...]  # positional inputs of the graph
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -30,22 +30,28 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _as_batch(item: Any, n_inputs: int, index: int) -> Batch:
+def _as_batch(item: Any, names: list[str], index: int) -> Batch:
     if isinstance(item, torch.Tensor):
-        return (item,), {}
+        return (item,)
     if isinstance(item, dict):
-        return (), dict(item)
+        missing = [n for n in names if n not in item]
+        if missing:
+            raise CalibrationError(
+                f"calibration batch {index} is a dict without the model input(s) {missing}; "
+                f"its keys are {sorted(item)}"
+            )
+        return tuple(item[n] for n in names)
     if isinstance(item, (tuple, list)):
         # (inputs..., label) pairs from a labelled DataLoader: the model takes the first n.
-        return tuple(item[:n_inputs]), {}
+        return tuple(item[: len(names)])
     raise CalibrationError(
         f"calibration batch {index} is a {type(item).__name__}; give tensors, tuples of tensors "
         "(extra trailing items such as labels are ignored) or dicts of keyword inputs"
     )
 
 
-def calibration_batches(data: Iterable[Any] | None, example_inputs: tuple[Any, ...], n_inputs: int,
-                        progress: bool = False) -> list[Batch]:
+def calibration_batches(data: Iterable[Any] | None, example_inputs: tuple[Any, ...],
+                        input_names: list[str]) -> list[Batch]:
     """Materialise and check the calibration data once: not empty, finite, tensors."""
     if data is None:
         warnings.warn(
@@ -65,8 +71,8 @@ def calibration_batches(data: Iterable[Any] | None, example_inputs: tuple[Any, .
         raise CalibrationError(f"calib_data must be iterable (a DataLoader or a list of batches), got {type(data).__name__}") from None
     batches = []
     for i, item in enumerate(iterator):
-        args, kwargs = _as_batch(item, n_inputs, i)
-        tensors = _tensors((args, kwargs))
+        args = _as_batch(item, input_names, i)
+        tensors = _tensors(args)
         if not tensors:
             raise CalibrationError(f"calibration batch {i} holds no tensor")
         for t in tensors:
@@ -76,7 +82,7 @@ def calibration_batches(data: Iterable[Any] | None, example_inputs: tuple[Any, .
                     f"calibration batch {i} contains {bad} NaN or Inf value(s); clean the data "
                     "(e.g. torch.nan_to_num) or drop that batch"
                 )
-        batches.append((args, kwargs))
+        batches.append(args)
     if not batches:
         raise CalibrationError(
             "calibration data is empty: the iterable yielded no batch; give at least one batch "
@@ -87,21 +93,20 @@ def calibration_batches(data: Iterable[Any] | None, example_inputs: tuple[Any, .
 
 def run_batches(gm: fx.GraphModule, batches: list[Batch], progress: bool, desc: str) -> None:
     with torch.no_grad():
-        for args, kwargs in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            gm(*args, **kwargs)
+        for args in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            gm(*args)
 
 
 def calibrate(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.calib_batches is None:
-        n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-        ctx.calib_batches = calibration_batches(ctx.calib_data, ctx.example_inputs, n_inputs, ctx.progress)
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        ctx.calib_batches = calibration_batches(ctx.calib_data, ctx.example_inputs, names)
     try:
         run_batches(gm, ctx.calib_batches, ctx.progress, "calibrate")
     except CalibrationError:
         raise
     except Exception as exc:
-        first = ctx.calib_batches[0][0]
-        shapes = [tuple(t.shape) for t in _tensors(first)]
+        shapes = [tuple(t.shape) for t in _tensors(ctx.calib_batches[0])]
         raise CalibrationError(
             f"the model fails on the calibration data (first batch shapes {shapes}): "
             f"{type(exc).__name__}: {exc}. Check that calibration batches have the shape of example_inputs"

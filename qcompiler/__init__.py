@@ -6,7 +6,9 @@ from .errors import (
     ArtifactError, BudgetError, CalibrationError, CaptureError, GroupingError, PassError,
     QCompileError, SpecError,
 )
+from .api import CompiledModel, qcompile
 from .pass_manager import PassManager, PassRun
+from .targets.spec import TargetSpec, list_targets, load_target
 
 __version__ = "0.1.0"
 
@@ -18,7 +20,15 @@ def capture(model, example_inputs, leaf_modules=(), concrete_args=None):
     return _capture(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
 
+def load(path):
+    """Load a model saved with `CompiledModel.save` (JSON + safetensors; no code is loaded)."""
+    from .artifact import load_compiled
+
+    return load_compiled(path)
+
+
 __all__ = [
+    "CompiledModel", "TargetSpec", "list_targets", "load", "load_target", "qcompile",
     "ArtifactError", "BudgetError", "CalibrationError", "CaptureError", "CompileContext",
     "GroupingError", "PassError", "PassManager", "PassRun", "QCompileError", "SpecError",
     "capture",
