@@ -535,7 +535,9 @@ def _json(node: Node, doc: str = "") -> dict[str, Any]:
         if node.key_ref == "op_kind":
             out["propertyNames"] = {"enum": list(ALL_OP_KINDS)}
         else:
-            out["propertyNames"] = {"pattern": f"^{NAME_PATTERN}$"}
+            # Top-level key names are refused as entry names: they are TOML slips (see _misplaced).
+            out["propertyNames"] = {"pattern": f"^{NAME_PATTERN}$",
+                                    "not": {"enum": [k.name for k in SPEC.keys]}}
         if node.min_items:
             out["minProperties"] = node.min_items
     else:

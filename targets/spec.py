@@ -111,6 +111,9 @@ class Unsupported:
     action: str = "refuse"
     host_cost: Mapping[str, Formula] = field(default_factory=lambda: MappingProxyType({}))
 
+    def __hash__(self) -> int:
+        return hash((self.action, tuple(self.host_cost.items())))
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -135,6 +138,10 @@ class TargetSpec:
     def __repr__(self) -> str:
         return (f"TargetSpec({self.name!r}, version={self.version!r}, {len(self.formats)} formats, "
                 f"{len(self.ops)} op kinds, source={self.source!r})")
+
+    def __hash__(self) -> int:
+        # Equal specs agree on these; the mappings themselves are not hashable.
+        return hash((self.name, self.version, self.source))
 
     def op_rule(self, kind: str) -> OpRule | None:
         """The rule for `kind`, or None when the chip has no kernel for it."""
@@ -168,6 +175,24 @@ class TargetSpec:
     def metrics(self) -> tuple[str, ...]:
         return tuple(self.cost)
 
+    def cost_of(self, metric: str, on_host: bool = False, **values: float) -> float:
+        """One node's cost for `metric`, given the per-node variables of `formulas.VARIABLES`.
+
+        For a node that runs on the host (`on_host`), `[unsupported.host_cost]` decides if it
+        names the metric; otherwise the `[cost]` formula is evaluated with float32 widths
+        (weights, if any, inputs and outputs at 32 bits, no stored scales).
+        """
+        if metric not in self.cost:
+            raise SpecError(f"{self.source}: target {self.name!r} has no cost metric {metric!r}"
+                            f"{suggest(metric, self.cost)}; its metrics are "
+                            f"{', '.join(self.cost) or 'none (add a [cost] table)'}")
+        if on_host:
+            if metric in self.unsupported.host_cost:
+                return self.unsupported.host_cost[metric].evaluate(**values)
+            values = {**values, "a_bits": 32, "out_bits": 32, "w_scales": 0,
+                      "w_bits": 32 if values.get("w_bits") else 0}
+        return self.cost[metric].evaluate(**values)
+
 
 def _check_role(role: str) -> None:
     if role not in ROLES:
@@ -196,7 +221,11 @@ def load_target(name_or_path: str | Path | TargetSpec) -> TargetSpec:
     if not looks_like_path and text in list_targets():
         return _load_builtin(text)
     if looks_like_path or Path(text).is_file():
-        return _load_file(Path(text))
+        path = Path(text)
+        if not path.is_file() and path.stem in list_targets() and path.suffix == ".toml":
+            raise SpecError(f"{path}: no such target spec file; for the built-in target write "
+                            f"{path.stem!r} without .toml")
+        return _load_file(path)
     known = list_targets()
     raise SpecError(f"unknown target {text!r}{suggest(text, known)}; built-in targets are "
                     f"{', '.join(known)}, or give the path to a .toml spec file")
