@@ -1,0 +1,250 @@
+"""Deterministic 224x224 image crops for calibrating and evaluating the demo model offline.
+
+The crops come from the colour photographs that ship inside the scikit-image and scikit-learn
+wheels (no download): astronaut, coffee, chelsea (a tabby cat), rocket, the right view of the
+stereo motorcycle pair, the Hubble deep field, an immunohistochemistry slide, a retina, and
+scikit-learn's china (a palace) and flower. Grey-scale and synthetic images are left out, as
+are the skimage images fetched on demand (they fail without network).
+
+Each crop is a "random resized crop": an area of 25-100 % of its region, aspect ratio 3:4 to
+4:3, a random position, resized to 224x224 with an antialiased bilinear filter, flipped
+horizontally with probability one half, and normalised the way ``qcompiler.zoo`` models expect
+(``(x - 0.5) / 0.5`` on [0, 1] RGB, so values lie in [-1, 1]).
+
+Calibration and held-out crops are disjoint by construction: every photo is split at its
+vertical centre line; calibration crops lie entirely in the left half, held-out crops entirely
+in the right half. Ten photos are too few to split by photo without giving calibration and
+evaluation different subject matter (all cats on one side, say); splitting by region keeps
+both sets drawn from the same scenes while no held-out pixel was ever seen in calibration.
+The two views of the stereo motorcycle pair would share content across that line (the
+disparity shifts it sideways), so only one view is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import QCompileError
+from .zoo import INPUT_SIZE, PREPROCESS_MEAN, PREPROCESS_STD, DemoDependencyError
+
+__all__ = [
+    "CropBatches", "CropBox", "PHOTOS", "SPLITS", "SampleDataError", "calib_loader", "crop_boxes",
+    "load_photos", "photo_crop", "sample_crops",
+]
+
+Split = Literal["calib", "heldout"]
+SPLITS: tuple[str, ...] = ("calib", "heldout")
+PHOTOS: tuple[str, ...] = (
+    "astronaut", "coffee", "chelsea", "rocket", "motorcycle", "hubble_deep_field",
+    "immunohistochemistry", "retina", "china", "flower",
+)
+# Photos are brought to at most this many pixels on the long side when loaded: crops are
+# downscaled to 224 anyway, and resizing a 1411-pixel retina for every crop would be slow.
+_MAX_SIDE = 640
+_AREA_RANGE = (0.25, 1.0)
+_LOG_ASPECT_RANGE = (math.log(3 / 4), math.log(4 / 3))
+
+
+class SampleDataError(QCompileError, ValueError):
+    """A request for sample crops is malformed (bad count, batch size or split name)."""
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Where one crop comes from: a box in the loaded photo (row/column of its top-left)."""
+
+    photo: str
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.height
+
+    @property
+    def right(self) -> int:
+        return self.left + self.width
+
+
+def _read_photo(name: str) -> np.ndarray:
+    try:
+        if name in ("china", "flower"):
+            return _read_sklearn_sample_image(f"{name}.jpg")
+        from skimage import data
+
+        if name == "motorcycle":
+            return data.stereo_motorcycle()[1]
+        return getattr(data, name)()
+    except ImportError as exc:
+        raise DemoDependencyError(
+            f"The sample photo '{name}' comes from scikit-image / scikit-learn, which are not "
+            'installed: run `pip install "qcompiler[demo]"`.') from exc
+
+
+def _read_sklearn_sample_image(filename: str) -> np.ndarray:
+    # Importing sklearn.datasets costs ~1.5 s; locating the package and reading the JPEG with
+    # Pillow gives the same array (load_sample_image decodes it with Pillow too).
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scikit-learn is not installed")
+    from PIL import Image
+
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / filename
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@functools.lru_cache(maxsize=1)
+def load_photos() -> dict[str, torch.Tensor]:
+    """The sample photos as uint8 [3, H, W] tensors, long side at most 640 pixels.
+
+    Cached and shared between callers: read them, do not modify them.
+    """
+    photos: dict[str, torch.Tensor] = {}
+    for name in PHOTOS:
+        image = torch.from_numpy(np.array(_read_photo(name), dtype=np.uint8)).permute(2, 0, 1)
+        height, width = image.shape[1:]
+        scale = _MAX_SIDE / max(height, width)
+        if scale < 1:
+            size = (round(height * scale), round(width * scale))
+            image = F.interpolate(image[None].float(), size=size, mode="bilinear",
+                                  antialias=True, align_corners=False)[0]
+            image = image.round().clamp(0, 255).to(torch.uint8)
+        photos[name] = image.contiguous()
+    return photos
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SampleDataError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_split(split: str) -> int:
+    if split not in SPLITS:
+        raise SampleDataError(f"split must be one of {SPLITS}, got {split!r}.")
+    return SPLITS.index(split)
+
+
+def crop_boxes(n: int, *, seed: int, split: Split = "calib") -> tuple[CropBox, ...]:
+    """The `n` crop boxes `sample_crops` would cut, without cutting them.
+
+    Photos are used in turn (in an order shuffled by `seed`) so each gets n/10 crops, give or
+    take one. A box never crosses its photo's centre line: left half for calib, right half
+    for heldout.
+    """
+    _check_count("n", n)
+    split_index = _check_split(split)
+    photos = load_photos()
+    # The split is part of the seed so calib and heldout draw independent streams.
+    rng = np.random.default_rng([seed, split_index])
+    order = rng.permutation(len(PHOTOS))
+    boxes: list[CropBox] = []
+    for i in range(n):
+        name = PHOTOS[order[i % len(PHOTOS)]]
+        height, width = photos[name].shape[1:]
+        half = width // 2
+        region_left, region_width = (0, half) if split == "calib" else (half, width - half)
+        area = rng.uniform(*_AREA_RANGE) * height * region_width
+        aspect = math.exp(rng.uniform(*_LOG_ASPECT_RANGE))
+        crop_w = min(region_width, max(1, round(math.sqrt(area * aspect))))
+        crop_h = min(height, max(1, round(math.sqrt(area / aspect))))
+        top = int(rng.integers(0, height - crop_h + 1))
+        left = region_left + int(rng.integers(0, region_width - crop_w + 1))
+        boxes.append(CropBox(name, top, left, crop_h, crop_w, bool(rng.random() < 0.5)))
+    return tuple(boxes)
+
+
+def sample_crops(n: int, *, seed: int, split: Split = "calib",
+                 size: int = INPUT_SIZE) -> torch.Tensor:
+    """`n` normalised crops as a float32 tensor [n, 3, size, size]; same seed, same crops."""
+    _check_count("size", size)
+    photos = load_photos()
+    out = torch.empty(n, 3, size, size)
+    boxes = crop_boxes(n, seed=seed, split=split)
+    with _one_intra_op_thread():
+        for i, box in enumerate(boxes):
+            crop = _resize(photos[box.photo][:, box.top:box.bottom, box.left:box.right], size)
+            out[i] = crop.flip(-1) if box.flip else crop
+    # One pass over the whole batch: per-crop arithmetic is dominated by call overhead.
+    return _normalise_(out)
+
+
+def photo_crop(name: str, size: int = INPUT_SIZE) -> torch.Tensor:
+    """The largest centred square of photo `name`, resized and normalised: [3, size, size].
+
+    It overlaps both splits, so use it for sanity checks of the model (what does it see in the
+    cat photo?), never for measuring a quantized model.
+    """
+    _check_count("size", size)
+    photos = load_photos()
+    if name not in photos:
+        raise SampleDataError(f"Unknown sample photo {name!r}; choose one of {PHOTOS}.")
+    image = photos[name]
+    height, width = image.shape[1:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return _normalise_(_resize(image[:, top:top + side, left:left + side], size))
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run many tiny resizes on one thread, then restore the caller's setting.
+
+    Splitting a single 224x224 resize across threads gains little on an idle machine and,
+    measured on a loaded two-core machine, made 768 crops 4-5x slower (threads spin waiting
+    for each other). The setting is process-wide, so other Python threads that use torch at
+    the same moment also run single-threaded until this returns.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> float [3, size, size], still on the 0-255 scale."""
+    return F.interpolate(patch[None].float(), size=(size, size), mode="bilinear",
+                         antialias=True, align_corners=False)[0]
+
+
+def _normalise_(pixels: torch.Tensor) -> torch.Tensor:
+    """0-255 RGB -> the model's input scale, in place: (x / 255 - mean) / std."""
+    mean = torch.tensor(PREPROCESS_MEAN).view(3, 1, 1)
+    std = torch.tensor(PREPROCESS_STD).view(3, 1, 1)
+    return pixels.mul_(1 / (255 * std)).sub_(mean / std)
+
+
+class CropBatches:
+    """Re-iterable batches of sample crops (each a [B, 3, 224, 224] tensor), cut once."""
+
+    def __init__(self, crops: torch.Tensor, batch_size: int) -> None:
+        self.crops = crops
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.crops) // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.crops.split(self.batch_size))
+
+
+def calib_loader(n: int = 256, batch_size: int = 32, seed: int = 0,
+                 split: Split = "calib") -> CropBatches:
+    """`n` calibration crops in batches of `batch_size` (the last may be smaller)."""
+    _check_count("batch_size", batch_size)
+    return CropBatches(sample_crops(n, seed=seed, split=split), batch_size)
