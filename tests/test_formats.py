@@ -71,6 +71,19 @@ def test_int_codes_in_range_and_nearest_representable(fmt, lo, hi, seed):
     assert torch.equal(fmt.fake_quant(x, params), deq)
 
 
+@FAST
+@given(bits=st.integers(9, 16), signed=st.booleans(), symmetric=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_wide_int_formats_err_at_most_half_a_step(bits, signed, symmetric, seed):
+    fmt = IntFormat(bits, signed=signed, symmetric=symmetric)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(seed)) * 5
+    params = qparams_from_tensor(fmt, x)
+    codes = fmt.quantize(x, params)
+    assert int(codes.min()) >= fmt.qmin and int(codes.max()) <= fmt.qmax
+    covered = x if (signed or not symmetric) else x[x >= 0]
+    err = (fmt.fake_quant(covered, params) - covered).abs()
+    assert float(err.max()) <= float(params.scale) * (0.5 + 1e-3)
+
+
 def test_int_round_half_to_even_hand_worked():
     fmt = IntFormat(8)
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, 126.5, 127.5, 300.0, -300.0])
