@@ -8,7 +8,10 @@ Every observer works per tensor (`axis=None`) or per channel (`axis=k`, statisti
 each index along dimension k, which must keep its size across updates). Observers are
 deterministic: no randomness at all. The histogram-based ones (percentile, MSE, histogram/KL)
 share one running histogram per channel whose range grows by exact merges of neighbouring
-bins, so counts are never smeared when a later batch widens the range.
+bins, so counts are never smeared when a later batch widens the range. Memory is
+channels * bins whatever the amount of data; the MSE and KL searches cost
+channels * bins * grid fake-quant evaluations once, in `compute_range`, which is why
+per-channel observers default to fewer bins (DEFAULT_CHANNEL_BINS) than per-tensor ones.
 """
 from __future__ import annotations
 
