@@ -80,7 +80,7 @@ _TORCH_PRIVATE_ALLOWED = frozenset({"_assert"})
 # torch builtins that touch files, threads, global state or the TorchScript importer: never a
 # tensor op of a quantized model, so a model.json naming them has been tampered with.
 _TORCH_DENIED = frozenset({"from_file", "fork", "wait", "merge_type_from_type_comment", "from_numpy"})
-_TORCH_DENIED_PREFIXES = ("set_", "autocast_", "clear_", "import_", "init_", "get_", "is_")
+_TORCH_DENIED_PREFIXES = ("set_", "autocast_", "clear_", "import_", "init_")
 # operator.call calls any callable: it would turn a graph into a general interpreter.
 _OPERATOR_DENIED = frozenset({"call"})
 # Tensor methods that run a Python callable taken from the graph, or hand out storage.
@@ -140,6 +140,15 @@ def resolve_function(qualified: Any) -> Callable[..., Any]:
     if fn is None or not _function_allowed(namespace, name, fn):
         raise ValueError(f"function {qualified!r} is not one a saved graph may call")
     return fn
+
+
+def _getattr_allowed(args: tuple) -> bool:
+    """`getattr(x, name)` nodes read public attributes (x.shape, x.device) and nothing else.
+
+    Dunder attributes (`__class__`, `__globals__` ...) are how a crafted graph would walk from a
+    tensor to arbitrary Python objects.
+    """
+    return len(args) == 2 and isinstance(args[1], str) and args[1].isidentifier() and not args[1].startswith("_")
 
 
 def _method_allowed(name: Any) -> bool:
@@ -502,6 +511,9 @@ def _encode_graph(gm: fx.GraphModule, plan: Plan, tensors: dict[str, torch.Tenso
         where = f"node {node.name} ({node.op} {node.target})"
         if node.op == "call_function":
             target = function_name(node.target)
+            if target == "builtins.getattr" and not _getattr_allowed(node.args):
+                raise ArtifactError(f"cannot save: {where} reads attribute {node.args[1:]!r}; saved graphs read "
+                                    "only public attributes with getattr")
             if target is None:
                 fn = node.target
                 raise ArtifactError(
@@ -747,8 +759,11 @@ class _Loader:
                 raise
             except (KeyError, TypeError, ValueError) as exc:
                 raise self.error(where, f"malformed ({type(exc).__name__}: {exc})") from None
-        return Plan(target=_str(data.get("target")), target_version=_str(data.get("target_version")),
-                    groups=tuple(groups))
+        try:
+            return Plan(target=_str(data.get("target")), target_version=_str(data.get("target_version")),
+                        groups=tuple(groups))
+        except TypeError as exc:
+            raise self.error("plan", f"target and target_version must be strings ({exc})") from None
 
     def qparams(self, data: Any, gid: int, where: str) -> QParams | None:
         if data is None:
@@ -769,7 +784,7 @@ class _Loader:
         if not isinstance(data, dict) or not isinstance(data.get("args"), dict):
             raise self.error(where, "malformed module record")
         class_name = data.get("class")
-        if class_name not in MODULE_CLASSES:
+        if not isinstance(class_name, str) or class_name not in MODULE_CLASSES:
             raise self.error(where, f"module class {class_name!r} is not one a saved model may contain "
                                     "(the file was written by another tool or has been tampered with)")
         try:
@@ -845,6 +860,8 @@ class _Loader:
             if not isinstance(record["args"], list) or not isinstance(record["kwargs"], list):
                 raise ValueError("args must be a list and kwargs a list of [name, value] pairs")
             args = tuple(decode_value(a, nodes) for a in record["args"])
+            if target is getattr and not _getattr_allowed(args):
+                raise ValueError(f"getattr reads {args[1:]!r:.80}; only public attribute names are allowed")
             kwargs = {}
             for pair in record["kwargs"]:
                 if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
@@ -890,18 +907,23 @@ def _install(root: nn.Module, target: str, value: Any, loader: _Loader) -> None:
         raise loader.error("graph", f"{target!r} is not a valid dotted module path")
     owner = root
     for part in parts[:-1]:
-        child = getattr(owner, part, None) if part in owner._modules else None
+        child = owner._modules.get(part)
         if child is None:
+            if hasattr(owner, part):
+                raise loader.error("graph", f"cannot place {target!r}: {part!r} is already a tensor")
             child = nn.Module()
             owner.add_module(part, child)
         owner = child
     leaf = parts[-1]
-    if isinstance(value, nn.Module):
-        owner.add_module(leaf, value)
-    elif isinstance(value, nn.Parameter):
-        owner.register_parameter(leaf, value)
-    else:
-        owner.register_buffer(leaf, value)
+    try:
+        if isinstance(value, nn.Module):
+            owner.add_module(leaf, value)
+        elif isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise loader.error("graph", f"cannot place {target!r}: {exc}") from None
 
 
 def load_compiled(path: str | os.PathLike[str]) -> Any:

@@ -488,6 +488,18 @@ def test_tampered_function_names_are_rejected_without_running(small_save, tmp_pa
     assert not sentinel.exists()
 
 
+def test_getattr_of_private_attributes_is_rejected(small_save, tmp_path):
+    path = _copy_save(small_save, tmp_path / "m")
+
+    def tamper(doc):
+        node = _first_node(doc, "call_function")
+        node["target"], node["args"], node["kwargs"] = "builtins.getattr", [{"node": "x"}, "__class__"], []
+
+    _edit_json(path, tamper)
+    with pytest.raises(ArtifactError, match="only public attribute names are allowed"):
+        qcompiler.load(path)
+
+
 @pytest.mark.parametrize("class_name", ["os.system", "builtins.eval", "torch.nn.Module", "torch.nn.Sequential"])
 def test_tampered_module_class_is_rejected(small_save, tmp_path, class_name):
     path = _copy_save(small_save, tmp_path / "m")
