@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..context import CompileContext, as_input_tuple
+from .. import errors as _errors_module
 from ..errors import CaptureError
 
 # Frames inside these directories are tracing machinery, never the user's code.
@@ -94,6 +95,29 @@ def _user_frame(exc: BaseException) -> str:
         return "<unknown source>"
     f = frames[-1]
     return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+# qcompiler's own code: the package and its passes (they are separate folders in a source tree).
+_OWN_DIRS = tuple(
+    os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, _errors_module.__file__)
+)
+
+
+def source_line(node: fx.Node) -> str:
+    """'file:line: code' of the user's code that created `node`, from torch.fx's stack trace."""
+    lines = (node.stack_trace or "").strip().splitlines()
+    found = "<unknown source>"
+    for i, text in enumerate(lines):
+        text = text.strip()
+        if not text.startswith('File "'):
+            continue
+        filename = text.split('"')[1]
+        if filename.startswith((_TORCH_DIR + os.sep, *_OWN_DIRS)):
+            continue
+        line_no = text.split(", line ")[1].split(",")[0] if ", line " in text else "?"
+        code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        found = f"{filename}:{line_no}: {code}"
+    return found
 
 
 def _reason(exc: BaseException) -> str:

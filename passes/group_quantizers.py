@@ -29,6 +29,7 @@ from ..context import CompileContext
 from ..errors import GroupingError
 from ..groups import QuantizerGroup, Tie
 from ..opkinds import META
+from .capture import source_line
 
 # Weight tensors of a kernel module, by op kind (attribute paths inside the module).
 MODULE_WEIGHTS = {
@@ -89,19 +90,6 @@ class _Graph:
         return ()
 
 
-def source_line(node: fx.Node) -> str:
-    """'file:line: code' of the user's code that created `node` (from torch.fx's stack trace)."""
-    lines = (node.stack_trace or "").strip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        text = lines[i].strip()
-        if text.startswith("File "):
-            parts = text.split('"')
-            line_no = text.split("line ")[-1].split(",")[0] if "line " in text else "?"
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            return f"{parts[1] if len(parts) > 1 else '?'}:{line_no}: {code}"
-    return "<unknown source>"
-
-
 def _data_input(node: fx.Node) -> fx.Node | None:
     for arg in node.args:
         if isinstance(arg, fx.Node):
@@ -155,6 +143,9 @@ def group_quantizers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         if n.meta["role"] == "pass":
             src = _data_input(n)
+            # split/chunk yield tuples: the getitem after them shares the tensor that was split.
+            while src is not None and src not in tensor_set and src.meta.get("role") == "pass":
+                src = _data_input(src)
             if src in tensor_set:
                 share.add_edge(n, src)
         if n.meta["role"] == "chip" and n.meta.get("op_kind") in spec.shared_scale:

@@ -446,6 +446,9 @@ def _check_table(node: Table, value: Any, path: Path, problems: list[Problem],
         if spec_key.required:
             problems.append((path + (spec_key.name,), f"missing required key {spec_key.name!r}: "
                                                       f"{spec_key.doc}"))
+        elif spec_key.default is not NO_DEFAULT and isinstance(spec_key.node, Table):
+            # An omitted table still gets its own keys' defaults ([requant], [unsupported]).
+            out[spec_key.name] = _check(spec_key.node, dict(spec_key.default), path + (spec_key.name,), problems)
         elif spec_key.default is not NO_DEFAULT:
             out[spec_key.name] = spec_key.default
     return out
