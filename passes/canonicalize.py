@@ -69,6 +69,9 @@ MODULE_KINDS: tuple[tuple[type, str], ...] = (
     (nn.MultiheadAttention, "multi_head_attention"),
     (nn.Upsample, "interpolate"),
     (nn.PixelShuffle, "pixel_shuffle"),
+    (nn.modules.padding._ConstantPadNd, "pad"),
+    (nn.modules.padding._ReflectionPadNd, "pad"),
+    (nn.modules.padding._ReplicationPadNd, "pad"),
 )
 
 # Functions and methods that keep their spelling but get a label.

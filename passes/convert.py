@@ -28,9 +28,10 @@ def _copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _quantize_kernel_weights(gm: fx.GraphModule, node: fx.Node, group, fmt) -> tuple:
+def _quantize_kernel_weights(gm: fx.GraphModule, node: fx.Node, group, fmt, ctx: CompileContext) -> tuple:
     """Install a copy of the kernel's module with quantized weights; returns the params of the first."""
-    module = _copy_module(gm.get_submodule(node.target))
+    original = gm.get_submodule(node.target)
+    module = _copy_module(original)
     params = None
     axis = weight_axis(module)
     for qualified in group.weights:
@@ -42,6 +43,7 @@ def _quantize_kernel_weights(gm: fx.GraphModule, node: fx.Node, group, fmt) -> t
         setattr(owner, leaf, nn.Parameter(qw, requires_grad=w.requires_grad))
         params = params if params is not None else p
     _set(gm, node.target, module)
+    ctx.extra.setdefault("float_kernels", {})[node.target] = original  # for correct_bias
     return params
 
 
@@ -74,7 +76,7 @@ def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             kernel = nodes[group.owner]
             if kernel.op != "call_module":
                 raise QCompileError(f"weights of functional kernel {kernel.name} cannot be quantized yet")
-            params = _quantize_kernel_weights(gm, kernel, group, fmt)
+            params = _quantize_kernel_weights(gm, kernel, group, fmt, ctx)
             kernel.meta["weight_format"] = fmt.name
         plans.append(GroupPlan(
             id=group.id, kind=group.kind, tensors=group.tensors, weights=group.weights, owner=group.owner,
