@@ -1,18 +1,32 @@
 """The `qcompile` command line (also `python -m qcompiler`).
 
 Each subcommand is a function `add_<name>(subparsers)` that adds its parser and sets a
-`handler(args) -> int` default; `SUBCOMMANDS` lists them, so a new subcommand (compile, report,
-demo) is one such function and one entry. `main` turns every `QCompileError` into a one-line
-(or one-block) message on stderr and exit code 1: users see what is wrong, never a traceback.
+`handler(args) -> int` default; `SUBCOMMANDS` lists them, so a new subcommand is one such
+function and one entry. `main` turns every `QCompileError` into a one-line (or one-block)
+`error: ...` message on stderr, never a traceback, and Python warnings into `warning: ...` lines.
+The exit code of an error is 1 for `targets` (a spec that fails validation) and 2 for
+`compile`, `report` and `demo` (a subcommand sets its own with the `error_exit` default).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import importlib
 import json
+import math
+import os
+import re
 import sys
-from typing import Callable, Sequence
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
-from .errors import QCompileError
+from .errors import BudgetError, CalibrationError, QCompileError
+
+
+class CommandLineError(QCompileError):
+    """A command-line argument is malformed or names something that cannot be used."""
 
 
 def _targets_list(args: argparse.Namespace) -> int:
@@ -125,8 +139,387 @@ def add_targets(subparsers: argparse._SubParsersAction) -> None:
     schema.set_defaults(handler=_targets_schema)
 
 
+# ---------------------------------------------------------------------------------------------
+# qcompile compile
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+CALIB_BATCH = 32
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_FACTORY_SYNTAX = re.compile(rf"({_DOTTED}):({_DOTTED})")
+_BUDGET_SYNTAX = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*")
+# Byte units; a budget without a unit is a plain number (a count, or a fraction such as 0.5).
+BYTE_UNITS: dict[str, int] = {
+    "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
+}
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    # `python -m` puts the working directory on sys.path but the `qcompile` console script does
+    # not; a user's model.py next to them must import either way.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def load_factory(text: str) -> Callable[..., Any]:
+    """Import `package.module:attr.path` and return the object it names (checked callable)."""
+    match = _FACTORY_SYNTAX.fullmatch(text.strip())
+    if match is None:
+        raise CommandLineError(
+            f"model {text!r} is not of the form MODULE:FACTORY; give an importable module and a "
+            "callable in it that returns an nn.Module, e.g. torchvision.models:resnet18 or "
+            "my_models:build_net")
+    module_name, attr_path = match.groups()
+    try:
+        with _cwd_importable():
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or "?"
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise CommandLineError(
+                f"cannot import module {module_name!r} (from {text!r}): there is no module named "
+                f"{missing!r}; check the spelling, install the package, or run qcompile from the "
+                "directory that contains the module") from None
+        raise CommandLineError(
+            f"importing module {module_name!r} failed: it imports {missing!r}, which is not "
+            "installed; install it and retry") from None
+    except QCompileError:
+        raise
+    except Exception as exc:  # the user's module code: any error is theirs to fix, not a crash of ours
+        raise CommandLineError(
+            f"importing module {module_name!r} raised {type(exc).__name__}: {exc}; fix the module "
+            "(running `python -c \"import " + module_name + "\"` shows the full traceback)") from None
+    obj: Any = module
+    parts = attr_path.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(obj, part):
+            owner = module_name if i == 0 else f"{module_name}:{'.'.join(parts[:i])}"
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=3)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise CommandLineError(f"{owner!r} has no attribute {part!r} (from {text!r}){hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CommandLineError(
+            f"{text!r} is not callable (it is of type {type(obj).__name__}); name a function or class that "
+            "returns an nn.Module when called without arguments")
+    return obj
+
+
+def build_model(text: str) -> Any:
+    """Call the factory named by MODULE:FACTORY and return its nn.Module in eval mode."""
+    from torch import nn
+
+    factory = load_factory(text)
+    try:
+        with _cwd_importable():
+            model = factory()
+    except QCompileError:
+        raise
+    except Exception as exc:  # the user's factory
+        raise CommandLineError(
+            f"calling {text}() raised {type(exc).__name__}: {exc}; the factory must build the model "
+            "without arguments (wrap it in a function that passes them)") from None
+    if not isinstance(model, nn.Module):
+        raise CommandLineError(
+            f"{text}() returned a {type(model).__name__}, not a torch.nn.Module; the factory must "
+            "return the model itself")
+    return model.eval()
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' -> (1, 3, 224, 224); every entry a positive integer."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(re.fullmatch(r"\d+", p) and int(p) > 0 for p in parts):
+        raise CommandLineError(
+            f"--input-shape {text!r} is not a shape; give comma-separated positive integers, batch "
+            "first, e.g. --input-shape 1,3,224,224")
+    return tuple(int(p) for p in parts)
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """'weight_memory=1.5MiB' -> ('weight_memory', 1572864.0); '0.5' stays 0.5 (a fraction)."""
+    match = _BUDGET_SYNTAX.fullmatch(text)
+    if match is None:
+        raise BudgetError(
+            f"--budget {text!r} is not of the form METRIC=VALUE[UNIT]; e.g. "
+            "--budget weight_memory=1.5MiB or --budget bops=0.5 (units: "
+            f"{', '.join(('B', 'KB', 'KiB', 'MB', 'MiB', 'GB', 'GiB'))})")
+    metric, number, unit = match.groups()
+    if unit and unit.lower() not in BYTE_UNITS:
+        raise BudgetError(f"--budget {text!r}: unknown unit {unit!r}; use B, KB, KiB, MB, MiB, GB or "
+                          "GiB, or no unit for a plain number or a fraction such as 0.5")
+    value = float(number) * (BYTE_UNITS[unit.lower()] if unit else 1)
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"--budget {text!r}: the value must be a positive finite number")
+    return metric, value
+
+
+def load_calib(path: str) -> Any:
+    """The calibration tensor [N, ...] saved with torch.save at `path`, checked finite."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise CalibrationError(f"calibration file {path!r} does not exist; save a tensor [N, ...] "
+                               "with torch.save(x, path) and pass that path to --calib")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign or corrupt files
+        raise CalibrationError(f"cannot read calibration file {path!r}: {type(exc).__name__}: {exc}; "
+                               "it must be a tensor saved with torch.save") from None
+    if not isinstance(data, torch.Tensor):
+        raise CalibrationError(f"calibration file {path!r} holds a {type(data).__name__}, not a tensor; "
+                               "save a single tensor [N, ...] of N samples with torch.save")
+    if data.ndim < 1 or data.shape[0] == 0:
+        raise CalibrationError(f"calibration file {path!r} holds a tensor of shape {tuple(data.shape)}; "
+                               "it needs a batch dimension with at least one sample: [N, ...]")
+    if not data.is_floating_point():
+        data = data.float()
+    bad = int((~torch.isfinite(data)).sum())
+    if bad:
+        raise CalibrationError(
+            f"calibration file {path!r} contains {bad} NaN or Inf value(s) out of {data.numel()}; "
+            "clean the data (e.g. torch.nan_to_num) or drop those samples")
+    return data
+
+
+def _check_out_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise CommandLineError(f"--out {str(path)!r} is a file; give a directory (it is created if missing)")
+
+
+def _human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def compile_report_markdown(compiled: Any) -> str:
+    """The compiled model's report, then the compile time and the time of every pass."""
+    timings = compiled.timings
+    lines = [compiled.report().to_markdown(), "## Compile time", "",
+             f"Total: {compiled.compile_seconds:.2f} s", "", "| pass | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.3f} |" for stage, seconds in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> str:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise QCompileError(f"cannot write {path}: {exc.strerror or exc}; check the output directory") from None
+    return str(path)
+
+
+def write_compile_outputs(compiled: Any, out: Path) -> list[str]:
+    """Write the report, the saved model and both drawings into `out`; returns what was written.
+
+    Every output is attempted even if an earlier one fails (a model the artifact format cannot
+    hold still gets its report and drawings); the failures are raised together at the end.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QCompileError(f"cannot create the output directory {out}: {exc.strerror or exc}") from None
+    steps: list[tuple[str, Callable[[Path], str]]] = [
+        ("report.md", lambda p: _write_text(p, compile_report_markdown(compiled))),
+        ("model", lambda p: compiled.save(str(p)) + os.sep),
+        ("graph.svg", lambda p: compiled.render(str(p), colour_by="format")),
+        ("graph_groups.svg", lambda p: compiled.render(str(p), stage="group_quantizers", colour_by="group")),
+    ]
+    written, failed = [], []
+    for name, write in steps:
+        try:
+            written.append(write(out / name))
+        except QCompileError as exc:
+            failed.append(f"{out / name}: {exc}")
+    if failed:
+        done = f"; written: {', '.join(written)}" if written else ""
+        raise QCompileError("could not write every output:\n  " + "\n  ".join(failed) + done)
+    return written
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import qcompile
+    from .targets import load_target
+
+    budget: dict[str, float] = {}
+    for text in args.budget or ():
+        metric, value = parse_budget(text)
+        if metric in budget:
+            raise BudgetError(f"--budget {metric} is given twice; give each metric once")
+        budget[metric] = value
+    shape = parse_input_shape(args.input_shape) if args.input_shape is not None else None
+    spec = load_target(args.target)
+    unknown = [m for m in budget if m not in spec.cost]
+    if unknown:
+        raise BudgetError(f"--budget {unknown[0]}: target {spec.name!r} has no cost metric {unknown[0]!r}; "
+                          f"its metrics are {', '.join(spec.cost) or 'none'}")
+    out = Path(args.out)
+    _check_out_dir(out)
+
+    model = build_model(args.model)
+    if args.calib is not None:
+        calib = load_calib(args.calib)
+        if shape is not None and tuple(calib.shape[1:]) != shape[1:]:
+            raise CommandLineError(
+                f"--input-shape {args.input_shape} does not match the samples of {args.calib!r}, which "
+                f"have shape {tuple(calib.shape[1:])}; drop --input-shape (the calibration data sets it)")
+        example, batches = calib[:1], list(calib.split(CALIB_BATCH))
+    else:
+        shape = shape or DEFAULT_INPUT_SHAPE
+        generator = torch.Generator().manual_seed(args.seed)
+        example = torch.randn(shape, generator=generator)
+        batches = [example]
+        print(f"warning: no --calib given: calibrating on random normal data of shape {list(shape)}; "
+              "the quantization ranges it gives are meaningless for real inputs, so the compiled "
+              "model only shows what the compiler does. Pass --calib FILE.pt (a tensor [N, ...] of "
+              "real samples saved with torch.save) for a usable model.", file=sys.stderr)
+
+    compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
+                        observer=args.observer, progress=not args.no_progress, seed=args.seed)
+    written = write_compile_outputs(compiled, out)
+
+    totals = compiled.report().totals
+    float_bytes = sum(p.numel() for p in model.parameters()) * 4.0
+    memory = compiled.weight_memory_bytes
+    ratio = f", {float_bytes / memory:.1f}x smaller" if memory else ""
+    print(f"compiled {args.model} for {spec.name} in {compiled.compile_seconds:.1f} s")
+    print(f"  quantizer groups: {totals.get('quantizer_groups', len(compiled.plan.groups))} "
+          f"(layers falling back to float: {totals.get('float_fallbacks', 0)})")
+    print(f"  weight memory:    {_human_bytes(memory)} (float32: {_human_bytes(float_bytes)}{ratio})")
+    print(f"  written:          {', '.join(written)}")
+    print(f"  per-layer table:  qcompile report {out}")
+    return 0
+
+
+def add_compile(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compile", help="quantize a model for a target and write the model, report and graphs",
+        description="Import MODULE:FACTORY, call it to build the float model, compile it for the "
+                    "target and write DIR/model/, DIR/report.md, DIR/graph.svg and DIR/graph_groups.svg.")
+    p.add_argument("model", metavar="MODULE:FACTORY",
+                   help="an importable module and a callable in it returning an nn.Module, "
+                        "e.g. torchvision.models:resnet18")
+    p.add_argument("--target", required=True, help="a built-in target (see `qcompile targets`) or a .toml spec")
+    p.add_argument("--calib", metavar="FILE.pt",
+                   help="calibration samples: a tensor [N, ...] saved with torch.save (batches of 32)")
+    p.add_argument("--input-shape", metavar="SHAPE",
+                   help="shape of the random example input when there is no --calib "
+                        f"(default {','.join(map(str, DEFAULT_INPUT_SHAPE))})")
+    p.add_argument("--budget", action="append", metavar="METRIC=VALUE",
+                   help="a cost budget such as weight_memory=1.5MiB or bops=0.5; repeatable")
+    p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
+                                      "percentile, mse, histogram); the target's default otherwise")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.set_defaults(handler=_compile, error_exit=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# qcompile report
+# ---------------------------------------------------------------------------------------------
+
+def saved_model_dir(path: Path) -> Path:
+    """The saved model inside a `qcompile compile` output DIR (DIR/model), or DIR if it is one."""
+    from .artifact import MODEL_FILE
+
+    if not path.is_dir():
+        raise CommandLineError(f"{str(path)!r} is not a directory; give the --out directory of a "
+                               "`qcompile compile` run")
+    for candidate in (path / "model", path):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    raise CommandLineError(
+        f"{str(path)!r} is not a compile output: it has no model/{MODEL_FILE}; give the --out "
+        "directory of a `qcompile compile` run (or a directory written by CompiledModel.save)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import load
+
+    directory = Path(args.dir)
+    compiled = load(saved_model_dir(directory))
+    report = compiled.report()
+    print(report)
+    if report.rows and all(math.isnan(r.sqnr_db) for r in report.rows):
+        where = directory / "report.md"
+        hint = f"; {where} has the values measured at compile time" if where.is_file() else ""
+        print(f"\n(SQNR needs the float model and calibration data, which a saved model does not keep{hint})")
+    return 0
+
+
+def add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("report", help="print the per-layer table of a compiled model",
+                              description="Load DIR/model (written by `qcompile compile --out DIR`) "
+                                          "and print its per-layer report.")
+    p.add_argument("dir", metavar="DIR", help="the --out directory of a compile")
+    p.set_defaults(handler=_report, error_exit=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# qcompile demo
+# ---------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_TARGETS, results_table, run_demo
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else list(DEFAULT_TARGETS)
+    if not targets:
+        raise CommandLineError(f"--targets {args.targets!r} names no target; e.g. --targets npu-int8,npu-int4")
+    results = run_demo(targets, args.calib, args.heldout, args.out, progress=not args.no_progress,
+                       echo=lambda line: print(line, file=sys.stderr, flush=True))
+    print(results_table(results))
+    print(f"\nwritten: {Path(args.out) / 'report.md'}, graphs and saved models in {args.out}")
+    for r in results:
+        if r.save_error:
+            print(f"warning: the {r.target} model was not saved: {r.save_error}", file=sys.stderr)
+    return 0
+
+
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    from .demo import DEFAULT_N_CALIB, DEFAULT_N_HELDOUT, DEFAULT_TARGETS
+
+    p = subparsers.add_parser(
+        "demo", help="compile pretrained EfficientNet-Lite0 for several targets and compare with float",
+        description="Compile the pretrained EfficientNet-Lite0 for each target on offline sample "
+                    "crops and measure agreement with the float model on held-out crops.")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated targets (default {','.join(DEFAULT_TARGETS)})")
+    p.add_argument("--calib", type=_positive_int, default=DEFAULT_N_CALIB, metavar="N",
+                   help=f"number of calibration crops (default {DEFAULT_N_CALIB})")
+    p.add_argument("--heldout", type=_positive_int, default=DEFAULT_N_HELDOUT, metavar="N",
+                   help=f"number of held-out crops to measure on (default {DEFAULT_N_HELDOUT})")
+    p.add_argument("--out", default="./qcompile-out", metavar="DIR",
+                   help="output directory (default ./qcompile-out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_demo, error_exit=2)
+
+
 # Every subcommand, in the order `qcompile --help` lists them.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_targets]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_compile, add_report, add_demo, add_targets]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +539,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return handler(args)
     except QCompileError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return getattr(args, "error_exit", 1)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    # Users of the command line want the message, not the library line that issued it.
+    print(f"warning: {message}", file=sys.stderr)
