@@ -44,7 +44,7 @@ def test_targets_show_path(capsys, tmp_path):
     path.write_text((ROOT / "targets" / "dsp-fixed-point.toml").read_text())
     assert main(["targets", "show", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"source: {path}" in out and "power-of-two scales" in out and "refused" in out
+    assert f"source: {path}" in out and "power-of-two scales" in out and "run in float on the host" in out
 
 
 def test_targets_show_unknown_name_is_an_error_without_traceback(capsys):
