@@ -492,7 +492,9 @@ def _demo(args: argparse.Namespace) -> int:
     results = run_demo(targets, args.calib, args.heldout, args.out, progress=not args.no_progress,
                        echo=lambda line: print(line, file=sys.stderr, flush=True))
     print(results_table(results))
-    print(f"\nwritten: {Path(args.out) / 'report.md'}, graphs and saved models in {args.out}")
+    saved = [r.model_dir for r in results if r.model_dir]
+    print(f"\nwritten: {Path(args.out) / 'report.md'}, {', '.join(r.graph_path for r in results)}"
+          + (f", {', '.join(saved)}" if saved else ""))
     for r in results:
         if r.save_error:
             print(f"warning: the {r.target} model was not saved: {r.save_error}", file=sys.stderr)
