@@ -183,7 +183,7 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         raise BudgetError(
             "budgets (mixed precision under weight-memory, BOPs or latency limits) are not available "
             "yet in this version of qcompiler: leave budget=None to compile every group at the "
-            "target's default format"
+            "target's default format (omit --budget on the command line)"
         )
     if not isinstance(model, nn.Module):
         raise QCompileError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")

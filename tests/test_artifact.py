@@ -649,3 +649,14 @@ _values = st.recursive(
 @given(_values)
 def test_tagged_values_round_trip_property(value):
     assert _same(_through_json(value), value)
+
+
+def test_padding_modules_round_trip(tmp_path):
+    # TF-style SAME padding (EfficientNet-Lite) and reflection padding are plain modules.
+    model = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(),
+                          nn.ReflectionPad2d(1), nn.ConstantPad2d(1, 0.0), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = qcompiler.qcompile(model, x, target="npu-int8", calib_data=[x], progress=False)
+    compiled.save(str(tmp_path / "m"))
+    loaded = qcompiler.load(str(tmp_path / "m"))
+    assert torch.equal(loaded(x), compiled(x))
