@@ -81,7 +81,8 @@ def test_wide_int_formats_err_at_most_half_a_step(bits, signed, symmetric, seed)
     assert int(codes.min()) >= fmt.qmin and int(codes.max()) <= fmt.qmax
     covered = x if (signed or not symmetric) else x[x >= 0]
     err = (fmt.fake_quant(covered, params) - covered).abs()
-    assert float(err.max()) <= float(params.scale) * (0.5 + 1e-3)
+    # float32 carries x / scale (up to 2**16 for 16 bits) to about 2**-8 of a step.
+    assert float(err.max()) <= float(params.scale) * (0.5 + 1e-2)
 
 
 def test_int_round_half_to_even_hand_worked():
