@@ -8,8 +8,9 @@ are the skimage images fetched on demand (they fail without network).
 
 Each crop is a "random resized crop": an area of 25-100 % of its region, aspect ratio 3:4 to
 4:3, a random position, resized to 224x224 with an antialiased bilinear filter, flipped
-horizontally with probability one half, and normalised the way ``qcompiler.zoo`` models expect
-(``(x - 0.5) / 0.5`` on [0, 1] RGB, so values lie in [-1, 1]).
+horizontally with probability one half, rounded to 8-bit pixel values (what a camera or an image
+decoder hands the model), and normalised the way ``qcompiler.zoo`` models expect
+(``(pixel - 127) / 128``, so values lie in [-127/128, 1] on a grid of step 1/128).
 
 Calibration and held-out crops are disjoint by construction: every photo is split at its
 vertical centre line; calibration crops lie entirely in the left half, held-out crops entirely
@@ -217,16 +218,21 @@ def _one_intra_op_thread() -> Iterator[None]:
 
 
 def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [3, h, w] -> float [3, size, size], still on the 0-255 scale."""
-    return F.interpolate(patch[None].float(), size=(size, size), mode="bilinear",
-                         antialias=True, align_corners=False)[0]
+    """uint8 [3, h, w] -> [3, size, size] 8-bit pixel values (integers 0-255, held as float)."""
+    resized = F.interpolate(patch[None].float(), size=(size, size), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    return resized.round_().clamp_(0, 255)
 
 
 def _normalise_(pixels: torch.Tensor) -> torch.Tensor:
-    """0-255 RGB -> the model's input scale, in place: (x / 255 - mean) / std."""
-    mean = torch.tensor(PREPROCESS_MEAN).view(3, 1, 1)
-    std = torch.tensor(PREPROCESS_STD).view(3, 1, 1)
-    return pixels.mul_(1 / (255 * std)).sub_(mean / std)
+    """0-255 RGB -> the model's input scale, in place: (pixel - 255 * mean) / (255 * std).
+
+    The offsets are formed in float64 and rounded once to float32, where the zoo's 127 and 128
+    come out exact, so every normalised value is exactly (pixel - 127) / 128.
+    """
+    offset = (torch.tensor(PREPROCESS_MEAN, dtype=torch.float64) * 255).float().view(3, 1, 1)
+    divisor = (torch.tensor(PREPROCESS_STD, dtype=torch.float64) * 255).float().view(3, 1, 1)
+    return pixels.sub_(offset).div_(divisor)
 
 
 class CropBatches:

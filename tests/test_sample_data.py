@@ -84,13 +84,23 @@ def test_crop_shows_its_box():
     for box, crop in zip(boxes, crops):
         patch = photos[box.photo][:, box.top:box.bottom, box.left:box.right].numpy()
         ref = resize(patch.transpose(1, 2, 0) / 255.0, (224, 224), anti_aliasing=True)
-        ref = torch.from_numpy(ref.transpose(2, 0, 1)).float() * 2 - 1
+        ref = (torch.from_numpy(ref.transpose(2, 0, 1)).float() * 255 - 127) / 128
         if box.flip:
             ref = ref.flip(-1)
         assert (crop - ref).abs().mean() < 0.03
         if box.flip or not torch.equal(ref, ref.flip(-1)):
             # The mirror image must fit clearly worse, so the flip really happened as recorded.
             assert (crop - ref.flip(-1)).abs().mean() > (crop - ref).abs().mean()
+
+
+def test_crops_are_8bit_pixels_on_the_int8_grid_of_the_model_input():
+    """Crops are whole 0-255 pixel values normalised as (pixel - 127) / 128: every value is an
+    exact multiple of 1/128, so an int8 input quantizer of scale 1/128 represents it exactly."""
+    crops = sample_crops(24, seed=5, split="heldout")
+    codes = crops * 128
+    assert torch.equal(codes, codes.round())
+    assert codes.min() >= -127 and codes.max() <= 128
+    assert len(codes.unique()) > 200                      # the whole pixel range is in use
 
 
 def test_calib_loader_batches_the_same_crops():
@@ -105,7 +115,7 @@ def test_photo_crop_is_the_centre_square():
     image = load_photos()["coffee"]                          # 400 x 600
     ref = resize(image[:, :, 100:500].numpy().transpose(1, 2, 0) / 255.0, (224, 224),
                  anti_aliasing=True)
-    ref = torch.from_numpy(ref.transpose(2, 0, 1)).float() * 2 - 1
+    ref = (torch.from_numpy(ref.transpose(2, 0, 1)).float() * 255 - 127) / 128
     assert crop.shape == (3, 224, 224)
     assert (crop - ref).abs().mean() < 0.03
 

@@ -109,10 +109,10 @@ def test_predictions_on_known_photos(photo_top5):
 
 
 def test_documented_normalisation_matches_the_stem_batchnorm(model):
-    """BN running variances record what the stem conv saw in training: with (x-0.5)/0.5 our
+    """BN running variances record what the stem conv saw in training: with (pixel-127)/128 our
     crops reproduce them; ImageNet mean/std inputs are ~1/0.45 wider, so variances ~4.5x."""
     crops = sample_crops(16, seed=3)
-    unit = crops * 0.5 + 0.5
+    unit = (crops * 128 + 127) / 255
     imagenet = (unit - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) \
         / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     bn = model.stem.bn
