@@ -19,7 +19,7 @@ from .pass_manager import PassManager, PassRun
 
 DEFAULT_PASSES = (
     "capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
-    "calibrate", "convert", "correct_bias",
+    "calibrate", "convert", "optimize_rounding",
 )
 # The last stage whose graph still computes in float: the reference for per-node SQNR.
 FLOAT_REFERENCE_STAGE = "fuse"

@@ -27,7 +27,7 @@ Pass = Callable[[Any, CompileContext], fx.GraphModule]
 # Built-in passes by name: each lives in qcompiler.passes.<name> as a function of that name.
 BUILTIN_PASSES = (
     "capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
-    "calibrate", "sensitivity", "allocate_bits", "convert", "correct_bias",
+    "calibrate", "sensitivity", "allocate_bits", "convert", "optimize_rounding", "correct_bias",
 )
 
 
