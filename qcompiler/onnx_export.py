@@ -15,6 +15,7 @@ express (NF4, look-up tables, FP4) become float constants of their decoded value
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,19 @@ class _Builder:
         self.initializers = [t for t in self.initializers if t.name in needed]
 
     def unclip(self, x: str) -> None:
-        """Rewrite the Clip that produces `x` as Max/Min (same values).
+        """Rewrite the Clip or Relu that produces `x` as Max/Min (same values).
 
         ONNX Runtime's Clip→QuantizeLinear fusion reads the zero point as an integer and fails
-        on FP8 zero points; Max/Min are not fused.
+        on FP8 zero points, and its Relu→QuantizeLinear fusion drops a Relu before an FP8
+        quantizer as if the format could not hold negatives; Max/Min are left alone.
         """
         i = self.producer.get(x)
+        if i is not None and self.nodes[i].op_type == "Relu":
+            relu = self.nodes[i]
+            zero = self.const(f"{relu.name}_zero", np.array(0.0, np.float32))
+            self.nodes[i] = self.helper.make_node("Max", [relu.input[0], zero], list(relu.output),
+                                                  name=self.fresh(f"{relu.name}_Max"))
+            return
         if i is None or self.nodes[i].op_type != "Clip":
             return
         clip = self.nodes[i]
@@ -610,12 +618,54 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return b.emit("Reshape", [b.arg(node.args[0]), b.const(f"{node.name}_shape", np.array(shape, np.int64))], node.name)
     if kind == "contiguous":
         return b.arg(node.args[0])
-    where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or [""]
+    if node.op == "call_function" and node.target in (operator.neg, torch.neg) and len(node.args) == 1:
+        return b.emit("Neg", [b.arg(node.args[0])], node.name)
+    if kind == "getitem" and isinstance(node.args[0], fx.Node) and isinstance(b.names.get(node.args[0]), str):
+        return _slice(b, node)
     raise OnnxExportError(
-        f"node {node.name} (op kind {kind!r}, {node.op} {getattr(node.target, '__name__', node.target)}) has no ONNX "
-        f"translation yet{': ' + where[0] if where[0] else ''}; make it a leaf of a supported kind or extend "
-        "qcompiler.onnx_export"
+        f"node {node.name} (op kind {kind!r}, {node.op} {getattr(node.target, '__name__', node.target)}){_source(node)} "
+        "has no ONNX translation yet; run it outside the compiled part of the model or extend qcompiler.onnx_export"
     )
+
+
+def _source(node: fx.Node) -> str:
+    """ ' at file:line (code)' from the node's recorded stack trace, or ''."""
+    lines = [ln.strip() for ln in node.meta.get("stack_trace", "").splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f" at {lines[i][5:]}" + (f" ({code})" if code else "")
+    return ""
+
+
+def _slice(b: _Builder, node: fx.Node) -> str:
+    """x[...] with integer indices and step-1 or strided slices: ONNX Slice, then Squeeze for indices."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    rank = len(node.args[0].meta["shape"])
+    starts, ends, axes, steps, squeeze = [], [], [], [], []
+    for axis, item in enumerate(index):
+        if item is Ellipsis or item is None or isinstance(item, fx.Node):
+            raise OnnxExportError(f"{node.name}: indexing with {item!r} is not exported")
+        if isinstance(item, int):
+            starts.append(item), ends.append(item + 1 if item != -1 else 2**62), axes.append(axis), steps.append(1)
+            squeeze.append(axis)
+        elif isinstance(item, slice):
+            if item == slice(None):
+                continue
+            step = 1 if item.step is None else item.step
+            starts.append(0 if item.start is None else item.start)
+            ends.append(2**62 if item.stop is None else item.stop)
+            axes.append(axis), steps.append(step)
+    if len(index) > rank:
+        raise OnnxExportError(f"{node.name}: {len(index)} indices for a {rank}-d tensor")
+    x = b.arg(node.args[0])
+    if axes:
+        ins = [x] + [b.const(f"{node.name}_{k}", np.array(v, np.int64)) for k, v in
+                     (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]
+        x = b.emit("Slice", ins, node.name)
+    if squeeze:
+        x = b.emit("Squeeze", [x, b.const(f"{node.name}_sq", np.array(squeeze, np.int64))], node.name)
+    return x
 
 
 def build_onnx_model(compiled: Any, *, opset: int = DEFAULT_OPSET, strict: bool = False,
