@@ -629,13 +629,11 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
 
 
 def _source(node: fx.Node) -> str:
-    """ ' at file:line (code)' from the node's recorded stack trace, or ''."""
-    lines = [ln.strip() for ln in node.meta.get("stack_trace", "").splitlines()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f" at {lines[i][5:]}" + (f" ({code})" if code else "")
-    return ""
+    """' at file:line: code' of the user's code that created the node, or ''."""
+    from .passes.capture import source_line
+
+    where = source_line(node)
+    return "" if where.startswith("<unknown") else f" at {where}"
 
 
 def _slice(b: _Builder, node: fx.Node) -> str:
