@@ -195,22 +195,16 @@ class _Builder:
             if per_tensor:
                 scale, zp = scale.reshape(()), zp.reshape(())
             attrs = {} if per_tensor else {"axis": int(params.axis)}
-            lo_code, hi_code = _INT_RANGES[type_name]
-            if fmt.qmin != lo_code or fmt.qmax != hi_code:
-                # Codes narrower than the container: clip in float first, at the exact end values
-                # of the grid, so QuantizeLinear's saturation never reaches a code outside it.
-                view = [1] * len(shape)
-                if not per_tensor:
-                    view[params.axis] = -1
-                s = torch.as_tensor(scale).reshape(view) if not per_tensor else torch.as_tensor(scale)
-                z = torch.as_tensor(zp, dtype=torch.float32).reshape(s.shape)
-                lo = ((fmt.qmin - z) * s).numpy().astype(np.float32)
-                hi = ((fmt.qmax - z) * s).numpy().astype(np.float32)
-                x = self.emit("Max", [x, self.const(f"{base}_lo", lo)], base)
-                x = self.emit("Min", [x, self.const(f"{base}_hi", hi)], base)
             s_name = self.const(f"{base}_scale", scale.astype(np.float32))
             z_name = self.const(f"{base}_zp", zp.astype(container) if type_name not in ("INT4", "UINT4") else zp, type_name)
             q = self.emit("QuantizeLinear", [x, s_name, z_name], f"{base}_q", **attrs)
+            if (fmt.qmin, fmt.qmax) != _INT_RANGES[type_name]:
+                # Codes narrower than their container (int6, narrow range): clip the codes.
+                if type_name in ("INT4", "UINT4"):
+                    raise OnnxExportError(f"{base}: {fmt.name} activations do not fill a 4-bit type")
+                lo = self.const(f"{base}_qmin", np.array(fmt.qmin, dtype=container), type_name)
+                hi = self.const(f"{base}_qmax", np.array(fmt.qmax, dtype=container), type_name)
+                q = self.emit("Clip", [q, lo, hi], f"{base}_qclip")
             y = self.emit("DequantizeLinear", [q, s_name, z_name], f"{base}_dq", **attrs)
             self.quant[y] = QuantInfo(scale=scale.astype(np.float32), zero_point=zp, axis=None if per_tensor else params.axis)
             return y

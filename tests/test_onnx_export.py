@@ -422,3 +422,21 @@ def test_cli_compile_writes_the_onnx_model(tmp_path, monkeypatch, capsys):
     assert (out / "model.onnx").is_file() and str(out / "model.onnx") in captured.out
     out_arr = _run(str(out / "model.onnx"), _data(2))
     assert out_arr.shape == (2, 10)
+
+
+@pytest.mark.parametrize("builtin,old,new,formats", [
+    ("dsp-fixed-point", 'conv = { weights = ["q7", "q15"], inputs = ["q7", "q15"]',
+     'conv = { weights = ["q15", "q7"], inputs = ["q15", "q7"]', {"int16_pow2"}),
+    ("npu-int8", '[formats.a8]\ntype = "int"\nbits = 8', '[formats.a8]\ntype = "int"\nbits = 6', {"int6_asym"}),
+    ("npu-int8", '[formats.w8]\ntype = "int"\nbits = 8', '[formats.w8]\ntype = "int"\nbits = 3', {"int3_narrow_pc"}),
+])
+def test_int16_and_narrower_than_container_formats(builtin, old, new, formats, tmp_path):
+    compiled = _compile(tiny_model(), _variant(builtin, old, new))
+    assert formats <= {g.format.name for g in compiled.plan.groups}
+    path = str(tmp_path / "m.onnx")
+    compiled.export_onnx(path)
+    x = _data(16, seed=8)
+    ref, step = _simulate(compiled, x), _integer_output_scale(compiled)
+    for optimize in (False, True):
+        err = np.abs(_run(path, x, optimize) - ref)
+        assert err.max() <= step * 1.001 and (err < step / 2).mean() >= 0.8
