@@ -59,23 +59,23 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-# ONNX element types of integer codes: (bits, signed) -> (TensorProto type name, numpy container).
+# ONNX element types of integer codes by (container bits, signed).
 _INT_TYPES = {
-    (8, True): ("INT8", np.int8), (8, False): ("UINT8", np.uint8),
-    (16, True): ("INT16", np.int16), (16, False): ("UINT16", np.uint16),
-    (4, True): ("INT4", np.int8), (4, False): ("UINT4", np.uint8),
+    (8, True): "INT8", (8, False): "UINT8", (16, True): "INT16", (16, False): "UINT16",
+    (4, True): "INT4", (4, False): "UINT4",
 }
 _FP8_TYPES = {"e4m3": "FLOAT8E4M3FN", "e5m2": "FLOAT8E5M2"}
 
 
-def _container(fmt: IntFormat, opset: int) -> tuple[str, Any]:
-    """The narrowest ONNX integer type that holds every code of `fmt`."""
-    for bits in (4, 8, 16):
-        if fmt.bits <= bits and (bits != 4 or opset >= 21):
-            if bits == 4 and fmt.bits != 4:
-                continue  # 2- and 3-bit codes go into 8-bit containers: INT4 kernels are rare
-            return _INT_TYPES[(bits, fmt.signed)]
-    raise OnnxExportError(f"{fmt.name} has no ONNX integer type")
+def _container(fmt: IntFormat, opset: int) -> str:
+    """The ONNX integer type that holds the codes of `fmt`.
+
+    4-bit formats use INT4/UINT4 (opset 21); 2- and 3-bit codes go into 8-bit types, which every
+    runtime has kernels for.
+    """
+    if fmt.bits == 4 and opset >= 21:
+        return _INT_TYPES[(4, fmt.signed)]
+    return _INT_TYPES[(8 if fmt.bits <= 8 else 16, fmt.signed)]
 
 
 class _Builder:
@@ -187,7 +187,7 @@ class _Builder:
         if isinstance(fmt, HostFloat) or params is None:
             return x
         if isinstance(fmt, IntFormat) and fmt.granularity in ("per_tensor", "per_channel"):
-            type_name, container = _container(fmt, self.opset)
+            type_name = _container(fmt, self.opset)
             scale = params.scale.detach().float().reshape(-1).numpy()
             zp = (params.zero_point.detach().reshape(-1).numpy() if params.zero_point is not None
                   else np.zeros_like(scale, dtype=np.int64))
@@ -196,14 +196,14 @@ class _Builder:
                 scale, zp = scale.reshape(()), zp.reshape(())
             attrs = {} if per_tensor else {"axis": int(params.axis)}
             s_name = self.const(f"{base}_scale", scale.astype(np.float32))
-            z_name = self.const(f"{base}_zp", zp.astype(container) if type_name not in ("INT4", "UINT4") else zp, type_name)
+            z_name = self.const(f"{base}_zp", zp, type_name)
             q = self.emit("QuantizeLinear", [x, s_name, z_name], f"{base}_q", **attrs)
             if (fmt.qmin, fmt.qmax) != _INT_RANGES[type_name]:
                 # Codes narrower than their container (int6, narrow range): clip the codes.
                 if type_name in ("INT4", "UINT4"):
                     raise OnnxExportError(f"{base}: {fmt.name} activations do not fill a 4-bit type")
-                lo = self.const(f"{base}_qmin", np.array(fmt.qmin, dtype=container), type_name)
-                hi = self.const(f"{base}_qmax", np.array(fmt.qmax, dtype=container), type_name)
+                lo = self.const(f"{base}_qmin", np.array(fmt.qmin), type_name)
+                hi = self.const(f"{base}_qmax", np.array(fmt.qmax), type_name)
                 q = self.emit("Clip", [q, lo, hi], f"{base}_qclip")
             y = self.emit("DequantizeLinear", [q, s_name, z_name], f"{base}_dq", **attrs)
             self.quant[y] = QuantInfo(scale=scale.astype(np.float32), zero_point=zp, axis=None if per_tensor else params.axis)
@@ -237,7 +237,7 @@ class _Builder:
         if params is None or isinstance(fmt, HostFloat):
             return self.const(f"{base}_{attr}", w.numpy()), None
         if isinstance(fmt, IntFormat) and fmt.granularity in ("per_tensor", "per_channel"):
-            type_name, container = _container(fmt, self.opset)
+            type_name = _container(fmt, self.opset)
             codes = fmt.quantize(w, params).numpy()
             scale = params.scale.detach().float().reshape(-1).numpy()
             zp = (params.zero_point.detach().reshape(-1).numpy() if params.zero_point is not None
@@ -249,22 +249,22 @@ class _Builder:
             if per_tensor:
                 scale, zp = scale.reshape(()), zp.reshape(())
             attrs = {} if per_tensor else {"axis": int(params.axis)}
-            c_name = self.const(f"{base}_{attr}_codes", codes.astype(container) if type_name not in ("INT4", "UINT4") else codes, type_name)
+            c_name = self.const(f"{base}_{attr}_codes", codes, type_name)
             s_name = self.const(f"{base}_{attr}_scale", scale.astype(np.float32))
-            z_name = self.const(f"{base}_{attr}_zp", zp.astype(container) if type_name not in ("INT4", "UINT4") else zp, type_name)
+            z_name = self.const(f"{base}_{attr}_zp", zp, type_name)
             out = self.emit("DequantizeLinear", [c_name, s_name, z_name], f"{base}_{attr}_dq", **attrs)
             return out, QuantInfo(scale=scale.astype(np.float32), zero_point=zp, axis=None if per_tensor else params.axis)
         if isinstance(fmt, IntFormat) and fmt.granularity == "per_group" and self.opset >= 21:
             # Blocked DequantizeLinear (opset 21) over the [rows, K] view the format groups along.
-            type_name, container = _container(fmt, self.opset)
+            type_name = _container(fmt, self.opset)
             rows = w.shape[0]
             codes = fmt.quantize(w, params).reshape(rows, -1).numpy()
             scale = params.scale.detach().float().numpy()
             zp = (params.zero_point.detach().numpy() if params.zero_point is not None
                   else np.zeros_like(scale, dtype=np.int64))
-            c_name = self.const(f"{base}_{attr}_codes", codes.astype(container) if type_name not in ("INT4", "UINT4") else codes, type_name)
+            c_name = self.const(f"{base}_{attr}_codes", codes, type_name)
             s_name = self.const(f"{base}_{attr}_scale", scale.astype(np.float32))
-            z_name = self.const(f"{base}_{attr}_zp", zp.astype(container) if type_name not in ("INT4", "UINT4") else zp, type_name)
+            z_name = self.const(f"{base}_{attr}_zp", zp, type_name)
             flat = self.emit("DequantizeLinear", [c_name, s_name, z_name], f"{base}_{attr}_dq",
                              axis=1, block_size=int(fmt.group_size))
             shape = self.const(f"{base}_{attr}_shape", np.array(w.shape, dtype=np.int64))
