@@ -7,8 +7,9 @@ Measured in one run (python benchmarks/onnx_export.py [--out benchmarks/onnx_exp
    spread): latency of our QDQ export vs the float ONNX model (torch.onnx.export of the float
    model) vs ONNX Runtime's own `quantize_static` (QDQ, per-channel int8 weights, uint8
    activations, min-max calibration on the same crops), at batch 1 and 16 with 2 intra-op
-   threads, median of repeated runs; which integer kernels ONNX Runtime picked; top-1 agreement
-   with the float model on held-out crops.
+   threads, median of repeated runs (the three runtimes interleaved round by round: the machine
+   is shared, and interleaving spreads its load over all three alike); which integer kernels
+   ONNX Runtime picked; top-1 agreement with the float model on held-out crops.
 2. For every built-in target on EfficientNet-Lite0: agreement of the ONNX export run by ONNX
    Runtime with our simulation (top-1, max abs logit error, share of logits within one output
    code).
@@ -74,16 +75,20 @@ def run(sess: ort.InferenceSession, x: torch.Tensor, chunk: int = 16) -> np.ndar
     return np.concatenate([sess.run(None, {name: x[i:i + chunk].numpy()})[0] for i in range(0, len(x), chunk)])
 
 
-def median_ms(sess: ort.InferenceSession, x: np.ndarray, repeats: int) -> float:
-    name = sess.get_inputs()[0].name
-    for _ in range(2):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+def median_ms(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int, per_round: int = 3) -> dict[str, float]:
+    """Median latency of each session, interleaved round by round so that load drift on a
+    shared machine hits every runtime alike."""
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
 def op_counts(path: str, tmp: Path) -> collections.Counter:
@@ -132,8 +137,9 @@ def speed_rows(name: str, model: torch.nn.Module, calib: torch.Tensor, held: tor
         out["top1"][k] = top1(logits["float"], logits[k])
         ops = op_counts(p, tmp)
         out["ops"][k] = {op: n for op, n in ops.items() if op.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger"))}
-        sess = session(p, threads=THREADS)
-        out["ms"][k] = {b: median_ms(sess, held[:b].numpy(), repeats=30 if b == 1 else 10) for b in (1, 16)}
+    sessions = {k: session(p, threads=THREADS) for k, p in paths.items()}
+    by_batch = {b: median_ms(sessions, held[:b].numpy(), rounds=10 if b == 1 else 4) for b in (1, 16)}
+    out["ms"] = {k: {b: by_batch[b][k] for b in by_batch} for k in paths}
     return out
 
 

@@ -55,6 +55,8 @@ class QuantInfo:
 
 @dataclass
 class ExportResult:
+    """Where the model was written, and what of it ONNX could not express exactly (one line each)."""
+
     path: str
     notes: list[str] = field(default_factory=list)
 
