@@ -440,3 +440,12 @@ def test_int16_and_narrower_than_container_formats(builtin, old, new, formats, t
     for optimize in (False, True):
         err = np.abs(_run(path, x, optimize) - ref)
         assert err.max() <= step * 1.001 and (err < step / 2).mean() >= 0.8
+
+
+def test_a_saved_and_loaded_model_exports_the_same_file(tmp_path):
+    compiled = _tiny("cpu-x86-int8")
+    compiled.save(str(tmp_path / "saved"))
+    loaded = qcompiler.load(str(tmp_path / "saved"))
+    compiled.export_onnx(str(tmp_path / "a.onnx"))
+    loaded.export_onnx(str(tmp_path / "b.onnx"))
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
