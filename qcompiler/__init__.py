@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from .context import CompileContext
 from .errors import (
-    ArtifactError, BudgetError, CalibrationError, CaptureError, GroupingError, PassError,
-    QCompileError, SpecError,
+    ArtifactError, BudgetError, CalibrationError, CaptureError, GroupingError, OnnxExportError,
+    PassError, QCompileError, SpecError,
 )
 from .api import CompiledModel, qcompile
 from .pass_manager import PassManager, PassRun
@@ -30,6 +30,6 @@ def load(path):
 __all__ = [
     "CompiledModel", "TargetSpec", "list_targets", "load", "load_target", "qcompile",
     "ArtifactError", "BudgetError", "CalibrationError", "CaptureError", "CompileContext",
-    "GroupingError", "PassError", "PassManager", "PassRun", "QCompileError", "SpecError",
+    "GroupingError", "OnnxExportError", "PassError", "PassManager", "PassRun", "QCompileError", "SpecError",
     "capture",
 ]

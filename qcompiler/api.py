@@ -113,6 +113,12 @@ class CompiledModel(nn.Module):
 
         return save_compiled(self, path)
 
+    def export_onnx(self, path: str, **kwargs: Any) -> Any:
+        """Write a QDQ ONNX model that ONNX Runtime runs; see `qcompiler.onnx_export.export_onnx`."""
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, path, **kwargs)
+
 
 def _weight_bytes_plain(group: Any, gm: fx.GraphModule) -> float:
     numel = sum(gm.get_parameter(w).numel() for w in group.weights)

@@ -390,6 +390,11 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
                         observer=args.observer, progress=not args.no_progress, seed=args.seed)
     written = write_compile_outputs(compiled, out)
+    if args.onnx:
+        exported = compiled.export_onnx(str(out / "model.onnx"))
+        written.append(exported.path)
+        for note in exported.notes:
+            print(f"note: ONNX export: {note}", file=sys.stderr)
 
     totals = compiled.report().totals
     float_bytes = sum(p.numel() for p in model.parameters()) * 4.0
@@ -408,7 +413,8 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compile", help="quantize a model for a target and write the model, report and graphs",
         description="Import MODULE:FACTORY, call it to build the float model, compile it for the "
-                    "target and write DIR/model/, DIR/report.md, DIR/graph.svg and DIR/graph_groups.svg.")
+                    "target and write DIR/model/, DIR/report.md, DIR/graph.svg and DIR/graph_groups.svg "
+                    "(and DIR/model.onnx with --onnx).")
     p.add_argument("model", metavar="MODULE:FACTORY",
                    help="an importable module and a callable in it returning an nn.Module, "
                         "e.g. torchvision.models:resnet18")
@@ -424,6 +430,8 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                                       "percentile, mse, histogram); the target's default otherwise")
     p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write DIR/model.onnx, a QDQ model for ONNX Runtime (opset 21, dynamic batch)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p.set_defaults(handler=_compile, error_exit=2)
 

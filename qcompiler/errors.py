@@ -36,3 +36,7 @@ class ArtifactError(QCompileError):
 
 class PassError(QCompileError):
     """A pass pipeline is malformed (unknown pass name, pass returned something that is no graph)."""
+
+
+class OnnxExportError(QCompileError):
+    """A compiled model cannot be written as ONNX (an op or format ONNX cannot express)."""
