@@ -19,7 +19,7 @@ from .pass_manager import PassManager, PassRun
 
 DEFAULT_PASSES = (
     "capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
-    "calibrate", "convert", "correct_bias",
+    "calibrate", "convert", "correct_bias", "model_requant",
 )
 # The last stage whose graph still computes in float: the reference for per-node SQNR.
 FLOAT_REFERENCE_STAGE = "fuse"
@@ -106,6 +106,20 @@ class CompiledModel(nn.Module):
         if self._report is None:
             self._report = build_report(self)
         return self._report
+
+    # -- lowering ----------------------------------------------------------------------------
+    def lower(self, backend: str = "reference") -> fx.GraphModule:
+        """The model for a backend: "reference" is the integer-only emulation of the target.
+
+        It returns a `ReferenceModule` (an fx.GraphModule): float inputs are quantized by the
+        input quantizer, kernels compute on integer codes, outputs are dequantized; its
+        `codes(x)` gives the output codes.
+        """
+        if backend != "reference":
+            raise QCompileError(f"unknown backend {backend!r}; available backends: reference")
+        from .reference import build_reference
+
+        return build_reference(self.simulated)
 
     # -- artifacts ---------------------------------------------------------------------------
     def save(self, path: str) -> str:

@@ -1,0 +1,249 @@
+"""Modules of the hardware-faithful simulation: kernels that accumulate exactly, and requantizers.
+
+`model_requant` swaps a quantized kernel's module for `ExactConv2d` / `ExactLinear` and the
+fake-quantizer of the kernel's output for a `KernelRequantize`. The graph keeps every node; only
+the arithmetic changes:
+
+- the kernel recovers its input's integer codes (centred on the zero point), accumulates them
+  against the integer weight codes exactly (float32 when a bound proves every partial sum is an
+  integer below 2**24, float64 otherwise), adds the int32 bias and saturates to the target's
+  accumulator width. It returns the accumulator times its scale `s_in * s_w` in float64, so the
+  fused ops after it (ReLU, ReLU6, the residual add) see real values as before;
+- the requantizer recovers the integer accumulator from that float64 value (exact: the
+  accumulator has far fewer than 52 significant bits) and requantizes it as the spec says
+  (`qcompiler.requant`), adds the output zero point and saturates.
+
+A clamp between the two acts on the accumulator: a bound `b` becomes `round(b / s_acc)`, the
+accumulator grid point nearest to it. A residual added inside the kernel joins the accumulator
+as `round(r / s_acc)`, its value rounded to the accumulator grid. The reference backend
+(`qcompiler.reference`) computes the same codes from integers alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .formats import Format, IntFormat, QParams
+from .quantizers import FakeQuantize
+from .requant import requantize
+
+# Integers of magnitude below this are exact in float32, whatever the order of the additions.
+FLOAT32_EXACT = float(2 ** 24)
+FLOAT64_EXACT = float(2 ** 53)
+
+
+def accumulator_range(bits: int) -> tuple[float, float]:
+    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+
+
+class _ExactKernel:
+    """Shared by ExactConv2d and ExactLinear (the mixin keeps nn.Conv2d/nn.Linear as the base)."""
+
+    accumulator_bits: int
+    channel_dim: int
+
+    def _init_exact(self, out_channels: int, weight_shape: torch.Size, accumulator_bits: int) -> None:
+        self.accumulator_bits = int(accumulator_bits)
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        # Largest |q_in - z_in| the input format allows: with sum|w| it bounds every partial sum.
+        self.register_buffer("in_code_bound", torch.ones((), dtype=torch.float64))
+        self.register_buffer("weight_codes", torch.zeros(weight_shape, dtype=torch.float32))
+        self.register_buffer("bias_codes", torch.zeros(out_channels, dtype=torch.int64))
+        self.register_buffer("acc_scale", torch.ones(out_channels, dtype=torch.float64))
+        self._fp32_exact: bool | None = None
+
+    def exact_in_float32(self) -> bool:
+        if self._fp32_exact is None:
+            per_channel = self.weight_codes.abs().double().reshape(self.weight_codes.shape[0], -1).sum(1)
+            bound = float(per_channel.max()) * float(self.in_code_bound)
+            if bound * 1.0 >= FLOAT64_EXACT:
+                raise ValueError(
+                    f"{type(self).__name__}: partial sums can reach {bound:.3g}, beyond exact float64 "
+                    "integers; lower the activation or weight bit width")
+            self._fp32_exact = bound < FLOAT32_EXACT
+        return self._fp32_exact
+
+    def _view(self, t: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[self.channel_dim] = -1
+        return t.reshape(shape)
+
+    def _accumulate(self, x: Tensor, op) -> Tensor:
+        codes = torch.round(x.to(torch.float32) / self.in_scale)
+        if self.exact_in_float32():
+            acc = op(codes, self.weight_codes).to(torch.float64)
+        else:
+            acc = op(codes.double(), self.weight_codes.double())
+        acc = acc + self._view(self.bias_codes.to(torch.float64), acc.ndim)
+        lo, hi = accumulator_range(self.accumulator_bits)
+        acc = acc.clamp(lo, hi)
+        return acc * self._view(self.acc_scale, acc.ndim)
+
+
+class ExactConv2d(_ExactKernel, nn.Conv2d):
+    """A Conv2d whose output is its exact integer accumulator times `s_in * s_w` (float64)."""
+
+    channel_dim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 accumulator_bits: int = 32):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                           groups, bias, padding_mode)
+        self._init_exact(out_channels, self.weight.shape, accumulator_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._accumulate(x, lambda a, w: F.conv2d(a, w, None, self.stride, self.padding,
+                                                         self.dilation, self.groups))
+
+
+class ExactLinear(_ExactKernel, nn.Linear):
+    """A Linear whose output is its exact integer accumulator times `s_in * s_w` (float64)."""
+
+    channel_dim = -1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, accumulator_bits: int = 32):
+        nn.Linear.__init__(self, in_features, out_features, bias)
+        self._init_exact(out_features, self.weight.shape, accumulator_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._accumulate(x, lambda a, w: F.linear(a, w))
+
+
+class KernelRequantize(FakeQuantize):
+    """The output quantizer of an exact kernel: accumulator -> requantized output code.
+
+    Its input is the kernel's real-valued accumulator (float64, after any fused clamp or
+    residual add); its output the decoded output code (float32), as a FakeQuantize gives.
+    """
+
+    def __init__(self, group: int, fmt: Format, params: QParams | None, channels: int,
+                 channel_dim: int, mode: str, rounding: str):
+        super().__init__(group, fmt, params)
+        if not isinstance(fmt, IntFormat) or params is None or fmt.granularity != "per_tensor":
+            raise ValueError(f"KernelRequantize needs a per-tensor integer output format, got {fmt.name}")
+        self.channels, self.channel_dim = int(channels), int(channel_dim)
+        self.mode, self.rounding = mode, rounding
+        self.register_buffer("acc_scale", torch.ones(channels, dtype=torch.float64))
+        self.register_buffer("multiplier", torch.zeros(channels, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(channels, dtype=torch.int64))
+        self.register_buffer("float_multiplier", torch.zeros(channels, dtype=torch.float32))
+
+    def _view(self, t: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[self.channel_dim] = -1
+        return t.reshape(shape)
+
+    def output_codes(self, acc: Tensor) -> Tensor:
+        """Requantized, offset and saturated output codes (int32) of an integer accumulator."""
+        n = acc.ndim
+        y = requantize(acc, self.mode, self.rounding, self._view(self.multiplier, n),
+                       self._view(self.shift, n), self._view(self.float_multiplier, n))
+        zp = 0 if self.params.zero_point is None else int(self.params.zero_point.reshape(-1)[0])
+        return (y + zp).clamp(self.fmt.qmin, self.fmt.qmax).to(torch.int32)
+
+    def forward(self, v: Tensor) -> Tensor:
+        acc = torch.round(v.to(torch.float64) / self._view(self.acc_scale, v.ndim)).to(torch.int64)
+        return self.fmt.dequantize(self.output_codes(acc), self.params)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}, format={self.fmt.name}, requant={self.mode}/{self.rounding}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernels compute exactly: the chain from a kernel to its output quantizer.
+
+# Fused ops that may sit between an exact kernel and its requantizer.
+CLAMP_KINDS = ("relu", "relu6", "hardtanh", "clamp")
+KERNEL_KINDS = ("conv", "depthwise_conv", "linear")
+
+
+class NotExact(Exception):
+    """A kernel that stays a float fake-quant kernel, with the reason."""
+
+
+def _node_arg(node, index: int, name: str, default):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def clamp_bounds(node) -> tuple[float | None, float | None]:
+    """The real bounds (lo, hi; None: open) of a canonical clamp-like node."""
+    kind = node.meta.get("op_kind")
+    if kind == "relu":
+        return 0.0, None
+    if kind == "relu6":
+        return 0.0, 6.0
+    if kind == "hardtanh":
+        lo, hi = _node_arg(node, 1, "min_val", -1.0), _node_arg(node, 2, "max_val", 1.0)
+    elif kind == "clamp":
+        lo, hi = _node_arg(node, 1, "min", None), _node_arg(node, 2, "max", None)
+    else:
+        raise NotExact(f"{node.name}: {kind} is not a clamp")
+    for b in (lo, hi):
+        if b is not None and not isinstance(b, (int, float)):
+            raise NotExact(f"{node.name}: clamp bounds are tensors")
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+def quantizer_of(gm, node) -> FakeQuantize:
+    """The FakeQuantize module a node calls (NotExact if it is none, or not a per-tensor int one)."""
+    if node is None or node.op != "call_module":
+        raise NotExact(f"{getattr(node, 'name', node)} is not a quantizer")
+    module = gm.get_submodule(node.target)
+    if not isinstance(module, FakeQuantize):
+        raise NotExact(f"{node.name} is not a quantizer")
+    if not isinstance(module.fmt, IntFormat) or module.fmt.granularity != "per_tensor" or module.params is None:
+        raise NotExact(f"{node.name} quantizes to {module.fmt.name}, not a per-tensor integer format")
+    return module
+
+
+class KernelChain:
+    """A weighted kernel, its fused ops and its quantizers, as found in a converted graph."""
+
+    def __init__(self, gm, anchor):
+        nodes = {n.name: n for n in gm.graph.nodes}
+        self.anchor = anchor
+        kind = anchor.meta.get("op_kind")
+        if kind not in KERNEL_KINDS or anchor.op != "call_module":
+            raise NotExact(f"{anchor.name}: {kind} kernels run as float fake-quant")
+        module = gm.get_submodule(anchor.target)
+        if type(module) not in (nn.Conv2d, nn.Linear, ExactConv2d, ExactLinear):
+            raise NotExact(f"{anchor.name}: {type(module).__name__} runs as float fake-quant")
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise NotExact(f"{anchor.name}: padding mode {module.padding_mode}")
+        self.members = [n for n in gm.graph.nodes if n.meta.get("kernel") == anchor.name] or [anchor]
+        last = nodes[anchor.meta.get("fused_into", anchor.name)]
+        if self.members[-1] is not last:
+            raise NotExact(f"{anchor.name}: its fused ops are not a chain")
+        users = list(last.users)
+        if len(users) != 1:
+            raise NotExact(f"{last.name}: the kernel output has no single quantizer")
+        self.output = users[0]
+        self.out_quant = quantizer_of(gm, self.output)
+        self.input = anchor.args[0] if anchor.args else None
+        self.in_quant = quantizer_of(gm, self.input)
+        if len(anchor.args) != 1 or anchor.kwargs:
+            raise NotExact(f"{anchor.name}: extra kernel arguments")
+        self.clamps: list[tuple[float | None, float | None]] = []
+        self.steps: list[tuple[str, object]] = []       # ("clamp", (lo, hi)) or ("add", residual node)
+        self.residual = None
+        prev = anchor
+        for m in self.members[1:]:
+            k = m.meta.get("op_kind")
+            if k in CLAMP_KINDS:
+                if not m.args or m.args[0] is not prev:
+                    raise NotExact(f"{m.name}: clamp of something else than the kernel")
+                self.steps.append(("clamp", clamp_bounds(m)))
+            elif k == "add" and self.residual is None and len(m.args) == 2 and not m.kwargs:
+                others = [a for a in m.args if a is not prev]
+                if len(others) != 1:
+                    raise NotExact(f"{m.name}: add of the kernel with itself")
+                quantizer_of(gm, others[0])
+                self.residual = others[0]
+                self.steps.append(("add", others[0]))
+            else:
+                raise NotExact(f"{m.name}: fused {k} has no exact integer form here")
+            prev = m

@@ -1,0 +1,323 @@
+"""The `reference` backend: the compiled model as the target's integer hardware computes it.
+
+`build_reference(simulated)` walks the simulated graph and writes a new `fx.GraphModule` whose
+tensors between kernels are integer codes:
+
+- the input is quantized by its group's format (`Quantize`), the outputs are dequantized
+  (`Dequantize`); `ReferenceModule.codes(x)` returns the output codes instead;
+- every exact kernel of the simulation (conv/linear with its fused clamps, residual add and
+  output quantizer, see `qcompiler.exact`) is one `IntegerKernel`: integer weight codes, exact
+  wide accumulation of `(q_in - z_in) * q_w` (float64 on integers, exact below 2**53, which the
+  constructor proves from the weights and the input format), int32 bias, saturation to the
+  accumulator width, clamps as integer bounds on the accumulator, a residual joined through a
+  per-channel table over its codes, requantization per the spec (`qcompiler.requant`), output
+  zero point and saturation;
+- every other op (pooling, element-wise activations, shared-scale cat, host-float fallback ops)
+  runs as the simulation runs it: its code inputs are decoded to their exact values
+  (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
+  only move values on the grid (max-pool, reshape, cat of one scale) this is exact integer data
+  movement; for others it is the target's float requantization (ONNX Runtime's QLinear* ops).
+  Minifloat, NF4 and look-up-table formats are decoded to their exact values the same way.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .errors import QCompileError
+from .exact import FLOAT64_EXACT, ExactConv2d, ExactLinear, KernelChain, KernelRequantize, NotExact, accumulator_range
+from .formats import Format, HostFloat, IntFormat, QParams
+from .quantizers import FakeQuantize
+from .requant import requantize
+
+
+class Quantize(nn.Module):
+    """Float -> codes of a format (int32 for integer formats, uint8 bit patterns otherwise)."""
+
+    def __init__(self, group: int, fmt: Format, params: QParams | None):
+        super().__init__()
+        self.group, self.fmt, self.params = group, fmt, params
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fmt.quantize(x.to(torch.float32), self.params)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}, format={self.fmt.name}"
+
+
+class Dequantize(Quantize):
+    """Codes -> their exact float32 values."""
+
+    def forward(self, q: Tensor) -> Tensor:
+        return self.fmt.dequantize(q, self.params)
+
+
+class IntegerKernel(nn.Module):
+    """A conv or linear kernel with its fused clamps and residual, in integers: codes in, codes out.
+
+    kind: "conv2d" or "linear". Tensors: `weight` (integer codes), `bias` (int32 values, int64),
+    `acc_lo`/`acc_hi` (per-channel accumulator bounds of the fused clamps), `multiplier`,
+    `shift`, `float_multiplier` (per-channel requantization constants), `residual_table`
+    ([channels, codes]: a residual code's value on the accumulator grid, or empty).
+    """
+
+    def __init__(self, kind: str, conv: dict[str, Any], in_zero_point: int, in_qmin: int, in_qmax: int,
+                 out_zero_point: int, out_qmin: int, out_qmax: int, accumulator_bits: int,
+                 mode: str, rounding: str, residual_qmin: int | None = None,
+                 tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        if kind not in ("conv2d", "linear"):
+            raise QCompileError(f"IntegerKernel kind must be conv2d or linear, got {kind!r}")
+        self.kind, self.conv = kind, dict(conv)
+        self.in_zero_point, self.in_qmin, self.in_qmax = int(in_zero_point), int(in_qmin), int(in_qmax)
+        self.out_zero_point, self.out_qmin, self.out_qmax = int(out_zero_point), int(out_qmin), int(out_qmax)
+        self.accumulator_bits, self.mode, self.rounding = int(accumulator_bits), mode, rounding
+        self.residual_qmin = None if residual_qmin is None else int(residual_qmin)
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        self.check()
+
+    TENSORS = ("weight", "bias", "acc_lo", "acc_hi", "multiplier", "shift", "float_multiplier", "residual_table")
+
+    def check(self) -> None:
+        """Shapes agree and every partial sum is an integer that float64 holds exactly."""
+        missing = [n for n in self.TENSORS if not hasattr(self, n)]
+        if missing:
+            raise QCompileError(f"IntegerKernel lacks tensors {missing}")
+        c = self.weight.shape[0]
+        for name in ("bias", "acc_lo", "acc_hi", "multiplier", "shift", "float_multiplier"):
+            if tuple(getattr(self, name).shape) != (c,):
+                raise QCompileError(f"IntegerKernel.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                    f"expected ({c},) for {c} output channels")
+        if self.residual_qmin is not None and (self.residual_table.ndim != 2 or self.residual_table.shape[0] != c):
+            raise QCompileError(f"IntegerKernel.residual_table has shape {tuple(self.residual_table.shape)}, "
+                                f"expected ({c}, codes)")
+        span = max(abs(self.in_qmin - self.in_zero_point), abs(self.in_qmax - self.in_zero_point))
+        bound = float(self.weight.double().abs().reshape(c, -1).sum(1).max()) * span
+        if bound >= FLOAT64_EXACT:
+            raise QCompileError(f"IntegerKernel: partial sums can reach {bound:.3g}, beyond exact float64 "
+                                "integers; this kernel's formats are too wide for the reference backend")
+
+    def _view(self, t: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[1 if self.kind == "conv2d" else -1] = -1
+        return t.reshape(shape)
+
+    def accumulate(self, q: Tensor) -> Tensor:
+        """The int64 accumulator: sum (q - z_in) * w + bias, saturated to the accumulator width."""
+        x = q.to(torch.float64) - self.in_zero_point
+        w = self.weight.to(torch.float64)
+        if self.kind == "conv2d":
+            c = self.conv
+            acc = F.conv2d(x, w, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+        else:
+            acc = F.linear(x, w)
+        acc = acc.to(torch.int64) + self._view(self.bias, acc.ndim)
+        lo, hi = accumulator_range(self.accumulator_bits)
+        return acc.clamp(int(lo), int(hi))
+
+    def forward(self, q: Tensor, residual: Tensor | None = None) -> Tensor:
+        acc = self.accumulate(q)
+        n = acc.ndim
+        if residual is not None:
+            if self.residual_qmin is None:
+                raise QCompileError("this IntegerKernel has no residual input")
+            idx = residual.to(torch.int64) - self.residual_qmin
+            channels = self._view(torch.arange(self.weight.shape[0]), n)
+            acc = acc + self.residual_table[channels, idx]
+        acc = torch.maximum(torch.minimum(acc, self._view(self.acc_hi, n)), self._view(self.acc_lo, n))
+        y = requantize(acc, self.mode, self.rounding, self._view(self.multiplier, n), self._view(self.shift, n),
+                       self._view(self.float_multiplier, n))
+        return (y + self.out_zero_point).clamp(self.out_qmin, self.out_qmax).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, out_channels={self.weight.shape[0]}, acc={self.accumulator_bits} bits, "
+                f"requant={self.mode}/{self.rounding}" + (", residual" if self.residual_qmin is not None else ""))
+
+
+def _zero_point(params: QParams) -> int:
+    return 0 if params.zero_point is None else int(params.zero_point.reshape(-1)[0])
+
+
+def integer_kernel(gm: fx.GraphModule, chain: KernelChain) -> IntegerKernel:
+    """The IntegerKernel of an exact kernel chain of the simulation."""
+    exact = gm.get_submodule(chain.anchor.target)
+    requant = gm.get_submodule(chain.output.target)
+    if not isinstance(exact, (ExactConv2d, ExactLinear)) or not isinstance(requant, KernelRequantize):
+        raise NotExact(f"{chain.anchor.name} was not made exact by model_requant")
+    acc_scale = exact.acc_scale
+    c = acc_scale.numel()
+    lo_acc, hi_acc = accumulator_range(exact.accumulator_bits)
+    acc_lo = torch.full((c,), int(lo_acc), dtype=torch.int64)
+    acc_hi = torch.full((c,), int(hi_acc), dtype=torch.int64)
+    residual_table = torch.zeros(0, 0, dtype=torch.int64)
+    residual_qmin = None
+    for step, value in chain.steps:
+        if step == "clamp":
+            lo, hi = value
+            # The accumulator grid point nearest each bound (what the float clamp recovers to).
+            if lo is not None:
+                acc_lo = torch.maximum(acc_lo, torch.round(torch.tensor(lo, dtype=torch.float64) / acc_scale).to(torch.int64))
+            if hi is not None:
+                acc_hi = torch.minimum(acc_hi, torch.round(torch.tensor(hi, dtype=torch.float64) / acc_scale).to(torch.int64))
+            if acc_hi.lt(acc_lo).any():
+                raise NotExact(f"{chain.anchor.name}: fused clamps leave an empty range")
+        else:
+            if (acc_lo > int(lo_acc)).any() or (acc_hi < int(hi_acc)).any():
+                raise NotExact(f"{chain.anchor.name}: a clamp before the residual add")
+            rq = gm.get_submodule(value.target)
+            codes = torch.arange(rq.fmt.qmin, rq.fmt.qmax + 1, dtype=torch.int32)
+            values = rq.fmt.dequantize(codes, rq.params).to(torch.float64)
+            residual_table = torch.round(values.reshape(1, -1) / acc_scale.reshape(-1, 1)).to(torch.int64)
+            residual_qmin = rq.fmt.qmin
+    in_q, out_q = chain.in_quant, chain.out_quant
+    weight_bits = int(exact.weight_codes.abs().max().item()).bit_length() + 1
+    wdtype = torch.int8 if weight_bits <= 8 else torch.int16 if weight_bits <= 16 else torch.int32
+    tensors = {
+        "weight": exact.weight_codes.to(wdtype), "bias": exact.bias_codes.clone(),
+        "acc_lo": acc_lo, "acc_hi": acc_hi, "multiplier": requant.multiplier.clone(),
+        "shift": requant.shift.clone(), "float_multiplier": requant.float_multiplier.clone(),
+        "residual_table": residual_table,
+    }
+    if isinstance(exact, ExactConv2d):
+        kind = "conv2d"
+        conv = {"stride": list(exact.stride), "padding": list(exact.padding), "dilation": list(exact.dilation),
+                "groups": exact.groups}
+    else:
+        kind, conv = "linear", {}
+    return IntegerKernel(kind, conv, _zero_point(in_q.params), in_q.fmt.qmin, in_q.fmt.qmax,
+                         _zero_point(out_q.params), out_q.fmt.qmin, out_q.fmt.qmax, exact.accumulator_bits,
+                         requant.mode, requant.rounding, residual_qmin, tensors)
+
+
+class ReferenceModule(fx.GraphModule):
+    """The reference backend's graph: float in, float out; `codes(x)` gives the output codes."""
+
+    def codes(self, *args: Any) -> Any:
+        """The integer codes of the outputs (a quantized output's codes; float outputs as they are)."""
+        return self.code_graph(*args)
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _install(root: nn.Module, name: str, module: nn.Module) -> str:
+    base, i = name.replace(".", "_"), 0
+    candidate = base
+    while hasattr(root, candidate):
+        i += 1
+        candidate = f"{base}_{i}"
+    root.add_module(candidate, module)
+    return candidate
+
+
+def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.Graph:
+    """Write the reference graph of a simulated graph (modules go into `root`)."""
+    chains: dict[str, KernelChain] = {}
+    skipped: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (ExactConv2d, ExactLinear)):
+            chain = KernelChain(gm, n)
+            chains[chain.output.name] = chain
+            skipped.update(m.name for m in chain.members)
+
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    domain: dict[str, FakeQuantize | None] = {}     # the quantizer whose codes a value holds
+    decoded: dict[str, fx.Node] = {}
+
+    def as_float(node: fx.Node) -> fx.Node:
+        q = domain.get(node.name)
+        if q is None:
+            return env[node.name]
+        if node.name not in decoded:
+            target = _install(root, f"dequant_{node.name}", Dequantize(q.group, q.fmt, q.params))
+            decoded[node.name] = graph.call_module(target, (env[node.name],))
+        return decoded[node.name]
+
+    for n in gm.graph.nodes:
+        if n.name in skipped:
+            continue
+        if n.op == "placeholder":
+            env[n.name] = graph.placeholder(n.target, default_value=n.args[0] if n.args else inspect.Signature.empty)
+            domain[n.name] = None
+        elif n.op == "output":
+            if return_codes:
+                out = fx.node.map_arg(n.args[0], lambda a: env[a.name])
+            else:
+                out = fx.node.map_arg(n.args[0], as_float)
+            graph.output(out)
+        elif n.name in chains:
+            chain = chains[n.name]
+            target = _install(root, f"int_{chain.anchor.name}", integer_kernel(gm, chain))
+            args = (env[chain.input.name],) + ((env[chain.residual.name],) if chain.residual is not None else ())
+            env[n.name] = graph.call_module(target, args)
+            domain[n.name] = chain.out_quant
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize):
+            q = gm.get_submodule(n.target)
+            src = n.args[0]
+            if isinstance(q.fmt, HostFloat) or q.params is None:
+                env[n.name], domain[n.name] = as_float(src), None
+                continue
+            target = _install(root, f"quant_{n.name}", Quantize(q.group, q.fmt, q.params))
+            env[n.name] = graph.call_module(target, (as_float(src),))
+            domain[n.name] = q
+        else:
+            args = fx.node.map_arg(n.args, as_float)
+            kwargs = fx.node.map_arg(n.kwargs, as_float)
+            if n.op == "call_module":
+                target = _install(root, n.target, copy.deepcopy(gm.get_submodule(n.target)))
+                env[n.name] = graph.call_module(target, args, kwargs)
+            elif n.op == "get_attr":
+                value = _fetch(gm, n.target)
+                target = n.target.replace(".", "_")
+                if isinstance(value, nn.Parameter):
+                    root.register_parameter(target, nn.Parameter(value.detach().clone(), requires_grad=False))
+                elif isinstance(value, Tensor):
+                    root.register_buffer(target, value.detach().clone())
+                else:
+                    setattr(root, target, copy.deepcopy(value))
+                env[n.name] = graph.get_attr(target)
+            elif n.op == "call_function":
+                env[n.name] = graph.call_function(n.target, args, kwargs)
+            else:
+                env[n.name] = graph.call_method(n.target, args, kwargs)
+            domain[n.name] = None
+        if n.name in env:
+            env[n.name].meta.update({k: n.meta[k] for k in ("op_kind", "shape", "group") if k in n.meta})
+    graph.lint()
+    return graph
+
+
+def build_reference(simulated: fx.GraphModule) -> ReferenceModule:
+    """The reference backend of a simulated model (after model_requant)."""
+    root = nn.Module()
+    graph = build_graph(simulated, root, return_codes=False)
+    module = ReferenceModule(root, graph, class_name="ReferenceModule")
+    codes_graph = build_graph(simulated, nn.Module(), return_codes=True)
+    # The code graph reads the same modules: rebuild it over the reference's own root.
+    code_module = fx.GraphModule(root, _retarget(codes_graph, graph), class_name="ReferenceCodes")
+    code_module.graph.eliminate_dead_code()
+    code_module.recompile()
+    module.code_graph = code_module
+    return module.eval()
+
+
+def _retarget(codes_graph: fx.Graph, graph: fx.Graph) -> fx.Graph:
+    """The float graph with its output replaced by the code values (same nodes, same modules)."""
+    g = copy.deepcopy(graph)
+    by_name = {n.name: n for n in g.nodes}
+    out = next(n for n in g.nodes if n.op == "output")
+    code_out = next(n for n in codes_graph.nodes if n.op == "output")
+    g.erase_node(out)
+    g.output(fx.node.map_arg(code_out.args[0], lambda a: by_name[a.name]))
+    return g
