@@ -57,6 +57,26 @@ class Dequantize(Quantize):
         return self.fmt.dequantize(q, self.params)
 
 
+class OnCodes(nn.Module):
+    """Runs a data-movement module (max-pool) on integer codes, through float32 (exact for codes
+    of up to 24 bits: the op only selects values)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, q: Tensor) -> Tensor:
+        return self.inner(q.to(torch.float32)).to(q.dtype)
+
+
+# Ops that only move, select or join values: on codes of one quantizer they give that
+# quantizer's codes of the float result, so the reference runs them on the codes.
+CODE_OPS = ("reshape", "flatten", "permute", "transpose", "getitem", "contiguous", "squeeze", "unsqueeze",
+            "expand", "split", "chunk", "cat", "stack", "max_pool", "adaptive_max_pool")
+# Of those, the ones torch computes on float tensors only.
+FLOAT_ONLY_CODE_OPS = ("max_pool", "adaptive_max_pool")
+
+
 class IntegerKernel(nn.Module):
     """A conv or linear kernel with its fused clamps and residual, in integers: codes in, codes out.
 
@@ -220,6 +240,17 @@ def _install(root: nn.Module, name: str, module: nn.Module) -> str:
     return candidate
 
 
+def _on_codes(node: fx.Node, domain: dict[str, Any]) -> bool:
+    """Whether a node only moves values and all its tensor inputs are codes of one quantizer."""
+    if node.meta.get("op_kind") not in CODE_OPS or node.op not in ("call_module", "call_function", "call_method"):
+        return False
+    if node.meta.get("op_kind") in FLOAT_ONLY_CODE_OPS and node.op != "call_module":
+        return False
+    quantizers = [domain.get(a.name) for a in node.all_input_nodes]
+    return bool(quantizers) and all(q is not None and isinstance(q.fmt, IntFormat) for q in quantizers) and \
+        len({q.group for q in quantizers}) == 1
+
+
 def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.Graph:
     """Write the reference graph of a simulated graph (modules go into `root`)."""
     chains: dict[str, KernelChain] = {}
@@ -268,8 +299,27 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
             if isinstance(q.fmt, HostFloat) or q.params is None:
                 env[n.name], domain[n.name] = as_float(src), None
                 continue
+            if domain.get(src.name) is not None and domain[src.name].group == q.group:
+                env[n.name], domain[n.name] = env[src.name], q      # already this quantizer's codes
+                continue
             target = _install(root, f"quant_{n.name}", Quantize(q.group, q.fmt, q.params))
             env[n.name] = graph.call_module(target, (as_float(src),))
+            domain[n.name] = q
+        elif _on_codes(n, domain):
+            q = next(domain[a.name] for a in n.all_input_nodes)
+            args = fx.node.map_arg(n.args, lambda a: env[a.name])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+            float_only = n.meta.get("op_kind") in FLOAT_ONLY_CODE_OPS
+            if n.op == "call_module":
+                inner = copy.deepcopy(gm.get_submodule(n.target))
+                target = _install(root, n.target, OnCodes(inner) if float_only else inner)
+                env[n.name] = graph.call_module(target, args, kwargs)
+            elif float_only:
+                raise NotExact(f"{n.name}: functional {n.meta.get('op_kind')} on codes")
+            elif n.op == "call_function":
+                env[n.name] = graph.call_function(n.target, args, kwargs)
+            else:
+                env[n.name] = graph.call_method(n.target, args, kwargs)
             domain[n.name] = q
         else:
             args = fx.node.map_arg(n.args, as_float)
