@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .formats import Format, IntFormat, QParams
 from .quantizers import FakeQuantize
-from .requant import requantize
+from .requant import requantize, requantize_float64
 
 # Integers of magnitude below this are exact in float32, whatever the order of the additions.
 FLOAT32_EXACT = float(2 ** 24)
@@ -52,6 +52,8 @@ class _ExactKernel:
         self.register_buffer("bias_codes", torch.zeros(out_channels, dtype=torch.int64))
         self.register_buffer("acc_scale", torch.ones(out_channels, dtype=torch.float64))
         self._fp32_exact: bool | None = None
+        self._acc_bound = 0.0
+        self._saturates: bool | None = None      # whether any accumulator can reach saturation
 
     def exact_in_float32(self) -> bool:
         if self._fp32_exact is None:
@@ -62,6 +64,7 @@ class _ExactKernel:
                     f"{type(self).__name__}: partial sums can reach {bound:.3g}, beyond exact float64 "
                     "integers; lower the activation or weight bit width")
             self._fp32_exact = bound < FLOAT32_EXACT
+            self._acc_bound = bound
         return self._fp32_exact
 
     def _view(self, t: Tensor, ndim: int) -> Tensor:
@@ -77,7 +80,10 @@ class _ExactKernel:
             acc = op(codes.double(), self.weight_codes.double())
         acc = acc + self._view(self.bias_codes.to(torch.float64), acc.ndim)
         lo, hi = accumulator_range(self.accumulator_bits)
-        acc = acc.clamp(lo, hi)
+        if self._saturates is None:
+            self._saturates = self._acc_bound + float(self.bias_codes.abs().max()) > hi
+        if self._saturates:
+            acc = acc.clamp(lo, hi)
         return acc * self._view(self.acc_scale, acc.ndim)
 
 
@@ -144,8 +150,16 @@ class KernelRequantize(FakeQuantize):
         return (y + zp).clamp(self.fmt.qmin, self.fmt.qmax).to(torch.int32)
 
     def forward(self, v: Tensor) -> Tensor:
-        acc = torch.round(v.to(torch.float64) / self._view(self.acc_scale, v.ndim)).to(torch.int64)
-        return self.fmt.dequantize(self.output_codes(acc), self.params)
+        n = v.ndim
+        acc = torch.round(v.to(torch.float64) / self._view(self.acc_scale, n))
+        # The float64 path is the int64 one whenever it is provably exact (qcompiler.requant),
+        # and about twice as fast; the reference backend always takes the int64 path.
+        y = requantize_float64(acc, self.mode, self.rounding, self._view(self.multiplier, n),
+                               self._view(self.shift, n), self._view(self.float_multiplier, n))
+        if y is None:
+            return self.fmt.dequantize(self.output_codes(acc.to(torch.int64)), self.params)
+        zp = 0 if self.params.zero_point is None else int(self.params.zero_point.reshape(-1)[0])
+        return self.fmt.dequantize((y + zp).clamp(self.fmt.qmin, self.fmt.qmax), self.params)
 
     def extra_repr(self) -> str:
         return f"group={self.group}, format={self.fmt.name}, requant={self.mode}/{self.rounding}"

@@ -147,6 +147,27 @@ def requantize(acc: Tensor, mode: str, rounding: str, multiplier: Tensor, shift:
     raise QCompileError(f"unknown requant mode {mode!r}; known modes: {', '.join(MODES)}")
 
 
+# Integers below this magnitude, and their halves, are exact in float64.
+FLOAT64_SAFE = float(2 ** 52)
+
+
+def requantize_float64(acc: Tensor, mode: str, rounding: str, multiplier: Tensor, shift: Tensor,
+                       float_multiplier: Tensor) -> Tensor | None:
+    """`requantize` computed in float64 when that is provably exact, else None.
+
+    `acc` holds integers (float64). For "fixed_point" and "shift", `acc * M * 2**-shift` is exact
+    in float64 when `|acc| * M < 2**52` (the product is an integer scaled by a power of two, and
+    adding one half for the rounding stays exact); the result equals the int64 computation.
+    """
+    if mode == "float":
+        return round_float(acc.to(torch.float32) * float_multiplier.to(torch.float32), rounding)
+    m = multiplier if mode == "fixed_point" else torch.ones_like(multiplier)
+    if acc.numel() == 0 or float(acc.abs().max()) * float(m.max()) >= FLOAT64_SAFE:
+        return None
+    factor = torch.ldexp(m.to(torch.float64), -shift.to(torch.float64))
+    return round_float(acc.to(torch.float64) * factor, rounding)
+
+
 def requant_constants(real: Tensor, mode: str, multiplier_bits: int | None
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """(multiplier int64, shift int64, float_multiplier float32) for rescale factors `real`."""

@@ -128,3 +128,23 @@ def test_exactness_flag():
 def test_unknown_rounding_is_a_clear_error():
     with pytest.raises(QCompileError, match="unknown rounding"):
         rounding_right_shift(torch.tensor([1]), torch.tensor(1), "stochastic")
+
+
+@pytest.mark.parametrize("mode", ["fixed_point", "shift", "float"])
+@pytest.mark.parametrize("rounding", ["half_even", "half_away_from_zero", "half_up", "floor"])
+def test_float64_path_equals_the_int64_path(mode, rounding):
+    from qcompiler.requant import requantize_float64
+
+    g = torch.Generator().manual_seed(3)
+    reals = torch.tensor([2.0**-9, 2.0**-14, 2.0**-3], dtype=torch.float64) if mode == "shift" else \
+        torch.rand(3, generator=g, dtype=torch.float64) * 0.01 + 1e-4
+    m, s, f = requant_constants(reals, mode, 32)
+    acc = torch.randint(-2**20, 2**20, (500, 3), generator=g)
+    # Exact ties of the shift: multiples of 2**(shift-1).
+    if mode == "shift":
+        acc[:20] = torch.arange(-10, 10).reshape(-1, 1) * (1 << (s - 1))
+    fast = requantize_float64(acc.double(), mode, rounding, m, s, f)
+    assert fast is not None
+    assert torch.equal(fast.to(torch.int64), requantize(acc, mode, rounding, m, s, f))
+    if mode == "fixed_point":
+        assert requantize_float64(torch.tensor([2.0**31]).reshape(1, 1).expand(1, 3), mode, rounding, m, s, f) is None
