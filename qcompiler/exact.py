@@ -13,9 +13,11 @@ the arithmetic changes:
   accumulator has far fewer than 52 significant bits) and requantizes it as the spec says
   (`qcompiler.requant`), adds the output zero point and saturates.
 
-A clamp between the two acts on the accumulator: a bound `b` becomes `round(b / s_acc)`, the
-accumulator grid point nearest to it. A residual added inside the kernel joins the accumulator
-as `round(r / s_acc)`, its value rounded to the accumulator grid. The reference backend
+A clamp between the two acts on the accumulator: a bound `b` becomes `round(b * (1 / s_acc))`,
+the accumulator grid point nearest to it. A residual added inside the kernel joins the
+accumulator as `round(r * (1 / s_acc))`, its value rounded to the accumulator grid (float64
+arithmetic; the simulation's sum `acc * s_acc + r` recovers the same integer except within
+2**-40 of a rounding tie). The reference backend
 (`qcompiler.reference`) computes the same codes from integers alone.
 """
 from __future__ import annotations
@@ -53,18 +55,35 @@ class _ExactKernel:
         self.register_buffer("acc_scale", torch.ones(out_channels, dtype=torch.float64))
         self._fp32_exact: bool | None = None
         self._acc_bound = 0.0
+        self._split: tuple[Tensor, Tensor] | None = None
         self._saturates: bool | None = None      # whether any accumulator can reach saturation
 
     def exact_in_float32(self) -> bool:
+        """Whether the accumulation runs in float32: as one conv, or as two over split weights.
+
+        A float32 sum of integers is exact, in any order, while every partial sum stays below
+        2**24; `|q_in - z_in| * sum|w|` bounds them per output channel. When one conv could
+        exceed that, the weight codes split as `w = 16 * w_hi + w_lo` (w_lo in 0..15) and two
+        float32 convs whose bounds both stay below 2**24 replace one float64 conv (much slower).
+        """
         if self._fp32_exact is None:
-            per_channel = self.weight_codes.abs().double().reshape(self.weight_codes.shape[0], -1).sum(1)
-            bound = float(per_channel.max()) * float(self.in_code_bound)
-            if bound * 1.0 >= FLOAT64_EXACT:
+            span = float(self.in_code_bound)
+            rows = self.weight_codes.double().reshape(self.weight_codes.shape[0], -1)
+            bound = float(rows.abs().sum(1).max()) * span
+            if bound >= FLOAT64_EXACT:
                 raise ValueError(
                     f"{type(self).__name__}: partial sums can reach {bound:.3g}, beyond exact float64 "
                     "integers; lower the activation or weight bit width")
-            self._fp32_exact = bound < FLOAT32_EXACT
             self._acc_bound = bound
+            self._split = None
+            if bound >= FLOAT32_EXACT:
+                hi = torch.floor(self.weight_codes / 16)
+                lo = self.weight_codes - 16 * hi
+                b_hi = float(hi.double().abs().reshape(hi.shape[0], -1).sum(1).max()) * span
+                b_lo = float(lo.double().abs().reshape(lo.shape[0], -1).sum(1).max()) * span
+                if b_hi < FLOAT32_EXACT and b_lo < FLOAT32_EXACT:
+                    self._split = (hi.contiguous(), lo.contiguous())
+            self._fp32_exact = bound < FLOAT32_EXACT or self._split is not None
         return self._fp32_exact
 
     def _view(self, t: Tensor, ndim: int) -> Tensor:
@@ -73,9 +92,13 @@ class _ExactKernel:
         return t.reshape(shape)
 
     def _accumulate(self, x: Tensor, op) -> Tensor:
-        codes = torch.round(x.to(torch.float32) / self.in_scale)
-        if self.exact_in_float32():
+        # x = (q - z) * s_in exactly rounded: x * (1 / s_in) is within 0.02 of q - z.
+        codes = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())
+        if self.exact_in_float32() and self._split is None:
             acc = op(codes, self.weight_codes).to(torch.float64)
+        elif self._split is not None:
+            hi, lo = self._split
+            acc = op(codes, hi).to(torch.float64) * 16 + op(codes, lo).to(torch.float64)
         else:
             acc = op(codes.double(), self.weight_codes.double())
         acc = acc + self._view(self.bias_codes.to(torch.float64), acc.ndim)
@@ -135,6 +158,8 @@ class KernelRequantize(FakeQuantize):
         self.register_buffer("multiplier", torch.zeros(channels, dtype=torch.int64))
         self.register_buffer("shift", torch.zeros(channels, dtype=torch.int64))
         self.register_buffer("float_multiplier", torch.zeros(channels, dtype=torch.float32))
+        self._factor: Tensor | None = None       # M * 2**-shift and 1 / s_acc, cached at first use
+        self._inverse: Tensor | None = None
 
     def _view(self, t: Tensor, ndim: int) -> Tensor:
         shape = [1] * ndim
@@ -151,11 +176,16 @@ class KernelRequantize(FakeQuantize):
 
     def forward(self, v: Tensor) -> Tensor:
         n = v.ndim
-        acc = torch.round(v.to(torch.float64) / self._view(self.acc_scale, n))
+        if self._factor is None:
+            self._inverse = self.acc_scale.reciprocal()
+            self._factor = torch.ldexp(self.multiplier.to(torch.float64), -self.shift.to(torch.float64))
+        # v = acc * s_acc rounded to float64: v / s_acc is within 2**-40 of acc.
+        acc = torch.round(v.to(torch.float64) * self._view(self._inverse, n))
         # The float64 path is the int64 one whenever it is provably exact (qcompiler.requant),
-        # and about twice as fast; the reference backend always takes the int64 path.
+        # and much faster; the reference backend always takes the int64 path.
         y = requantize_float64(acc, self.mode, self.rounding, self._view(self.multiplier, n),
-                               self._view(self.shift, n), self._view(self.float_multiplier, n))
+                               self._view(self.shift, n), self._view(self.float_multiplier, n),
+                               factor=self._view(self._factor, n))
         if y is None:
             return self.fmt.dequantize(self.output_codes(acc.to(torch.int64)), self.params)
         zp = 0 if self.params.zero_point is None else int(self.params.zero_point.reshape(-1)[0])

@@ -171,6 +171,9 @@ def integer_kernel(gm: fx.GraphModule, chain: KernelChain) -> IntegerKernel:
     if not isinstance(exact, (ExactConv2d, ExactLinear)) or not isinstance(requant, KernelRequantize):
         raise NotExact(f"{chain.anchor.name} was not made exact by model_requant")
     acc_scale = exact.acc_scale
+    # The simulation recovers accumulators as round(value * (1 / s_acc)): the same expression
+    # puts clamp bounds and residual values on the accumulator grid here.
+    inverse = acc_scale.reciprocal()
     c = acc_scale.numel()
     lo_acc, hi_acc = accumulator_range(exact.accumulator_bits)
     acc_lo = torch.full((c,), int(lo_acc), dtype=torch.int64)
@@ -182,9 +185,9 @@ def integer_kernel(gm: fx.GraphModule, chain: KernelChain) -> IntegerKernel:
             lo, hi = value
             # The accumulator grid point nearest each bound (what the float clamp recovers to).
             if lo is not None:
-                acc_lo = torch.maximum(acc_lo, torch.round(torch.tensor(lo, dtype=torch.float64) / acc_scale).to(torch.int64))
+                acc_lo = torch.maximum(acc_lo, torch.round(torch.tensor(lo, dtype=torch.float64) * inverse).to(torch.int64))
             if hi is not None:
-                acc_hi = torch.minimum(acc_hi, torch.round(torch.tensor(hi, dtype=torch.float64) / acc_scale).to(torch.int64))
+                acc_hi = torch.minimum(acc_hi, torch.round(torch.tensor(hi, dtype=torch.float64) * inverse).to(torch.int64))
             if acc_hi.lt(acc_lo).any():
                 raise NotExact(f"{chain.anchor.name}: fused clamps leave an empty range")
         else:
@@ -193,7 +196,7 @@ def integer_kernel(gm: fx.GraphModule, chain: KernelChain) -> IntegerKernel:
             rq = gm.get_submodule(value.target)
             codes = torch.arange(rq.fmt.qmin, rq.fmt.qmax + 1, dtype=torch.int32)
             values = rq.fmt.dequantize(codes, rq.params).to(torch.float64)
-            residual_table = torch.round(values.reshape(1, -1) / acc_scale.reshape(-1, 1)).to(torch.int64)
+            residual_table = torch.round(values.reshape(1, -1) * inverse.reshape(-1, 1)).to(torch.int64)
             residual_qmin = rq.fmt.qmin
     in_q, out_q = chain.in_quant, chain.out_quant
     weight_bits = int(exact.weight_codes.abs().max().item()).bit_length() + 1

@@ -127,7 +127,7 @@ def round_float(x: Tensor, rounding: str) -> Tensor:
         return torch.floor(x)
     if rounding == "toward_zero":
         return torch.trunc(x)
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    return torch.copysign(torch.floor(x.abs() + 0.5), x)
 
 
 def requantize(acc: Tensor, mode: str, rounding: str, multiplier: Tensor, shift: Tensor,
@@ -152,19 +152,27 @@ FLOAT64_SAFE = float(2 ** 52)
 
 
 def requantize_float64(acc: Tensor, mode: str, rounding: str, multiplier: Tensor, shift: Tensor,
-                       float_multiplier: Tensor) -> Tensor | None:
+                       float_multiplier: Tensor, factor: Tensor | None = None,
+                       acc_bound: float | None = None) -> Tensor | None:
     """`requantize` computed in float64 when that is provably exact, else None.
 
     `acc` holds integers (float64). For "fixed_point" and "shift", `acc * M * 2**-shift` is exact
     in float64 when `|acc| * M < 2**52` (the product is an integer scaled by a power of two, and
     adding one half for the rounding stays exact); the result equals the int64 computation.
+    `factor` may pass `M * 2**-shift` precomputed (float64), `acc_bound` a known bound on |acc|.
     """
     if mode == "float":
         return round_float(acc.to(torch.float32) * float_multiplier.to(torch.float32), rounding)
     m = multiplier if mode == "fixed_point" else torch.ones_like(multiplier)
-    if acc.numel() == 0 or float(acc.abs().max()) * float(m.max()) >= FLOAT64_SAFE:
+    if acc.numel() == 0:
+        return acc.to(torch.float64)
+    if acc_bound is None:
+        lo, hi = torch.aminmax(acc)
+        acc_bound = max(-float(lo), float(hi))
+    if acc_bound * float(m.max()) >= FLOAT64_SAFE:
         return None
-    factor = torch.ldexp(m.to(torch.float64), -shift.to(torch.float64))
+    if factor is None:
+        factor = torch.ldexp(m.to(torch.float64), -shift.to(torch.float64))
     return round_float(acc.to(torch.float64) * factor, rounding)
 
 
