@@ -122,6 +122,14 @@ class CompiledModel(nn.Module):
         return build_reference(self.simulated)
 
     # -- artifacts ---------------------------------------------------------------------------
+    def export(self, path: str, format: str = "qpack") -> str:
+        """Write the lowered model for a chip toolchain; "qpack" (docs/qpack.md) is the format."""
+        if format != "qpack":
+            raise QCompileError(f"unknown export format {format!r}; available: qpack (ONNX: export_onnx)")
+        from .qpack import export_qpack
+
+        return export_qpack(self, path)
+
     def save(self, path: str) -> str:
         from .artifact import save_compiled
 
