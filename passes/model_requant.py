@@ -8,7 +8,9 @@ the integer weight codes and the bias rounded to the accumulator grid (int32, sc
 `s_in * s_w`), and its output quantizer is a `KernelRequantize` that applies the spec's
 `[requant]` (fixed-point multiplier and shift, shift only, or float32 multiply) with its rounding,
 then the output zero point and saturation. Fused ReLU/ReLU6/hardtanh/clamp act on the
-accumulator; a fused residual add joins it on the accumulator grid.
+accumulator; a fused residual add joins it on the accumulator grid. Global average pools
+(adaptive pooling to 1x1, mean over height and width) become an exact sum of codes and one
+requantization that divides by the window (`ExactGlobalAvgPool`).
 
 Everything else keeps its float fake-quant form, which the reference backend reproduces by
 running the same float op between a dequantize and a quantize. It runs last: it reads the final
@@ -23,7 +25,10 @@ from torch import fx, nn
 
 from ..context import CompileContext
 from ..errors import QCompileError
-from ..exact import ExactConv2d, ExactLinear, KernelChain, KernelRequantize, NotExact
+from ..exact import (
+    ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    quantizer_of,
+)
 from ..formats import IntFormat
 from ..requant import requant_constants
 
@@ -110,11 +115,68 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
     return {"kernel": anchor.name, "fp32_exact": exact.exact_in_float32()}
 
 
+POOL_KINDS = ("adaptive_avg_pool", "mean")
+
+
+def make_exact_pool(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """A global average pool -> ExactGlobalAvgPool + KernelRequantize (sum, then one multiplier)."""
+    if node.meta.get("role") != "chip" or node.meta.get("kernel", node.name) != node.name or not node.args:
+        raise NotExact(f"{node.name}: not a pooling kernel of its own")
+    keepdim = global_pool_keepdim(gm, node)
+    src = node.args[0]
+    in_q = quantizer_of(gm, src)
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    out_q = quantizer_of(gm, users[0])
+    shape = src.meta.get("shape")
+    if not isinstance(shape, tuple) or len(shape) != 4:
+        raise NotExact(f"{node.name}: input shape unknown")
+    channels, window = int(shape[1]), int(shape[2] * shape[3])
+    s_in = in_q.params.scale.reshape(()).to(torch.float32)
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    acc_scale = torch.full((channels,), float(s_in) / window, dtype=torch.float64)
+    real = acc_scale / s_out
+    mode, rounding = spec.requant.mode, spec.requant.rounding
+    if mode == "shift" and window & (window - 1):
+        raise NotExact(f"{node.name}: a shift-only target cannot average {window} positions")
+    if mode == "float":
+        real = (s_in / (window * s_out.to(torch.float32))).double().expand(channels).clone()
+    multiplier, shift, float_multiplier = requant_constants(real, mode, spec.requant.multiplier_bits)
+    pool = ExactGlobalAvgPool(channels, window, keepdim)
+    pool.in_scale.copy_(s_in)
+    pool.acc_scale.copy_(acc_scale)
+    name = node.name
+    target = f"exact_{name}"
+    gm.add_submodule(target, pool)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(target, (src,))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    new._rename(name)      # the report and the float graph know the pool by its name
+    requant = KernelRequantize(out_q.group, out_q.fmt, out_q.params, channels=channels, channel_dim=1,
+                               mode=mode, rounding=rounding)
+    requant.acc_scale.copy_(acc_scale)
+    requant.multiplier.copy_(multiplier)
+    requant.shift.copy_(shift)
+    requant.float_multiplier.copy_(float_multiplier)
+    _set(gm, users[0].target, requant)
+
+
 def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.plan is None or ctx.target is None:
         raise QCompileError("model_requant runs after convert: the graph has no quantization plan yet")
     exact, kept = 0, []
+    pools = 0
     for node in list(gm.graph.nodes):
+        if node.meta.get("op_kind") in POOL_KINDS:
+            try:
+                make_exact_pool(gm, node, ctx.target)
+                pools += 1
+            except NotExact as why:
+                kept.append(str(why))
+            continue
         if "weight_group" not in node.meta or node.meta.get("role") != "chip":
             continue
         try:
@@ -128,7 +190,8 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             kept.append(str(why))
             continue
         exact += 1
-    ctx.note("model_requant", f"{exact} kernels compute with integer accumulators and {ctx.target.requant.mode} requantization")
+    ctx.note("model_requant", f"{exact} kernels and {pools} global pools compute with integer accumulators "
+                              f"and {ctx.target.requant.mode} requantization")
     for why in kept:
         ctx.note("model_requant", f"float fake-quant kept: {why}")
     gm.recompile()

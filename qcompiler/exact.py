@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import QCompileError
 from .formats import Format, IntFormat, QParams
 from .quantizers import FakeQuantize
 from .requant import requantize, requantize_float64
@@ -291,3 +292,52 @@ class KernelChain:
             else:
                 raise NotExact(f"{m.name}: fused {k} has no exact integer form here")
             prev = m
+
+
+class ExactGlobalAvgPool(nn.Module):
+    """Global average pooling as integer hardware does it: the sum of the input codes over all
+    positions (exact), times `s_in / window` (float64). Its `KernelRequantize` divides by the
+    window and rescales in one multiplier; the window is fixed at compile time."""
+
+    def __init__(self, channels: int, window: int, keepdim: bool = True):
+        super().__init__()
+        self.channels, self.window, self.keepdim = int(channels), int(window), bool(keepdim)
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("acc_scale", torch.ones(channels, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_window(x, self.window)
+        codes = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())
+        acc = codes.to(torch.float64).sum(dim=(2, 3), keepdim=self.keepdim)
+        shape = [1, -1] + [1] * (acc.ndim - 2)
+        return acc * self.acc_scale.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, window={self.window}, keepdim={self.keepdim}"
+
+
+def check_window(x: Tensor, window: int) -> None:
+    if x.ndim != 4 or x.shape[2] * x.shape[3] != window:
+        raise QCompileError(
+            f"global average pooling was compiled for {window} positions per channel (its "
+            f"requantization multiplier divides by it) but got an input of shape {tuple(x.shape)}; "
+            "compile the model with example inputs of the size you run it at")
+
+
+def global_pool_keepdim(gm, node) -> bool:
+    """keepdim of a global average pool node (adaptive pool to 1x1, or mean over H and W)."""
+    kind = node.meta.get("op_kind")
+    if kind == "adaptive_avg_pool":
+        if node.op == "call_module":
+            size = gm.get_submodule(node.target).output_size
+        else:
+            size = _node_arg(node, 1, "output_size", None)
+        if size not in (1, (1, 1), [1, 1]):
+            raise NotExact(f"{node.name}: adaptive pooling to {size}, not 1x1")
+        return True
+    if kind == "mean" and node.op == "call_function":
+        dims = _node_arg(node, 1, "dim", None)
+        if not isinstance(dims, (list, tuple)) or sorted(d % 4 for d in dims) != [2, 3]:
+            raise NotExact(f"{node.name}: mean over {dims}, not over height and width")
+        return bool(_node_arg(node, 2, "keepdim", False))
+    raise NotExact(f"{node.name}: {kind} is not a global average pool")

@@ -12,7 +12,9 @@ tensors between kernels are integer codes:
   accumulator width, clamps as integer bounds on the accumulator, a residual joined through a
   per-channel table over its codes, requantization per the spec (`qcompiler.requant`), output
   zero point and saturation;
-- every other op (pooling, element-wise activations, shared-scale cat, host-float fallback ops)
+- every global average pool is one `IntegerGlobalAvgPool`: the sum of the codes over the window,
+  requantized by one multiplier that also divides by the window;
+- every other op (other pooling, element-wise activations, shared-scale cat, host-float fallback ops)
   runs as the simulation runs it: its code inputs are decoded to their exact values
   (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
   only move values on the grid (max-pool, reshape, cat of one scale) this is exact integer data
@@ -30,7 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .errors import QCompileError
-from .exact import FLOAT64_EXACT, ExactConv2d, ExactLinear, KernelChain, KernelRequantize, NotExact, accumulator_range
+from .exact import (
+    FLOAT64_EXACT, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    accumulator_range, check_window,
+)
 from .formats import Format, HostFloat, IntFormat, QParams
 from .quantizers import FakeQuantize
 from .requant import requantize
@@ -160,6 +165,36 @@ class IntegerKernel(nn.Module):
                 f"requant={self.mode}/{self.rounding}" + (", residual" if self.residual_qmin is not None else ""))
 
 
+class IntegerGlobalAvgPool(nn.Module):
+    """Global average pooling on codes: sum of (q - z_in) over a fixed window, then requantization
+    by `s_in / (window * s_out)` per the spec, output zero point, saturation."""
+
+    TENSORS = ("multiplier", "shift", "float_multiplier")
+
+    def __init__(self, window: int, keepdim: bool, in_zero_point: int, out_zero_point: int, out_qmin: int,
+                 out_qmax: int, mode: str, rounding: str, tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.window, self.keepdim = int(window), bool(keepdim)
+        self.in_zero_point, self.out_zero_point = int(in_zero_point), int(out_zero_point)
+        self.out_qmin, self.out_qmax, self.mode, self.rounding = int(out_qmin), int(out_qmax), mode, rounding
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        shapes = {tuple(getattr(self, n).shape) for n in self.TENSORS if hasattr(self, n)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1 or not all(hasattr(self, n) for n in self.TENSORS):
+            raise QCompileError(f"IntegerGlobalAvgPool needs per-channel {', '.join(self.TENSORS)} of one shape")
+
+    def forward(self, q: Tensor) -> Tensor:
+        check_window(q, self.window)
+        acc = (q.to(torch.int64) - self.in_zero_point).sum(dim=(2, 3), keepdim=self.keepdim)
+        shape = [1, -1] + [1] * (acc.ndim - 2)
+        y = requantize(acc, self.mode, self.rounding, self.multiplier.reshape(shape), self.shift.reshape(shape),
+                       self.float_multiplier.reshape(shape))
+        return (y + self.out_zero_point).clamp(self.out_qmin, self.out_qmax).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, requant={self.mode}/{self.rounding}"
+
+
 def _zero_point(params: QParams) -> int:
     return 0 if params.zero_point is None else int(params.zero_point.reshape(-1)[0])
 
@@ -257,12 +292,16 @@ def _on_codes(node: fx.Node, domain: dict[str, Any]) -> bool:
 def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.Graph:
     """Write the reference graph of a simulated graph (modules go into `root`)."""
     chains: dict[str, KernelChain] = {}
+    pools: dict[str, fx.Node] = {}
     skipped: set[str] = set()
     for n in gm.graph.nodes:
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (ExactConv2d, ExactLinear)):
             chain = KernelChain(gm, n)
             chains[chain.output.name] = chain
             skipped.update(m.name for m in chain.members)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactGlobalAvgPool):
+            pools[next(iter(n.users)).name] = n
+            skipped.add(n.name)
 
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -296,6 +335,16 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
             args = (env[chain.input.name],) + ((env[chain.residual.name],) if chain.residual is not None else ())
             env[n.name] = graph.call_module(target, args)
             domain[n.name] = chain.out_quant
+        elif n.name in pools:
+            pool_node = pools[n.name]
+            pool, rq, in_q = (gm.get_submodule(pool_node.target), gm.get_submodule(n.target),
+                              gm.get_submodule(pool_node.args[0].target))
+            module = IntegerGlobalAvgPool(
+                pool.window, pool.keepdim, _zero_point(in_q.params), _zero_point(rq.params), rq.fmt.qmin, rq.fmt.qmax,
+                rq.mode, rq.rounding, {k: getattr(rq, k).clone() for k in IntegerGlobalAvgPool.TENSORS})
+            target = _install(root, f"int_{pool_node.name}", module)
+            env[n.name] = graph.call_module(target, (env[pool_node.args[0].name],))
+            domain[n.name] = rq
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize):
             q = gm.get_submodule(n.target)
             src = n.args[0]

@@ -149,7 +149,9 @@ def test_tampered_ops_are_rejected(exports, tmp_path, field, value, message):
     path = _copy(exports["npu-int8"][1], tmp_path / "q")
 
     def edit(doc):
-        node = next(n for n in doc["nodes"] if n["op"] == ("module" if field == "class" else "conv2d_int"))
+        node = next(n for n in doc["nodes"] if n["op"] == "conv2d_int")
+        if field == "class":
+            node.update(op="module", module_args={})
         node[field] = value
 
     _edit_json(path, edit)

@@ -12,7 +12,7 @@ from torch import nn
 import qcompiler
 from qcompiler.errors import QCompileError
 from qcompiler.exact import ExactConv2d, KernelRequantize
-from qcompiler.reference import Dequantize, IntegerKernel, Quantize
+from qcompiler.reference import Dequantize, IntegerGlobalAvgPool, IntegerKernel, Quantize
 
 TARGETS = ("npu-int8", "npu-int4", "dsp-fixed-point", "cpu-x86-int8")
 
@@ -80,12 +80,12 @@ def test_every_kernel_runs_on_integers(tiny_models, target):
     assert nn.Conv2d not in kinds and nn.Linear not in kinds
     kernels = [m for m in ref.modules() if isinstance(m, IntegerKernel)]
     assert all(not m.weight.is_floating_point() for m in kernels)
+    assert kinds.count(IntegerGlobalAvgPool) == 1 and nn.AdaptiveAvgPool2d not in kinds
     fused_add = any("add" in pattern for pattern in compiled.target.fusions)
     assert sum(m.residual_qmin is not None for m in kernels) == (1 if fused_add else 0)
     if fused_add:
-        # Kernels chain codes to codes and flatten moves codes: only the input and the pool's
-        # output are quantized from float, only the pool's input and the output decoded.
-        assert kinds.count(Quantize) == 2 and kinds.count(Dequantize) == 2
+        # Everything runs on codes: only the input is quantized from float, only the output decoded.
+        assert kinds.count(Quantize) == 1 and kinds.count(Dequantize) == 1
 
 
 def _round(x: Fraction, rounding: str) -> int:
@@ -184,3 +184,26 @@ def test_save_and_load_keep_the_exact_simulation(tiny_models, tmp_path):
 def test_unknown_backend_is_a_clear_error(tiny_models):
     with pytest.raises(QCompileError, match="unknown backend 'tflite'"):
         tiny_models["npu-int8"].lower("tflite")
+
+
+def test_global_pool_against_python_integers(tiny_models):
+    """The integer pool: sum of centred codes, one multiplier for s_in / (window * s_out)."""
+    compiled = tiny_models["npu-int8"]
+    ref = compiled.lower("reference")
+    pool = next(m for m in ref.modules() if isinstance(m, IntegerGlobalAvgPool))
+    q = torch.randint(-128, 128, (2, 6, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+    got = pool(q)
+    assert got.shape == (2, 6, 1, 1)
+    for n in range(2):
+        for c in range(6):
+            total = sum(int(v) - pool.in_zero_point for v in q[n, c].reshape(-1).tolist())
+            m, sh = int(pool.multiplier[c]), int(pool.shift[c])
+            y = _round(Fraction(total * m, 2**sh), "half_away_from_zero")
+            assert int(got[n, c, 0, 0]) == min(max(y + pool.out_zero_point, -128), 127)
+
+
+def test_pool_window_is_fixed_at_compile_time(tiny_models):
+    compiled = tiny_models["npu-int8"]
+    with pytest.raises(QCompileError, match="compiled for 256 positions"):
+        with torch.no_grad():
+            compiled(torch.zeros(1, 3, 8, 8))
