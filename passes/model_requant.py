@@ -75,7 +75,7 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
     if mode == "fixed_point" and acc_bits + (mbits or 32) > 64:
         raise QCompileError(
             f"{anchor.name}: a {acc_bits}-bit accumulator times a {mbits}-bit multiplier does not fit "
-            "64 bits; lower [ops.{kind}] accumulator_bits or [requant] multiplier_bits in the spec")
+            f"64 bits; lower [ops.{kind}] accumulator_bits or [requant] multiplier_bits in the spec")
     codes, w_scale = _weight_codes(plan.group(anchor.meta["weight_group"]), original.weight)
     in_q, out_q = chain.in_quant, chain.out_quant
     s_in = in_q.params.scale.reshape(()).to(torch.float32)
@@ -97,6 +97,10 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
             bias_codes = torch.round(original.bias.detach().double() / acc_scale).clamp(*INT32).to(torch.int64)
             exact.bias_codes.copy_(bias_codes)
             exact.bias = nn.Parameter((bias_codes.double() * acc_scale).to(original.bias.dtype), requires_grad=False)
+    try:
+        fp32 = exact.exact_in_float32()
+    except ValueError as why:         # partial sums beyond float64's integers: stays float
+        raise NotExact(f"{anchor.name}: {why}") from None
     _set(gm, anchor.target, exact)
 
     s_out = out_q.params.scale.reshape(()).to(torch.float64)
@@ -112,7 +116,7 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
     requant.shift.copy_(shift)
     requant.float_multiplier.copy_(float_multiplier)
     _set(gm, chain.output.target, requant)
-    return {"kernel": anchor.name, "fp32_exact": exact.exact_in_float32()}
+    return {"kernel": anchor.name, "fp32_exact": fp32}
 
 
 POOL_KINDS = ("adaptive_avg_pool", "mean")
