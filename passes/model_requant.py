@@ -150,15 +150,12 @@ def make_exact_pool(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     pool = ExactGlobalAvgPool(channels, window, keepdim)
     pool.in_scale.copy_(s_in)
     pool.acc_scale.copy_(acc_scale)
-    name = node.name
-    target = f"exact_{name}"
+    target = f"exact_{node.name}"
     gm.add_submodule(target, pool)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(target, (src,))
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    new._rename(name)      # the report and the float graph know the pool by its name
+    # The node becomes a call of the new module in place: its name and meta stay, which the
+    # report, the cost model and the float graph's per-node comparison rely on.
+    node.op, node.target = "call_module", target
+    node.args, node.kwargs = (src,), {}
     requant = KernelRequantize(out_q.group, out_q.fmt, out_q.params, channels=channels, channel_dim=1,
                                mode=mode, rounding=rounding)
     requant.acc_scale.copy_(acc_scale)
@@ -198,5 +195,6 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                               f"and {ctx.target.requant.mode} requantization")
     for why in kept:
         ctx.note("model_requant", f"float fake-quant kept: {why}")
+    gm.delete_all_unused_submodules()
     gm.recompile()
     return gm

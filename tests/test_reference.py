@@ -202,6 +202,12 @@ def test_global_pool_against_python_integers(tiny_models):
             assert int(got[n, c, 0, 0]) == min(max(y + pool.out_zero_point, -128), 127)
 
 
+def test_report_keeps_every_kernel_by_name(tiny_models):
+    rows = {r.node: r for r in tiny_models["npu-int8"].report().rows}
+    assert set(rows) == {"conv1..relu6", "conv2..relu", "conv3", "pool", "fc"}
+    assert all(r.sqnr_db > 20 for r in rows.values())
+
+
 def test_pool_window_is_fixed_at_compile_time(tiny_models):
     compiled = tiny_models["npu-int8"]
     with pytest.raises(QCompileError, match="compiled for 256 positions"):
