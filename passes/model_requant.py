@@ -10,7 +10,9 @@ the integer weight codes and the bias rounded to the accumulator grid (int32, sc
 then the output zero point and saturation. Fused ReLU/ReLU6/hardtanh/clamp act on the
 accumulator; a fused residual add joins it on the accumulator grid. Global average pools
 (adaptive pooling to 1x1, mean over height and width) become an exact sum of codes and one
-requantization that divides by the window (`ExactGlobalAvgPool`).
+requantization that divides by the window (`ExactGlobalAvgPool`). Adds of two quantized tensors
+on fixed-point and shift targets rescale each input to a common grid and requantize the sum
+(`ExactAdd`).
 
 Everything else keeps its float fake-quant form, which the reference backend reproduces by
 running the same float op between a dequantize and a quantize. It runs last: it reads the final
@@ -26,7 +28,7 @@ from torch import fx, nn
 from ..context import CompileContext
 from ..errors import QCompileError
 from ..exact import (
-    ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    ADD_LEFT_SHIFT, ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
     quantizer_of,
 )
 from ..formats import IntFormat
@@ -165,12 +167,57 @@ def make_exact_pool(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     _set(gm, users[0].target, requant)
 
 
+def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """An add of two quantized tensors -> ExactAdd (integer rescale of each input, sum, requant).
+
+    Float-requant targets keep the float add: ONNX Runtime's QLinearAdd computes in float, which
+    the fake-quant add is already.
+    """
+    mode, rounding = spec.requant.mode, spec.requant.rounding
+    if mode == "float":
+        raise NotExact(f"{node.name}: float requantization adds in float")
+    if node.meta.get("role") != "chip" or node.meta.get("kernel", node.name) != node.name:
+        raise NotExact(f"{node.name}: not an add kernel of its own")
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        raise NotExact(f"{node.name}: not an add of two tensors")
+    q1, q2 = (quantizer_of(gm, a) for a in node.args)
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    out_q = quantizer_of(gm, users[0])
+    shapes = [a.meta.get("shape") for a in node.args]
+    if shapes[0] != shapes[1]:
+        raise NotExact(f"{node.name}: broadcasting add")
+    s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    twice_max = 2 * torch.maximum(s1, s2)
+    real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** ADD_LEFT_SHIFT * s_out)])
+    multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
+    zps = tuple(0 if q.params.zero_point is None else int(q.params.zero_point.reshape(-1)[0]) for q in (q1, q2, out_q))
+    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding)
+    add.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
+    add.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    add.multiplier.copy_(multiplier)
+    add.shift.copy_(shift)
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, add)
+    node.op, node.target = "call_module", target
+
+
 def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.plan is None or ctx.target is None:
         raise QCompileError("model_requant runs after convert: the graph has no quantization plan yet")
     exact, kept = 0, []
-    pools = 0
+    pools = adds = 0
     for node in list(gm.graph.nodes):
+        if node.meta.get("op_kind") == "add" and node.op == "call_function":
+            try:
+                make_exact_add(gm, node, ctx.target)
+                adds += 1
+            except NotExact as why:
+                if node.meta.get("kernel", node.name) == node.name:
+                    kept.append(str(why))
+            continue
         if node.meta.get("op_kind") in POOL_KINDS:
             try:
                 make_exact_pool(gm, node, ctx.target)
@@ -191,8 +238,8 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             kept.append(str(why))
             continue
         exact += 1
-    ctx.note("model_requant", f"{exact} kernels and {pools} global pools compute with integer accumulators "
-                              f"and {ctx.target.requant.mode} requantization")
+    ctx.note("model_requant", f"{exact} kernels, {pools} global pools and {adds} adds compute with integer "
+                              f"accumulators and {ctx.target.requant.mode} requantization")
     for why in kept:
         ctx.note("model_requant", f"float fake-quant kept: {why}")
     gm.delete_all_unused_submodules()

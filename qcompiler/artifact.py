@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from .errors import ArtifactError, QCompileError
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format, QParams
-from .exact import ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelRequantize
+from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelRequantize
 from .layers import Affine
 from .plan import GroupPlan, Plan, params_tensors
 from .quantizers import FakeQuantize
@@ -382,6 +382,7 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
     "qcompiler.exact.ExactConv2d": (ExactConv2d, _with(_CONV, accumulator_bits=lambda m: m.accumulator_bits)),
     "qcompiler.exact.ExactLinear": (ExactLinear, _with(_attrs("in_features", "out_features", "accumulator_bits"),
                                                        bias=_has("bias"))),
+    "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),
     "qcompiler.exact.KernelRequantize": (KernelRequantize, _attrs("group", "channels", "channel_dim", "mode",
                                                                   "rounding")),

@@ -24,12 +24,13 @@ from torch import fx, nn
 from . import artifact as art
 from .errors import ArtifactError
 from .formats import QParams
-from .reference import Dequantize, IntegerGlobalAvgPool, IntegerKernel, OnCodes, Quantize, ReferenceModule
+from .reference import Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, OnCodes, Quantize, ReferenceModule
 
 FORMAT_NAME = "qpack"
 FORMAT_VERSION = 1
 GRAPH_FILE = "graph.json"
 TENSOR_FILE = "tensors.safetensors"
+ADD_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding")
 POOL_ATTRS = ("window", "keepdim", "in_zero_point", "out_zero_point", "out_qmin", "out_qmax", "mode", "rounding")
 KERNEL_ATTRS = ("in_zero_point", "in_qmin", "in_qmax", "out_zero_point", "out_qmin", "out_qmax",
                 "accumulator_bits", "mode", "rounding", "residual_qmin")
@@ -107,6 +108,10 @@ def export_qpack(compiled: Any, path: str | os.PathLike[str]) -> str:
                               attrs={k: getattr(module, k) for k in KERNEL_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
                                        for k in IntegerKernel.TENSORS})
+            elif isinstance(module, IntegerAdd):
+                record.update(op="add_int", attrs={k: getattr(module, k) for k in ADD_ATTRS},
+                              tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
+                                       for k in IntegerAdd.TENSORS})
             elif isinstance(module, IntegerGlobalAvgPool):
                 record.update(op="global_avg_pool_int", attrs={k: getattr(module, k) for k in POOL_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
@@ -240,6 +245,11 @@ class _QpackLoader:
                 raise ValueError("'conv' must be an object")
             return IntegerKernel(op.removesuffix("_int"), conv, **attrs,
                                  tensors={k: self.tensor(v, where) for k, v in tensors.items()})
+        if op == "add_int":
+            attrs = record["attrs"]
+            if not isinstance(attrs, dict) or set(attrs) != set(ADD_ATTRS) or set(tensors) != set(IntegerAdd.TENSORS):
+                raise ValueError(f"an add_int has attrs {', '.join(ADD_ATTRS)} and tensors {', '.join(IntegerAdd.TENSORS)}")
+            return IntegerAdd(**attrs, tensors={k: self.tensor(v, where) for k, v in tensors.items()})
         if op == "global_avg_pool_int":
             attrs = record["attrs"]
             if not isinstance(attrs, dict) or set(attrs) != set(POOL_ATTRS) or set(tensors) != set(IntegerGlobalAvgPool.TENSORS):

@@ -14,6 +14,8 @@ tensors between kernels are integer codes:
   zero point and saturation;
 - every global average pool is one `IntegerGlobalAvgPool`: the sum of the codes over the window,
   requantized by one multiplier that also divides by the window;
+- every add of two quantized tensors on a fixed-point or shift target is one `IntegerAdd`: each
+  input's `(q - z) << 20` rescaled to a common grid, summed, requantized;
 - every other op (other pooling, element-wise activations, shared-scale cat, host-float fallback ops)
   runs as the simulation runs it: its code inputs are decoded to their exact values
   (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
@@ -33,7 +35,7 @@ from torch import Tensor, fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    FLOAT64_EXACT, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    FLOAT64_EXACT, ExactAdd, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from .formats import Format, HostFloat, IntFormat, QParams
@@ -195,6 +197,32 @@ class IntegerGlobalAvgPool(nn.Module):
         return f"window={self.window}, requant={self.mode}/{self.rounding}"
 
 
+class IntegerAdd(nn.Module):
+    """The add of two quantized tensors on codes: `qcompiler.exact.add_codes` with the constants
+    `multiplier`/`shift` (input 1, input 2, sum)."""
+
+    TENSORS = ("multiplier", "shift")
+
+    def __init__(self, zero_points: tuple[int, int, int], qmin: int, qmax: int, mode: str, rounding: str,
+                 tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.zero_points = tuple(int(z) for z in zero_points)
+        if len(self.zero_points) != 3:
+            raise QCompileError("IntegerAdd needs three zero points (input 1, input 2, output)")
+        self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        if not all(hasattr(self, n) and tuple(getattr(self, n).shape) == (3,) for n in self.TENSORS):
+            raise QCompileError("IntegerAdd needs multiplier and shift of shape (3,)")
+
+    def forward(self, q1: Tensor, q2: Tensor) -> Tensor:
+        return add_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
+                         self.multiplier, self.shift).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+
+
 def _zero_point(params: QParams) -> int:
     return 0 if params.zero_point is None else int(params.zero_point.reshape(-1)[0])
 
@@ -345,6 +373,13 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
             target = _install(root, f"int_{pool_node.name}", module)
             env[n.name] = graph.call_module(target, (env[pool_node.args[0].name],))
             domain[n.name] = rq
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactAdd):
+            add = gm.get_submodule(n.target)
+            module = IntegerAdd(add.zero_points, add.qmin, add.qmax, add.mode, add.rounding,
+                                {k: getattr(add, k).clone() for k in IntegerAdd.TENSORS})
+            target = _install(root, f"int_{n.name}", module)
+            env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
+            domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize):
             q = gm.get_submodule(n.target)
             src = n.args[0]

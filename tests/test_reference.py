@@ -12,7 +12,7 @@ from torch import nn
 import qcompiler
 from qcompiler.errors import QCompileError
 from qcompiler.exact import ExactConv2d, KernelRequantize
-from qcompiler.reference import Dequantize, IntegerGlobalAvgPool, IntegerKernel, Quantize
+from qcompiler.reference import Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, Quantize
 
 TARGETS = ("npu-int8", "npu-int4", "dsp-fixed-point", "cpu-x86-int8")
 
@@ -83,6 +83,9 @@ def test_every_kernel_runs_on_integers(tiny_models, target):
     assert kinds.count(IntegerGlobalAvgPool) == 1 and nn.AdaptiveAvgPool2d not in kinds
     fused_add = any("add" in pattern for pattern in compiled.target.fusions)
     assert sum(m.residual_qmin is not None for m in kernels) == (1 if fused_add else 0)
+    # Unfused, the add is an integer adder, except where the target requantizes in float.
+    integer_add = not fused_add and compiled.target.requant.mode != "float"
+    assert kinds.count(IntegerAdd) == (1 if integer_add else 0)
     if fused_add:
         # Everything runs on codes: only the input is quantized from float, only the output decoded.
         assert kinds.count(Quantize) == 1 and kinds.count(Dequantize) == 1
@@ -213,3 +216,19 @@ def test_pool_window_is_fixed_at_compile_time(tiny_models):
     with pytest.raises(QCompileError, match="compiled for 256 positions"):
         with torch.no_grad():
             compiled(torch.zeros(1, 3, 8, 8))
+
+
+def test_shift_target_add_is_the_exactly_rounded_sum(tiny_models):
+    """With power-of-two scales the integer add rounds once: round_half_up((s1 x1 + s2 x2) / s_out)."""
+    compiled = tiny_models["dsp-fixed-point"]
+    add = next(m for m in compiled.lower("reference").modules() if isinstance(m, IntegerAdd))
+    sim_add = next(m for m in compiled.simulated.modules() if type(m).__name__ == "ExactAdd")
+    s1, s2 = (Fraction(float(s)) for s in sim_add.in_scales)
+    s_out = Fraction(float(sim_add.out_scale))
+    g = torch.Generator().manual_seed(6)
+    q1 = torch.randint(-128, 128, (400,), generator=g, dtype=torch.int32)
+    q2 = torch.randint(-128, 128, (400,), generator=g, dtype=torch.int32)
+    got = add(q1, q2).tolist()
+    for a, b, c in zip(q1.tolist(), q2.tolist(), got):
+        want = math.floor((s1 * a + s2 * b) / s_out + Fraction(1, 2))
+        assert c == min(max(want, -128), 127)
