@@ -20,7 +20,6 @@ weights and biases, after convert, rounding optimisation and bias correction.
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import fx, nn
