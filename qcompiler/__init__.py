@@ -27,8 +27,15 @@ def load(path):
     return load_compiled(path)
 
 
+def load_qpack(path):
+    """The reference backend stored in a qpack directory (`CompiledModel.export`), without model code."""
+    from .qpack import load_qpack as _load_qpack
+
+    return _load_qpack(path)
+
+
 __all__ = [
-    "CompiledModel", "TargetSpec", "list_targets", "load", "load_target", "qcompile",
+    "CompiledModel", "TargetSpec", "list_targets", "load", "load_qpack", "load_target", "qcompile",
     "ArtifactError", "BudgetError", "CalibrationError", "CaptureError", "CompileContext",
     "GroupingError", "OnnxExportError", "PassError", "PassManager", "PassRun", "QCompileError", "SpecError",
     "capture",

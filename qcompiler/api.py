@@ -19,7 +19,7 @@ from .pass_manager import PassManager, PassRun
 
 DEFAULT_PASSES = (
     "capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
-    "calibrate", "convert", "optimize_rounding",
+    "calibrate", "convert", "optimize_rounding", "model_requant",
 )
 # The last stage whose graph still computes in float: the reference for per-node SQNR.
 FLOAT_REFERENCE_STAGE = "fuse"
@@ -107,7 +107,29 @@ class CompiledModel(nn.Module):
             self._report = build_report(self)
         return self._report
 
+    # -- lowering ----------------------------------------------------------------------------
+    def lower(self, backend: str = "reference") -> fx.GraphModule:
+        """The model for a backend: "reference" is the integer-only emulation of the target.
+
+        It returns a `ReferenceModule` (an fx.GraphModule): float inputs are quantized by the
+        input quantizer, kernels compute on integer codes, outputs are dequantized; its
+        `codes(x)` gives the output codes.
+        """
+        if backend != "reference":
+            raise QCompileError(f"unknown backend {backend!r}; available backends: reference")
+        from .reference import build_reference
+
+        return build_reference(self.simulated)
+
     # -- artifacts ---------------------------------------------------------------------------
+    def export(self, path: str, format: str = "qpack") -> str:
+        """Write the lowered model for a chip toolchain; "qpack" (docs/qpack.md) is the format."""
+        if format != "qpack":
+            raise QCompileError(f"unknown export format {format!r}; available: qpack (ONNX: export_onnx)")
+        from .qpack import export_qpack
+
+        return export_qpack(self, path)
+
     def save(self, path: str) -> str:
         from .artifact import save_compiled
 

@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from .errors import ArtifactError, QCompileError
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format, QParams
+from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelRequantize
 from .layers import Affine
 from .plan import GroupPlan, Plan, params_tensors
 from .quantizers import FakeQuantize
@@ -377,6 +378,14 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
     "qcompiler.layers.Affine": (Affine, lambda m: {"channels": m.num_channels, "channel_dim": m.channel_dim}),
     # Rebuilt from the plan group it names: its format and parameters live in the plan.
     "qcompiler.quantizers.FakeQuantize": (FakeQuantize, lambda m: {"group": m.group}),
+    # model_requant's exact kernels and requantizers: arguments here, integer tensors as buffers.
+    "qcompiler.exact.ExactConv2d": (ExactConv2d, _with(_CONV, accumulator_bits=lambda m: m.accumulator_bits)),
+    "qcompiler.exact.ExactLinear": (ExactLinear, _with(_attrs("in_features", "out_features", "accumulator_bits"),
+                                                       bias=_has("bias"))),
+    "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding")),
+    "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),
+    "qcompiler.exact.KernelRequantize": (KernelRequantize, _attrs("group", "channels", "channel_dim", "mode",
+                                                                  "rounding")),
 }
 _CLASS_NAMES = {cls: name for name, (cls, _) in MODULE_CLASSES.items()}
 
@@ -392,7 +401,16 @@ def _construct(class_name: str, kwargs: dict[str, Any], plan: Plan) -> nn.Module
             raise ValueError(f"names quantizer group {gid!r}, which the plan does not have")
         g = plan.group(gid)
         return FakeQuantize(g.id, g.format, g.params)
+    if cls is KernelRequantize:
+        g = plan.group(_plan_group(kwargs.pop("group"), plan))
+        return KernelRequantize(g.id, g.format, g.params, **kwargs)
     return cls(**kwargs)
+
+
+def _plan_group(gid: Any, plan: Plan) -> int:
+    if not isinstance(gid, int) or not 0 <= gid < len(plan.groups):
+        raise ValueError(f"names quantizer group {gid!r}, which the plan does not have")
+    return gid
 
 
 def _state(module: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:

@@ -27,6 +27,7 @@ from torch import fx, nn
 from .errors import OnnxExportError
 from .formats import FloatFormat, HostFloat, IntFormat, QParams
 from .layers import Affine
+from .exact import ExactAdd, ExactGlobalAvgPool
 from .quantizers import FakeQuantize
 
 log = logging.getLogger(__name__)
@@ -586,6 +587,14 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         if m is not None:
             raise OnnxExportError(f"{node.name}: activation module {type(m).__name__} was not canonicalized")
         return _activation(b, node, kind)
+    if isinstance(m, ExactGlobalAvgPool):
+        # The simulation's integer pool (sum of codes, one requantization) is a mean over H, W.
+        # GlobalAveragePool keeps ONNX Runtime's integer pooling kernel within reach.
+        pooled = b.emit("GlobalAveragePool", [b.arg(node.args[0])], node.name)
+        return pooled if m.keepdim else b.emit("Flatten", [pooled], node.name, axis=1)
+    if isinstance(m, ExactAdd) and len(node.args) == 2:
+        # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values.
+        return b.emit("Add", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
     if kind in _BINARY_OPS and node.op == "call_function" and len(node.args) == 2 and not node.kwargs:
         a, c = node.args
         if kind != "matmul" and not isinstance(a, fx.Node):

@@ -28,6 +28,7 @@ Pass = Callable[[Any, CompileContext], fx.GraphModule]
 BUILTIN_PASSES = (
     "capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
     "calibrate", "sensitivity", "allocate_bits", "convert", "optimize_rounding", "correct_bias",
+    "model_requant",
 )
 
 

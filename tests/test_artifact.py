@@ -553,7 +553,8 @@ def test_constructor_arguments_that_disagree_with_tensors(small_save, tmp_path):
     path = _copy_save(small_save, tmp_path / "m")
 
     def widen(doc):
-        record = next(m for m in doc["graph"]["modules"].values() if m["class"] == "torch.nn.Linear")
+        record = next(m for m in doc["graph"]["modules"].values()
+                      if m["class"] in ("torch.nn.Linear", "qcompiler.exact.ExactLinear"))
         record["args"]["out_features"] += 1
 
     _edit_json(path, widen)

@@ -163,10 +163,14 @@ def test_every_target_runs_in_onnx_runtime_and_matches_the_simulation(target, tm
         assert out.shape == ref.shape == (32, 10)
         err = np.abs(out - ref)
         if step is not None:
-            # Float bias in the simulation vs int32 bias here, float vs integer requantization:
-            # at most one boundary crossing, i.e. one code of the output.
-            assert err.max() <= step * 1.001, (optimize, err.max() / step)
-            assert (err < step / 2).mean() >= 0.9
+            # The simulation requantizes as the chip does (fixed-point multiplier, rounding
+            # shift), ONNX Runtime in float with ties to even: at most one boundary crossing, one
+            # code of the output. A DSP rounding shift rounds exact halves up, and its
+            # power-of-two scales hit exact halves often: two codes there.
+            codes = 2 if target == "dsp-fixed-point" else 1
+            assert err.max() <= codes * step * 1.001, (optimize, err.max() / step)
+            # On the DSP the tie rule differs on most outputs (about half are one code apart).
+            assert (err < step / 2).mean() >= (0.4 if target == "dsp-fixed-point" else 0.9)
         else:
             # fp8 (every operation here is exact in float32 except the conv sums' order) and
             # weight-only-4bit (float activations): float32 rounding only.
@@ -174,8 +178,10 @@ def test_every_target_runs_in_onnx_runtime_and_matches_the_simulation(target, tm
         assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
-@pytest.mark.parametrize("target", ["npu-int8", "npu-int4", "cpu-x86-int8", "dsp-fixed-point"])
+@pytest.mark.parametrize("target", ["cpu-x86-int8"])
 def test_with_biases_on_the_accumulator_grid_the_codes_are_identical(target, tmp_path):
+    """cpu-x86-int8 requantizes in float32 like ONNX Runtime: identical codes. (The fixed-point
+    targets round as their chips do, which ONNX cannot express: within one code, tested above.)"""
     compiled = _compile(tiny_model(), target)
     biases_on_accumulator_grid(compiled)
     path = str(tmp_path / "m.onnx")

@@ -1,0 +1,392 @@
+"""Modules of the hardware-faithful simulation: kernels that accumulate exactly, and requantizers.
+
+`model_requant` swaps a quantized kernel's module for `ExactConv2d` / `ExactLinear` and the
+fake-quantizer of the kernel's output for a `KernelRequantize`. The graph keeps every node; only
+the arithmetic changes:
+
+- the kernel recovers its input's integer codes (centred on the zero point), accumulates them
+  against the integer weight codes exactly (float32 when a bound proves every partial sum is an
+  integer below 2**24, float64 otherwise), adds the int32 bias and saturates to the target's
+  accumulator width. It returns the accumulator times its scale `s_in * s_w` in float64, so the
+  fused ops after it (ReLU, ReLU6, the residual add) see real values as before;
+- the requantizer recovers the integer accumulator from that float64 value (exact: the
+  accumulator has far fewer than 52 significant bits) and requantizes it as the spec says
+  (`qcompiler.requant`), adds the output zero point and saturates.
+
+A clamp between the two acts on the accumulator: a bound `b` becomes `round(b * (1 / s_acc))`,
+the accumulator grid point nearest to it. A residual added inside the kernel joins the
+accumulator as `round(r * (1 / s_acc))`, its value rounded to the accumulator grid (float64
+arithmetic; the simulation's sum `acc * s_acc + r` recovers the same integer except within
+2**-40 of a rounding tie). The reference backend
+(`qcompiler.reference`) computes the same codes from integers alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import QCompileError
+from .formats import Format, IntFormat, QParams
+from .quantizers import FakeQuantize
+from .requant import requantize, requantize_float64
+
+# Integers of magnitude below this are exact in float32, whatever the order of the additions.
+FLOAT32_EXACT = float(2 ** 24)
+FLOAT64_EXACT = float(2 ** 53)
+
+
+def accumulator_range(bits: int) -> tuple[float, float]:
+    return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+
+
+class _ExactKernel:
+    """Shared by ExactConv2d and ExactLinear (the mixin keeps nn.Conv2d/nn.Linear as the base)."""
+
+    accumulator_bits: int
+    channel_dim: int
+
+    def _init_exact(self, out_channels: int, weight_shape: torch.Size, accumulator_bits: int) -> None:
+        self.accumulator_bits = int(accumulator_bits)
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        # Largest |q_in - z_in| the input format allows: with sum|w| it bounds every partial sum.
+        self.register_buffer("in_code_bound", torch.ones((), dtype=torch.float64))
+        self.register_buffer("weight_codes", torch.zeros(weight_shape, dtype=torch.float32))
+        self.register_buffer("bias_codes", torch.zeros(out_channels, dtype=torch.int64))
+        self.register_buffer("acc_scale", torch.ones(out_channels, dtype=torch.float64))
+        self._fp32_exact: bool | None = None
+        self._acc_bound = 0.0
+        self._split: tuple[Tensor, Tensor] | None = None
+        self._saturates: bool | None = None      # whether any accumulator can reach saturation
+
+    def exact_in_float32(self) -> bool:
+        """Whether the accumulation runs in float32: as one conv, or as two over split weights.
+
+        A float32 sum of integers is exact, in any order, while every partial sum stays below
+        2**24; `|q_in - z_in| * sum|w|` bounds them per output channel. When one conv could
+        exceed that, the weight codes split as `w = 16 * w_hi + w_lo` (w_lo in 0..15) and two
+        float32 convs whose bounds both stay below 2**24 replace one float64 conv (much slower).
+        """
+        if self._fp32_exact is None:
+            span = float(self.in_code_bound)
+            rows = self.weight_codes.double().reshape(self.weight_codes.shape[0], -1)
+            bound = float(rows.abs().sum(1).max()) * span
+            if bound >= FLOAT64_EXACT:
+                raise ValueError(
+                    f"{type(self).__name__}: partial sums can reach {bound:.3g}, beyond exact float64 "
+                    "integers; lower the activation or weight bit width")
+            self._acc_bound = bound
+            self._split = None
+            if bound >= FLOAT32_EXACT:
+                hi = torch.floor(self.weight_codes / 16)
+                lo = self.weight_codes - 16 * hi
+                b_hi = float(hi.double().abs().reshape(hi.shape[0], -1).sum(1).max()) * span
+                b_lo = float(lo.double().abs().reshape(lo.shape[0], -1).sum(1).max()) * span
+                if b_hi < FLOAT32_EXACT and b_lo < FLOAT32_EXACT:
+                    self._split = (hi.contiguous(), lo.contiguous())
+            self._fp32_exact = bound < FLOAT32_EXACT or self._split is not None
+        return self._fp32_exact
+
+    def _view(self, t: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[self.channel_dim] = -1
+        return t.reshape(shape)
+
+    def _accumulate(self, x: Tensor, op) -> Tensor:
+        # x = (q - z) * s_in exactly rounded: x * (1 / s_in) is within 0.02 of q - z.
+        codes = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())
+        if self.exact_in_float32() and self._split is None:
+            acc = op(codes, self.weight_codes).to(torch.float64)
+        elif self._split is not None:
+            hi, lo = self._split
+            acc = op(codes, hi).to(torch.float64) * 16 + op(codes, lo).to(torch.float64)
+        else:
+            acc = op(codes.double(), self.weight_codes.double())
+        acc = acc + self._view(self.bias_codes.to(torch.float64), acc.ndim)
+        lo, hi = accumulator_range(self.accumulator_bits)
+        if self._saturates is None:
+            self._saturates = self._acc_bound + float(self.bias_codes.abs().max()) > hi
+        if self._saturates:
+            acc = acc.clamp(lo, hi)
+        return acc * self._view(self.acc_scale, acc.ndim)
+
+
+class ExactConv2d(_ExactKernel, nn.Conv2d):
+    """A Conv2d whose output is its exact integer accumulator times `s_in * s_w` (float64)."""
+
+    channel_dim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 accumulator_bits: int = 32):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                           groups, bias, padding_mode)
+        self._init_exact(out_channels, self.weight.shape, accumulator_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._accumulate(x, lambda a, w: F.conv2d(a, w, None, self.stride, self.padding,
+                                                         self.dilation, self.groups))
+
+
+class ExactLinear(_ExactKernel, nn.Linear):
+    """A Linear whose output is its exact integer accumulator times `s_in * s_w` (float64)."""
+
+    channel_dim = -1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, accumulator_bits: int = 32):
+        nn.Linear.__init__(self, in_features, out_features, bias)
+        self._init_exact(out_features, self.weight.shape, accumulator_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._accumulate(x, lambda a, w: F.linear(a, w))
+
+
+class KernelRequantize(FakeQuantize):
+    """The output quantizer of an exact kernel: accumulator -> requantized output code.
+
+    Its input is the kernel's real-valued accumulator (float64, after any fused clamp or
+    residual add); its output the decoded output code (float32), as a FakeQuantize gives.
+    """
+
+    def __init__(self, group: int, fmt: Format, params: QParams | None, channels: int,
+                 channel_dim: int, mode: str, rounding: str):
+        super().__init__(group, fmt, params)
+        if not isinstance(fmt, IntFormat) or params is None or fmt.granularity != "per_tensor":
+            raise ValueError(f"KernelRequantize needs a per-tensor integer output format, got {fmt.name}")
+        self.channels, self.channel_dim = int(channels), int(channel_dim)
+        self.mode, self.rounding = mode, rounding
+        self.register_buffer("acc_scale", torch.ones(channels, dtype=torch.float64))
+        self.register_buffer("multiplier", torch.zeros(channels, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(channels, dtype=torch.int64))
+        self.register_buffer("float_multiplier", torch.zeros(channels, dtype=torch.float32))
+        self._factor: Tensor | None = None       # M * 2**-shift and 1 / s_acc, cached at first use
+        self._inverse: Tensor | None = None
+
+    def _view(self, t: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[self.channel_dim] = -1
+        return t.reshape(shape)
+
+    def output_codes(self, acc: Tensor) -> Tensor:
+        """Requantized, offset and saturated output codes (int32) of an integer accumulator."""
+        n = acc.ndim
+        y = requantize(acc, self.mode, self.rounding, self._view(self.multiplier, n),
+                       self._view(self.shift, n), self._view(self.float_multiplier, n))
+        zp = 0 if self.params.zero_point is None else int(self.params.zero_point.reshape(-1)[0])
+        return (y + zp).clamp(self.fmt.qmin, self.fmt.qmax).to(torch.int32)
+
+    def forward(self, v: Tensor) -> Tensor:
+        n = v.ndim
+        if self._factor is None:
+            self._inverse = self.acc_scale.reciprocal()
+            self._factor = torch.ldexp(self.multiplier.to(torch.float64), -self.shift.to(torch.float64))
+        # v = acc * s_acc rounded to float64: v / s_acc is within 2**-40 of acc.
+        acc = torch.round(v.to(torch.float64) * self._view(self._inverse, n))
+        # The float64 path is the int64 one whenever it is provably exact (qcompiler.requant),
+        # and much faster; the reference backend always takes the int64 path.
+        y = requantize_float64(acc, self.mode, self.rounding, self._view(self.multiplier, n),
+                               self._view(self.shift, n), self._view(self.float_multiplier, n),
+                               factor=self._view(self._factor, n))
+        if y is None:
+            return self.fmt.dequantize(self.output_codes(acc.to(torch.int64)), self.params)
+        zp = 0 if self.params.zero_point is None else int(self.params.zero_point.reshape(-1)[0])
+        return self.fmt.dequantize((y + zp).clamp(self.fmt.qmin, self.fmt.qmax), self.params)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}, format={self.fmt.name}, requant={self.mode}/{self.rounding}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernels compute exactly: the chain from a kernel to its output quantizer.
+
+# Fused ops that may sit between an exact kernel and its requantizer.
+CLAMP_KINDS = ("relu", "relu6", "hardtanh", "clamp")
+KERNEL_KINDS = ("conv", "depthwise_conv", "linear")
+
+
+class NotExact(Exception):
+    """A kernel that stays a float fake-quant kernel, with the reason."""
+
+
+def _node_arg(node, index: int, name: str, default):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def clamp_bounds(node) -> tuple[float | None, float | None]:
+    """The real bounds (lo, hi; None: open) of a canonical clamp-like node."""
+    kind = node.meta.get("op_kind")
+    if kind == "relu":
+        return 0.0, None
+    if kind == "relu6":
+        return 0.0, 6.0
+    if kind == "hardtanh":
+        lo, hi = _node_arg(node, 1, "min_val", -1.0), _node_arg(node, 2, "max_val", 1.0)
+    elif kind == "clamp":
+        lo, hi = _node_arg(node, 1, "min", None), _node_arg(node, 2, "max", None)
+    else:
+        raise NotExact(f"{node.name}: {kind} is not a clamp")
+    for b in (lo, hi):
+        if b is not None and not isinstance(b, (int, float)):
+            raise NotExact(f"{node.name}: clamp bounds are tensors")
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+def quantizer_of(gm, node) -> FakeQuantize:
+    """The FakeQuantize module a node calls (NotExact if it is none, or not a per-tensor int one)."""
+    if node is None or node.op != "call_module":
+        raise NotExact(f"{getattr(node, 'name', node)} is not a quantizer")
+    module = gm.get_submodule(node.target)
+    if not isinstance(module, FakeQuantize):
+        raise NotExact(f"{node.name} is not a quantizer")
+    if not isinstance(module.fmt, IntFormat) or module.fmt.granularity != "per_tensor" or module.params is None:
+        raise NotExact(f"{node.name} quantizes to {module.fmt.name}, not a per-tensor integer format")
+    return module
+
+
+class KernelChain:
+    """A weighted kernel, its fused ops and its quantizers, as found in a converted graph."""
+
+    def __init__(self, gm, anchor):
+        nodes = {n.name: n for n in gm.graph.nodes}
+        self.anchor = anchor
+        kind = anchor.meta.get("op_kind")
+        if kind not in KERNEL_KINDS or anchor.op != "call_module":
+            raise NotExact(f"{anchor.name}: {kind} kernels run as float fake-quant")
+        module = gm.get_submodule(anchor.target)
+        if type(module) not in (nn.Conv2d, nn.Linear, ExactConv2d, ExactLinear):
+            raise NotExact(f"{anchor.name}: {type(module).__name__} runs as float fake-quant")
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise NotExact(f"{anchor.name}: padding mode {module.padding_mode}")
+        self.members = [n for n in gm.graph.nodes if n.meta.get("kernel") == anchor.name] or [anchor]
+        last = nodes[anchor.meta.get("fused_into", anchor.name)]
+        if self.members[-1] is not last:
+            raise NotExact(f"{anchor.name}: its fused ops are not a chain")
+        users = list(last.users)
+        if len(users) != 1:
+            raise NotExact(f"{last.name}: the kernel output has no single quantizer")
+        self.output = users[0]
+        self.out_quant = quantizer_of(gm, self.output)
+        self.input = anchor.args[0] if anchor.args else None
+        self.in_quant = quantizer_of(gm, self.input)
+        if len(anchor.args) != 1 or anchor.kwargs:
+            raise NotExact(f"{anchor.name}: extra kernel arguments")
+        self.clamps: list[tuple[float | None, float | None]] = []
+        self.steps: list[tuple[str, object]] = []       # ("clamp", (lo, hi)) or ("add", residual node)
+        self.residual = None
+        prev = anchor
+        for m in self.members[1:]:
+            k = m.meta.get("op_kind")
+            if k in CLAMP_KINDS:
+                if not m.args or m.args[0] is not prev:
+                    raise NotExact(f"{m.name}: clamp of something else than the kernel")
+                self.steps.append(("clamp", clamp_bounds(m)))
+            elif k == "add" and self.residual is None and len(m.args) == 2 and not m.kwargs:
+                others = [a for a in m.args if a is not prev]
+                if len(others) != 1:
+                    raise NotExact(f"{m.name}: add of the kernel with itself")
+                quantizer_of(gm, others[0])
+                self.residual = others[0]
+                self.steps.append(("add", others[0]))
+            else:
+                raise NotExact(f"{m.name}: fused {k} has no exact integer form here")
+            prev = m
+
+
+class ExactGlobalAvgPool(nn.Module):
+    """Global average pooling as integer hardware does it: the sum of the input codes over all
+    positions (exact), times `s_in / window` (float64). Its `KernelRequantize` divides by the
+    window and rescales in one multiplier; the window is fixed at compile time."""
+
+    def __init__(self, channels: int, window: int, keepdim: bool = True):
+        super().__init__()
+        self.channels, self.window, self.keepdim = int(channels), int(window), bool(keepdim)
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("acc_scale", torch.ones(channels, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_window(x, self.window)
+        codes = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())
+        acc = codes.to(torch.float64).sum(dim=(2, 3), keepdim=self.keepdim)
+        shape = [1, -1] + [1] * (acc.ndim - 2)
+        return acc * self.acc_scale.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, window={self.window}, keepdim={self.keepdim}"
+
+
+def check_window(x: Tensor, window: int) -> None:
+    if x.ndim != 4 or x.shape[2] * x.shape[3] != window:
+        raise QCompileError(
+            f"global average pooling was compiled for {window} positions per channel (its "
+            f"requantization multiplier divides by it) but got an input of shape {tuple(x.shape)}; "
+            "compile the model with example inputs of the size you run it at")
+
+
+def global_pool_keepdim(gm, node) -> bool:
+    """keepdim of a global average pool node (adaptive pool to 1x1, or mean over H and W)."""
+    kind = node.meta.get("op_kind")
+    if kind == "adaptive_avg_pool":
+        if node.op == "call_module":
+            size = gm.get_submodule(node.target).output_size
+        else:
+            size = _node_arg(node, 1, "output_size", None)
+        if size not in (1, (1, 1), [1, 1]):
+            raise NotExact(f"{node.name}: adaptive pooling to {size}, not 1x1")
+        return True
+    if kind == "mean" and node.op == "call_function":
+        dims = _node_arg(node, 1, "dim", None)
+        if not isinstance(dims, (list, tuple)) or sorted(d % 4 for d in dims) != [2, 3]:
+            raise NotExact(f"{node.name}: mean over {dims}, not over height and width")
+        return bool(_node_arg(node, 2, "keepdim", False))
+    raise NotExact(f"{node.name}: {kind} is not a global average pool")
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise add of two quantized tensors.
+
+# Inputs are shifted left by this many bits before their rescale (gemmlowp/TFLite's add), so
+# that rounding each rescaled input costs a 2**-20 fraction of an output code at most.
+ADD_LEFT_SHIFT = 20
+
+
+def add_codes(q1: Tensor, q2: Tensor, zero_points: tuple[int, int, int], qrange: tuple[int, int],
+              mode: str, rounding: str, multiplier: Tensor, shift: Tensor) -> Tensor:
+    """Integer add: each input (q - z) << 20 is rescaled to a common grid (constants 0 and 1), the
+    sum is requantized to the output (constant 2), offset and saturated. int64 in, int64 out."""
+    z1, z2, zo = zero_points
+    zero = torch.zeros((), dtype=torch.float32)
+    a = requantize((q1.to(torch.int64) - z1) << ADD_LEFT_SHIFT, mode, rounding, multiplier[0], shift[0], zero)
+    b = requantize((q2.to(torch.int64) - z2) << ADD_LEFT_SHIFT, mode, rounding, multiplier[1], shift[1], zero)
+    y = requantize(a + b, mode, rounding, multiplier[2], shift[2], zero)
+    return (y + zo).clamp(*qrange)
+
+
+class ExactAdd(nn.Module):
+    """The sum of two quantized tensors as an integer adder computes it (see `add_codes`).
+
+    Inputs are decoded values of their quantizers; the output is the decoded output code.
+    Constants: rescale factors `s_i / (2 * max(s_1, s_2))` for the inputs and
+    `2 * max(s_1, s_2) / (2**20 * s_out)` for the sum, in the target's requant mode.
+    """
+
+    def __init__(self, zero_points: tuple[int, int, int] = (0, 0, 0), qmin: int = -128, qmax: int = 127,
+                 mode: str = "fixed_point", rounding: str = "half_even"):
+        super().__init__()
+        self.zero_points = tuple(int(z) for z in zero_points)
+        self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        self.register_buffer("in_scales", torch.ones(2, dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("multiplier", torch.zeros(3, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(3, dtype=torch.int64))
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        q1 = torch.round(x1.to(torch.float32) * self.in_scales[0].reciprocal()) + self.zero_points[0]
+        q2 = torch.round(x2.to(torch.float32) * self.in_scales[1].reciprocal()) + self.zero_points[1]
+        c = add_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
+                      self.multiplier, self.shift)
+        return (c.to(torch.float32) - torch.tensor(float(self.zero_points[2]))) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
