@@ -242,6 +242,7 @@ class _Model:
         self.cp = cp_model
         self.p = problem
         self.m = cp_model.CpModel()
+        self.infeasible = False
         self.x: dict[Key, Any] = {}
         for g, cands in problem.candidates.items():
             for c in cands:
@@ -307,9 +308,16 @@ class _Model:
         return self.cp.LinearExpr.weighted_sum(variables, coefs) + const
 
     def add_budget(self, metric: str, value: float) -> None:
-        self.m.add(self.linear(metric) <= math.floor(value * self.scale[metric]))
+        variables, _, const = self.expr[metric]
+        limit = math.floor(value * self.scale[metric])
+        if not variables:  # nothing to choose: the metric is what it is
+            self.infeasible |= const > limit
+            return
+        self.m.add(self.linear(metric) <= limit)
 
     def solve(self, objective: Any, time_limit: float, workers: int) -> tuple[str, dict[int, str], float, float, float]:
+        if self.infeasible:
+            return "INFEASIBLE", {}, math.nan, math.nan, 0.0
         self.m.minimize(objective)
         solver = self.cp.CpSolver()
         solver.parameters.max_time_in_seconds = time_limit

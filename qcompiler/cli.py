@@ -263,6 +263,24 @@ def parse_budget(text: str) -> tuple[str, float]:
     return metric, value
 
 
+def parse_budgets(texts: Sequence[str] | None) -> dict[str, str]:
+    """Repeated and/or comma-separated --budget values -> {metric: value text}; each metric once.
+
+    The value keeps its text ("1B", "1.5MiB", "0.5"): with a unit it is absolute, without one a
+    number in (0, 1] is a fraction of the spec-default model's value.
+    """
+    budget: dict[str, str] = {}
+    for text in texts or ():
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            metric, _ = parse_budget(part)  # checks the syntax and the unit
+            if metric in budget:
+                raise BudgetError(f"--budget {metric} is given twice; give each metric once")
+            budget[metric] = part.split("=", 1)[1].strip()
+    return budget
+
+
 def load_calib(path: str) -> Any:
     """The calibration tensor [N, ...] saved with torch.save at `path`, checked finite."""
     import torch
@@ -354,12 +372,7 @@ def _compile(args: argparse.Namespace) -> int:
     from .api import qcompile
     from .targets import load_target
 
-    budget: dict[str, float] = {}
-    for text in args.budget or ():
-        metric, value = parse_budget(text)
-        if metric in budget:
-            raise BudgetError(f"--budget {metric} is given twice; give each metric once")
-        budget[metric] = value
+    budget = parse_budgets(args.budget)
     shape = parse_input_shape(args.input_shape) if args.input_shape is not None else None
     spec = load_target(args.target)
     unknown = [m for m in budget if m not in spec.cost]
@@ -388,7 +401,8 @@ def _compile(args: argparse.Namespace) -> int:
               "real samples saved with torch.save) for a usable model.", file=sys.stderr)
 
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
-                        observer=args.observer, progress=not args.no_progress, seed=args.seed)
+                        observer=args.observer, progress=not args.no_progress, seed=args.seed,
+                        sensitivity=args.sensitivity)
     written = write_compile_outputs(compiled, out)
 
     totals = compiled.report().totals
@@ -419,7 +433,10 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                    help="shape of the random example input when there is no --calib "
                         f"(default {','.join(map(str, DEFAULT_INPUT_SHAPE))})")
     p.add_argument("--budget", action="append", metavar="METRIC=VALUE",
-                   help="a cost budget such as weight_memory=1.5MiB or bops=0.5; repeatable")
+                   help="a cost budget such as weight_memory=1.5MiB or bops=0.5 (a number in (0, 1] is a "
+                        "fraction of the spec-default model's value); repeatable or comma-separated")
+    p.add_argument("--sensitivity", choices=("sqnr", "hessian"),
+                   help="how mixed precision measures each group's sensitivity (default sqnr)")
     p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
                                       "percentile, mse, histogram); the target's default otherwise")
     p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")
