@@ -27,7 +27,7 @@ import math
 import time
 from collections import ChainMap
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -201,21 +201,18 @@ class _Runner(fx.Interpreter):
         self.cache = dict(self.env)
         return out
 
-    def cached_inputs(self, node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The float args and kwargs of `node`."""
-        self.env = self.cache
-        return self.fetch_args_kwargs_from_env(node)
-
-    def rerun(self, changed: dict[fx.Node, Any]) -> Any:
-        """The graph output when the nodes in `changed` take the given values instead."""
-        changed = dict(changed)
-        start = min(self.index[n] for n in changed)
+    def rerun(self, perturb: dict[fx.Node, Callable[..., Any]]) -> Any:
+        """The graph output when each node in `perturb` computes `perturb[node](*args, **kwargs)`
+        from its (possibly changed) inputs instead of its own op; only what changes is recomputed."""
+        changed: dict[fx.Node, Any] = {}
+        start = min(self.index[n] for n in perturb)
         self.env = ChainMap(changed, self.cache)
         out_node = self.order[-1]
         for n in self.order[start:]:
-            if n in changed:
-                continue
-            if n.op == "output" or any(i in changed for i in n.all_input_nodes):
+            if n in perturb:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                changed[n] = perturb[n](*args, **kwargs)
+            elif n.op == "output" or any(i in changed for i in n.all_input_nodes):
                 changed[n] = self.run_node(n)
         return changed[out_node] if out_node in changed else self.cache[out_node]
 
@@ -247,15 +244,14 @@ def sqnr_sensitivity(gm: fx.GraphModule, groups: list[Any], observers: dict[int,
                 for c in g.candidates:
                     if g.kind == "weight":
                         node = kernels[g.id]
-                        module = gm.get_submodule(node.target)
-                        a, kw = runner.cached_inputs(node)
-                        changed = {node: functional_call(module, qweights[(g.id, c)], a, kw)}
+                        module, qw = gm.get_submodule(node.target), qweights[(g.id, c)]
+                        perturb = {node: lambda *a, _m=module, _w=qw, **kw: functional_call(_m, _w, a, kw)}
                     else:
                         fmt, p = g.formats[c], qparams[(g.id, c)]
-                        changed = {n: runner.cache[n] if p is None else fmt.fake_quant(runner.cache[n], p)
-                                   for n in stub_nodes.get(g.id, [])}
-                    if changed:
-                        out = _output_tensors(runner.rerun(changed))
+                        quantize = (lambda x: x) if p is None else (lambda x, _f=fmt, _p=p: _f.fake_quant(x, _p))
+                        perturb = {n: quantize for n in stub_nodes.get(g.id, [])}
+                    if perturb:
+                        out = _output_tensors(runner.rerun(perturb))
                         noise[(g.id, c)] += sum(float((o - r).pow(2).sum()) for o, r in zip(out, ref))
                     bar.update()
     bar.close()
