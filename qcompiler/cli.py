@@ -537,8 +537,59 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_demo, error_exit=2)
 
 
+# ---------------------------------------------------------------------------------------------
+# qcompile pareto
+# ---------------------------------------------------------------------------------------------
+
+def _pareto(args: argparse.Namespace) -> int:
+    from .mixed_precision import pareto
+
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        raise CommandLineError(f"--budgets {args.budgets!r} names no budget; e.g. --budgets 1.0,0.75,0.6")
+    out = Path(args.out)
+    _check_out_dir(out)
+    model = build_model(args.model)
+    calib = load_calib(args.calib)
+    batches = list(calib.split(CALIB_BATCH))
+    evaluation = None
+    if args.eval is not None:
+        evaluation = list(load_calib(args.eval).split(CALIB_BATCH))
+    result = pareto(model, calib[:1], target=args.target, calib_data=batches, budgets=budgets,
+                    eval_data=evaluation, metric=args.metric, sensitivity=args.sensitivity,
+                    progress=not args.no_progress, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    table = result.to_markdown()
+    _write_text(out / "pareto.md", table)
+    result.plot(str(out / "pareto.png"))
+    print(table)
+    print(f"written: {out / 'pareto.md'}, {out / 'pareto.png'}")
+    return 0
+
+
+def add_pareto(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pareto", help="mixed precision at several budgets from one sensitivity run; writes pareto.png",
+        description="Import MODULE:FACTORY, calibrate and measure sensitivities once, solve the bit "
+                    "allocation for every budget and write DIR/pareto.md and DIR/pareto.png.")
+    p.add_argument("model", metavar="MODULE:FACTORY", help="an importable module and a model factory in it")
+    p.add_argument("--target", required=True, help="a built-in target (see `qcompile targets`) or a .toml spec")
+    p.add_argument("--calib", required=True, metavar="FILE.pt", help="calibration samples: a tensor [N, ...]")
+    p.add_argument("--eval", metavar="FILE.pt", help="held-out samples for SQNR and top-1 agreement "
+                                                     "(the calibration samples, SQNR only, if omitted)")
+    p.add_argument("--budgets", required=True, metavar="B1,B2,...",
+                   help="budgets of --metric: fractions of the spec-default model (0.75, 60%%) or values with units (1.5MiB)")
+    p.add_argument("--metric", default="weight_memory", help="the budgeted cost metric (default weight_memory)")
+    p.add_argument("--sensitivity", choices=("sqnr", "hessian"), help="sensitivity method (default sqnr)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.set_defaults(handler=_pareto, error_exit=2)
+
+
 # Every subcommand, in the order `qcompile --help` lists them.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_compile, add_report, add_demo, add_targets]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_compile, add_pareto, add_report, add_demo, add_targets]
 
 
 def build_parser() -> argparse.ArgumentParser:
