@@ -237,3 +237,14 @@ def test_no_budget_keeps_the_default_pipeline():
     c2 = qcompile(small_net(), torch.randn(1, 3, 16, 16), target="npu-int4", calib_data=calib_batches(),
                   progress=False, budget={"weight_memory": 0.9})
     assert c2.stages.index("sensitivity") + 1 == c2.stages.index("allocate_bits") == c2.stages.index("convert") - 1
+
+
+def test_mixed_model_saves_and_loads(budgeted, tmp_path):
+    import qcompiler
+
+    _, _, batches, _, compiled = budgeted
+    compiled.save(str(tmp_path / "m"))
+    loaded = qcompiler.load(str(tmp_path / "m"))
+    assert [g.format_name for g in loaded.plan.groups] == [g.format_name for g in compiled.plan.groups]
+    with torch.no_grad():
+        assert torch.equal(loaded(batches[0]), compiled(batches[0]))
