@@ -17,6 +17,10 @@ The program (OR-Tools CP-SAT, exact):
   (sum over the other groups' candidates of y = x), so no approximation is made;
 - minimise the sum of sensitivities of the chosen (group, candidate) pairs.
 
+With `host_fallback` (qcompile's option, `ctx.extra["host_fallback"]`) and a spec whose
+`[unsupported]` action is "host", every weight group gets one more candidate, "float": its kernel
+runs on the host in float, costed by `[unsupported.host_cost]`, with no weight error.
+
 CP-SAT needs integer coefficients: a metric is scaled by a power of two and every coefficient
 rounded up, the budget down, so a plan the solver accepts always meets the exact budget. Budget
 values: a number or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB) is absolute; a number in
@@ -37,6 +41,7 @@ from torch import fx
 from ..context import CompileContext
 from ..cost import FLOAT_BITS, batch_size, costed_nodes, node_cost
 from ..errors import BudgetError, QCompileError
+from ..groups import HOST_FLOAT
 from ..quantizers import weight_qparams, weight_axis
 
 BYTE_UNITS: dict[str, float] = {"b": 1, "kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30}
@@ -165,9 +170,14 @@ def build_problem(gm: fx.GraphModule, ctx: CompileContext, metrics: list[str]) -
     """The allocation problem of a calibrated graph: candidates, bits, costs per metric, ties."""
     spec = ctx.target
     table = ctx.extra.get("sensitivity")
-    free = {g.id: tuple(g.candidates) for g in ctx.groups if not g.fallback and len(g.candidates) > 1}
+    host = bool(ctx.extra.get("host_fallback")) and spec.unsupported.action == "host"
+    extra = {g.id: (HOST_FLOAT,) for g in ctx.groups if host and g.kind == "weight" and not g.fallback}
+    free = {g.id: tuple(g.candidates) + extra.get(g.id, ()) for g in ctx.groups
+            if not g.fallback and len(g.candidates) + len(extra.get(g.id, ())) > 1}
     bits = {g.id: ({"float": FLOAT_BITS} if g.fallback else {c: g.formats[c].bits for c in g.candidates})
             for g in ctx.groups}
+    for gid in extra:
+        bits[gid][HOST_FLOAT] = FLOAT_BITS
     defaults = {g.id: ("float" if g.fallback else g.default) for g in ctx.groups}
     uses_scales = any("w_scales" in spec.cost[m].variables for m in metrics) or any(
         "w_scales" in f.variables for m, f in spec.unsupported.host_cost.items() if m in metrics)
@@ -197,6 +207,7 @@ def build_problem(gm: fx.GraphModule, ctx: CompileContext, metrics: list[str]) -
 
             node_cost(spec, metric, gm, n, nodes, probe_bits, lambda gid: 0, batch)
             gids = tuple(sorted(g for g in touched if g in free))
+            wg = n.meta.get("weight_group")
             for combo in itertools.product(*(free[g] for g in gids)):
                 pick = dict(zip(gids, combo))
 
@@ -207,9 +218,10 @@ def build_problem(gm: fx.GraphModule, ctx: CompileContext, metrics: list[str]) -
                     s = scales.get(gid)
                     if not s:
                         return 0
-                    return s[pick[gid]] if gid in pick else s[defaults[gid]]
+                    return s.get(pick[gid], 0) if gid in pick else s[defaults[gid]]
 
-                value = node_cost(spec, metric, gm, n, nodes, bits_of, scales_of, batch)
+                moved = wg is not None and pick.get(wg) == HOST_FLOAT
+                value = node_cost(spec, metric, gm, n, nodes, bits_of, scales_of, batch, on_host=True if moved else None)
                 if gids:
                     slot = factors.setdefault(gids, {})
                     slot[combo] = slot.get(combo, 0.0) + value
@@ -217,7 +229,9 @@ def build_problem(gm: fx.GraphModule, ctx: CompileContext, metrics: list[str]) -
                     constant += value
         costs[metric] = CostTable(constant, factors)
     ties = tuple(BitTie(t.kind, tuple(t.groups), t.weight_bits, t.activation_bits) for t in ctx.ties)
-    sens = {gid: {c: (table.of(gid, c) if table is not None else 0.0) for c in free[gid]} for gid in free}
+    # A kernel on the host keeps float weights: no weight error (its activations stay quantized).
+    sens = {gid: {c: (table.of(gid, c) if table is not None and c != HOST_FLOAT else 0.0) for c in free[gid]}
+            for gid in free}
     return AllocationProblem(candidates=free, bits=bits, sensitivity=sens, costs=costs, defaults=defaults, ties=ties)
 
 

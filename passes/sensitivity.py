@@ -19,7 +19,8 @@ Two methods, both over the calibration batches:
   does to it. Much cheaper than "sqnr": one forward, a few backward passes, one kernel call per
   candidate.
 
-A group with a single candidate has nothing to choose; it is not measured and gets 0.
+A group with a single candidate has nothing to choose; it is not measured and gets 0 (unless
+host fallback gives its kernel the choice of float on the host).
 """
 from __future__ import annotations
 
@@ -92,7 +93,10 @@ def sensitivity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         raise QCompileError("sensitivity needs calibration batches: run calibrate before it")
     method = sensitivity_method(ctx)
     start = time.perf_counter()
-    groups = [g for g in ctx.groups if not g.fallback and len(g.candidates) > 1]
+    # With host fallback a weight group with one format still has a choice (that format or float).
+    host = bool(ctx.extra.get("host_fallback")) and ctx.target.unsupported.action == "host"
+    groups = [g for g in ctx.groups
+              if not g.fallback and (len(g.candidates) > 1 or (host and g.kind == "weight"))]
     stubs = _stubs(gm)
     previous = {s: s.enabled for s in stubs.values() for s in s}
     for s in previous:

@@ -188,7 +188,7 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              budget: dict[str, Any] | None = None, observer: Any = None,
              passes: Sequence[Any] | PassManager | None = None, progress: bool = True, seed: int = 0,
              leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
-             sensitivity: str | None = None) -> CompiledModel:
+             sensitivity: str | None = None, host_fallback: bool = False) -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -203,6 +203,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         default format), several at once. Mixed precision: the `sensitivity` and `allocate_bits`
         passes run before `convert` and pick the format of every group that has a choice.
     sensitivity: how `sensitivity` measures each (group, format): "sqnr" (default) or "hessian".
+    host_fallback: with a budget, a kernel may also run in float on the host where the target's
+        `[unsupported]` action is "host" (one more candidate, costed by `[unsupported.host_cost]`).
     """
     if not isinstance(model, nn.Module):
         raise QCompileError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")
@@ -227,6 +229,7 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
                          observer=observer, budget=budget, progress=progress, seed=seed)
     if sensitivity is not None:
         ctx.extra["sensitivity_method"] = sensitivity
+    ctx.extra["host_fallback"] = host_fallback
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

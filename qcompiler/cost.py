@@ -78,10 +78,15 @@ def node_variables(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, fx.Node],
 
 
 def node_cost(spec: Any, metric: str, gm: fx.GraphModule, node: fx.Node, nodes: dict[str, fx.Node],
-              bits_of: Callable[[int], int], scales_of: Callable[[int], int], batch: int) -> float:
-    """One costed node's value of `metric` under the formats `bits_of` describes."""
+              bits_of: Callable[[int], int], scales_of: Callable[[int], int], batch: int,
+              on_host: bool | None = None) -> float:
+    """One costed node's value of `metric` under the formats `bits_of` describes.
+
+    `on_host` overrides where the node runs (its `role` meta otherwise): the bit allocation asks
+    what a chip kernel would cost if it fell back to the host.
+    """
     variables = node_variables(gm, node, nodes, bits_of, scales_of, batch)
-    if node.meta.get("role") == "host":
+    if node.meta.get("role") == "host" if on_host is None else on_host:
         host_formula = spec.unsupported.host_cost.get(metric)
         if host_formula is not None:
             return host_formula.evaluate(**variables)

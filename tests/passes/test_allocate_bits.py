@@ -248,3 +248,21 @@ def test_mixed_model_saves_and_loads(budgeted, tmp_path):
     assert [g.format_name for g in loaded.plan.groups] == [g.format_name for g in compiled.plan.groups]
     with torch.no_grad():
         assert torch.equal(loaded(batches[0]), compiled(batches[0]))
+
+
+def test_host_fallback_is_one_more_candidate_with_its_host_cost(budgeted):
+    spec, model, batches, plain, _ = budgeted
+    compiled = qcompile(model, batches[0][:1], target=spec, calib_data=batches, progress=False,
+                        budget={"weight_memory": "150%"}, host_fallback=True)
+    hosted = [g for g in compiled.plan.groups if g.kind == "weight" and g.format_name == "float"]
+    assert hosted, "with 50 % more memory than int8, the exact float kernel wins somewhere"
+    nodes = {n.name: n for n in compiled.simulated.graph.nodes}
+    for g in hosted:
+        assert nodes[g.owner].meta["role"] == "host"
+    assert plain.weight_memory_bytes < compiled.weight_memory_bytes <= 1.5 * plain.weight_memory_bytes
+    assert compiled.report().totals["float_fallbacks"] == len(hosted)
+    # the problem's tables price the host kernel exactly as the compiled model's cost figures do
+    result = compiled._run.ctx.extra["allocation"]
+    assert result.costs["weight_memory"] == pytest.approx(compiled.weight_memory_bytes, rel=1e-12)
+    best = brute_force(compiled._run.ctx.extra["allocation_problem"], result.budgets)
+    assert result.objective == pytest.approx(best[0], rel=1e-6)
