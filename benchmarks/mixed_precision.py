@@ -31,6 +31,12 @@ from qcompiler.zoo import efficientnet_lite0
 
 FRACTIONS = (1.0, 0.75, 0.7, 0.6, 0.5)
 
+# Import every pass now: a long run must not pick up half-edited sources later.
+for _name in __import__("qcompiler.pass_manager", fromlist=["BUILTIN_PASSES"]).BUILTIN_PASSES:
+    __import__(f"qcompiler.passes.{_name}")
+import qcompiler.artifact  # noqa: E402,F401
+import qcompiler.report  # noqa: E402,F401
+
 
 # ---------------------------------------------------------------------------------------------
 # Baselines over the same sensitivities
