@@ -186,7 +186,7 @@ def test_compiled_model_meets_every_budget(budgeted):
     assert compiled.weight_memory_bytes < plain.weight_memory_bytes
     report = compiled.report()
     assert "OPTIMAL" in report.totals["bit allocation"]
-    assert "sqnr" in report.totals["sensitivity"]
+    assert "hessian" in report.totals["sensitivity"]
 
 
 def test_plan_keeps_the_spec_ties(budgeted):
