@@ -206,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = {g.id: g for g in s.ctx.groups}
     fixed8 = [g for g in s.ctx.groups if g.kind == "weight" and len(g.candidates) == 1]
     notes.append(f"int8 weight memory (every group at its spec default): {int8_mem / 2**20:.3f} MiB; "
-                 f"{len(p.candidates)} weight groups may take w4; {len(fixed8)} weight groups must stay w8 by spec "
-                 f"({sum(1 for g in fixed8 if g.op_kind == 'depthwise_conv')} depthwise convs: `depthwise_conv` "
-                 f"accepts only w8; the first conv and the classifier: `min_bits` 8 at the first and last layer).")
+                 f"{len(p.candidates)} weight groups may take w4; {len(fixed8)} weight groups must stay w8 by spec"
+                 + (f" ({sum(1 for g in fixed8 if g.op_kind == 'depthwise_conv')} depthwise convs: `depthwise_conv` "
+                    "accepts only w8; the first conv and the classifier: `min_bits` 8 at the first and last layer)."
+                    if fixed8 else "."))
 
     uni = uniform_lowest(p)
     uni_mem = p.cost("weight_memory", uni)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = sess.solve({"weight_memory": budget})
             except BudgetError as exc:
                 smallest = exc.smallest["weight_memory"]
-                notes.append(f"{frac:.0%} of int8 is infeasible under npu-int4: {exc}")
+                notes.append(f"{frac:.0%} of int8 is infeasible under {s.spec.name}: {exc}")
                 r = sess.solve({"weight_memory": smallest})
                 label += f" (infeasible; at the smallest feasible {smallest / int8_mem:.1%})"
             say(label)
