@@ -18,6 +18,7 @@ from torch import fx, nn
 from ..context import CompileContext
 from ..errors import QCompileError
 from ..formats import HostFloat
+from ..groups import HOST_FLOAT
 from ..plan import GroupPlan, Plan
 from ..quantizers import FakeQuantize, ObserverStub, quantize_weight, weight_axis
 
@@ -61,9 +62,11 @@ def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     plans = []
     for group in ctx.groups:
         name = "float" if group.fallback else ctx.allocation.get(group.id, group.default)
-        if not group.fallback and name not in group.candidates:
+        # allocate_bits may move a kernel to the host (float weights) where the spec allows it
+        to_host = group.kind == "weight" and name == HOST_FLOAT and ctx.target.unsupported.action == "host"
+        if not group.fallback and not to_host and name not in group.candidates:
             raise QCompileError(f"group {group.id} was given format {name!r}, which is not among its candidates {group.candidates}")
-        fmt = HostFloat() if group.fallback else group.formats[name]
+        fmt = HostFloat() if group.fallback or to_host else group.formats[name]
         params = None
         if group.kind == "activation" and not group.fallback:
             observer = ctx.observers[group.id]
@@ -72,6 +75,10 @@ def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 _set(gm, stub.target, FakeQuantize(group.id, fmt, params))
                 stub.meta["format"] = fmt.name
                 nodes[stub.meta["quantizes"]].meta["format"] = fmt.name
+        elif to_host:
+            kernel = nodes[group.owner]
+            kernel.meta.update(role="host", fallback=True, weight_format="float")
+            ctx.note("convert", f"{kernel.name} runs in float on the host (bit allocation)")
         elif group.kind == "weight":
             kernel = nodes[group.owner]
             if kernel.op != "call_module":
@@ -81,7 +88,7 @@ def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         plans.append(GroupPlan(
             id=group.id, kind=group.kind, tensors=group.tensors, weights=group.weights, owner=group.owner,
             op_kind=group.op_kind, candidates=group.candidates, format_name=name, format=fmt,
-            params=params, fallback=group.fallback,
+            params=params, fallback=group.fallback or to_host,
         ))
     spec = ctx.target
     ctx.plan = Plan(target=spec.name, target_version=str(spec.version), groups=tuple(plans))

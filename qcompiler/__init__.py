@@ -8,6 +8,7 @@ from .errors import (
 )
 from .api import CompiledModel, qcompile
 from .pass_manager import PassManager, PassRun
+from .mixed_precision import ParetoResult, pareto
 from .targets.spec import TargetSpec, list_targets, load_target
 
 __version__ = "0.1.0"
@@ -38,5 +39,5 @@ __all__ = [
     "CompiledModel", "TargetSpec", "list_targets", "load", "load_qpack", "load_target", "qcompile",
     "ArtifactError", "BudgetError", "CalibrationError", "CaptureError", "CompileContext",
     "GroupingError", "OnnxExportError", "PassError", "PassManager", "PassRun", "QCompileError", "SpecError",
-    "capture",
+    "ParetoResult", "capture", "pareto",
 ]

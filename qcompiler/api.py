@@ -25,6 +25,18 @@ DEFAULT_PASSES = (
 FLOAT_REFERENCE_STAGE = "fuse"
 
 
+def with_allocation(manager: PassManager) -> PassManager:
+    """The pipeline with `sensitivity` and `allocate_bits` just before `convert` (if not there)."""
+    names = manager.names
+    if "convert" not in names:
+        raise QCompileError(f"a budget needs a convert stage to apply the allocation; the pipeline is {names}")
+    out = PassManager(list(manager._stages))  # the caller's manager stays as it was
+    for name in ("sensitivity", "allocate_bits"):
+        if name not in out.names:
+            out.insert(name, before="convert")
+    return out
+
+
 def _load_spec(target: Any) -> Any:
     from .targets.spec import TargetSpec, load_target
 
@@ -190,13 +202,21 @@ def build_report(compiled: CompiledModel) -> Any:
         "float_fallbacks": sum(1 for n in kernels if n.meta.get("role") == "host"),
         "quantizer_groups": len(compiled.plan.groups),
     }
+    extra = compiled._run.ctx.extra if compiled._run is not None else {}
+    if "sensitivity" in extra:
+        table = extra["sensitivity"]
+        totals["sensitivity"] = (f"{table.method}, {len(table.measured)} groups with a choice, "
+                                 f"{table.samples} samples, {table.seconds:.1f} s")
+    if "allocation" in extra:
+        totals["bit allocation"] = extra["allocation"].summary()
     return Report(target=compiled.target.name, rows=tuple(rows), totals=totals)
 
 
 def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8", calib_data: Any = None,
              budget: dict[str, Any] | None = None, observer: Any = None,
              passes: Sequence[Any] | PassManager | None = None, progress: bool = True, seed: int = 0,
-             leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None) -> CompiledModel:
+             leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
+             sensitivity: str | None = None, host_fallback: bool = False) -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -206,13 +226,14 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         ignored) or dicts; without it the model is calibrated on example_inputs alone (a warning).
     observer: an observer name for every activation, or a dict keyed by node name, op kind or
         "default"; the target's default otherwise.
+    budget: limits on the target's cost metrics, e.g. {"weight_memory": "1.5 MiB"}, {"bops": 0.5}
+        (a number in (0, 1] or "60%" is a fraction of the value with every group at the spec's
+        default format), several at once. Mixed precision: the `sensitivity` and `allocate_bits`
+        passes run before `convert` and pick the format of every group that has a choice.
+    sensitivity: how `sensitivity` measures each (group, format): "hessian" (default) or "sqnr".
+    host_fallback: with a budget, a kernel may also run in float on the host where the target's
+        `[unsupported]` action is "host" (one more candidate, costed by `[unsupported.host_cost]`).
     """
-    if budget is not None:
-        raise BudgetError(
-            "budgets (mixed precision under weight-memory, BOPs or latency limits) are not available "
-            "yet in this version of qcompiler: leave budget=None to compile every group at the "
-            "target's default format (omit --budget on the command line)"
-        )
     if not isinstance(model, nn.Module):
         raise QCompileError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
@@ -221,9 +242,22 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
             raise QCompileError(f"example_inputs[{i}] is a {type(x).__name__}; give a tensor or a tuple of tensors")
     spec = _load_spec(target)
     manager = passes if isinstance(passes, PassManager) else PassManager(list(passes or DEFAULT_PASSES))
+    if budget is not None:
+        from .passes.allocate_bits import check_metrics
+
+        check_metrics(spec, budget)
+        manager = with_allocation(manager)
+    if sensitivity is not None:
+        from .passes.sensitivity import METHODS
+
+        if sensitivity not in METHODS:
+            raise QCompileError(f"sensitivity={sensitivity!r} is not a method; choose one of {', '.join(METHODS)}")
     ctx = CompileContext(model=model, example_inputs=inputs, leaf_modules=tuple(leaf_modules),
                          concrete_args=concrete_args, target=spec, calib_data=calib_data,
                          observer=observer, budget=budget, progress=progress, seed=seed)
+    if sensitivity is not None:
+        ctx.extra["sensitivity_method"] = sensitivity
+    ctx.extra["host_fallback"] = host_fallback
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

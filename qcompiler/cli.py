@@ -263,6 +263,24 @@ def parse_budget(text: str) -> tuple[str, float]:
     return metric, value
 
 
+def parse_budgets(texts: Sequence[str] | None) -> dict[str, str]:
+    """Repeated and/or comma-separated --budget values -> {metric: value text}; each metric once.
+
+    The value keeps its text ("1B", "1.5MiB", "0.5"): with a unit it is absolute, without one a
+    number in (0, 1] is a fraction of the spec-default model's value.
+    """
+    budget: dict[str, str] = {}
+    for text in texts or ():
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            metric, _ = parse_budget(part)  # checks the syntax and the unit
+            if metric in budget:
+                raise BudgetError(f"--budget {metric} is given twice; give each metric once")
+            budget[metric] = part.split("=", 1)[1].strip()
+    return budget
+
+
 def load_calib(path: str) -> Any:
     """The calibration tensor [N, ...] saved with torch.save at `path`, checked finite."""
     import torch
@@ -354,12 +372,7 @@ def _compile(args: argparse.Namespace) -> int:
     from .api import qcompile
     from .targets import load_target
 
-    budget: dict[str, float] = {}
-    for text in args.budget or ():
-        metric, value = parse_budget(text)
-        if metric in budget:
-            raise BudgetError(f"--budget {metric} is given twice; give each metric once")
-        budget[metric] = value
+    budget = parse_budgets(args.budget)
     shape = parse_input_shape(args.input_shape) if args.input_shape is not None else None
     spec = load_target(args.target)
     unknown = [m for m in budget if m not in spec.cost]
@@ -388,7 +401,8 @@ def _compile(args: argparse.Namespace) -> int:
               "real samples saved with torch.save) for a usable model.", file=sys.stderr)
 
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
-                        observer=args.observer, progress=not args.no_progress, seed=args.seed)
+                        observer=args.observer, progress=not args.no_progress, seed=args.seed,
+                        sensitivity=args.sensitivity)
     written = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
@@ -425,7 +439,10 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                    help="shape of the random example input when there is no --calib "
                         f"(default {','.join(map(str, DEFAULT_INPUT_SHAPE))})")
     p.add_argument("--budget", action="append", metavar="METRIC=VALUE",
-                   help="a cost budget such as weight_memory=1.5MiB or bops=0.5; repeatable")
+                   help="a cost budget such as weight_memory=1.5MiB or bops=0.5 (a number in (0, 1] is a "
+                        "fraction of the spec-default model's value); repeatable or comma-separated")
+    p.add_argument("--sensitivity", choices=("sqnr", "hessian"),
+                   help="how mixed precision measures each group's sensitivity (default hessian)")
     p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
                                       "percentile, mse, histogram); the target's default otherwise")
     p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")
@@ -528,8 +545,59 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_demo, error_exit=2)
 
 
+# ---------------------------------------------------------------------------------------------
+# qcompile pareto
+# ---------------------------------------------------------------------------------------------
+
+def _pareto(args: argparse.Namespace) -> int:
+    from .mixed_precision import pareto
+
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        raise CommandLineError(f"--budgets {args.budgets!r} names no budget; e.g. --budgets 1.0,0.75,0.6")
+    out = Path(args.out)
+    _check_out_dir(out)
+    model = build_model(args.model)
+    calib = load_calib(args.calib)
+    batches = list(calib.split(CALIB_BATCH))
+    evaluation = None
+    if args.eval is not None:
+        evaluation = list(load_calib(args.eval).split(CALIB_BATCH))
+    result = pareto(model, calib[:1], target=args.target, calib_data=batches, budgets=budgets,
+                    eval_data=evaluation, metric=args.metric, sensitivity=args.sensitivity,
+                    progress=not args.no_progress, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    table = result.to_markdown()
+    _write_text(out / "pareto.md", table)
+    result.plot(str(out / "pareto.png"))
+    print(table)
+    print(f"written: {out / 'pareto.md'}, {out / 'pareto.png'}")
+    return 0
+
+
+def add_pareto(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pareto", help="mixed precision at several budgets from one sensitivity run; writes pareto.png",
+        description="Import MODULE:FACTORY, calibrate and measure sensitivities once, solve the bit "
+                    "allocation for every budget and write DIR/pareto.md and DIR/pareto.png.")
+    p.add_argument("model", metavar="MODULE:FACTORY", help="an importable module and a model factory in it")
+    p.add_argument("--target", required=True, help="a built-in target (see `qcompile targets`) or a .toml spec")
+    p.add_argument("--calib", required=True, metavar="FILE.pt", help="calibration samples: a tensor [N, ...]")
+    p.add_argument("--eval", metavar="FILE.pt", help="held-out samples for SQNR and top-1 agreement "
+                                                     "(the calibration samples, SQNR only, if omitted)")
+    p.add_argument("--budgets", required=True, metavar="B1,B2,...",
+                   help="budgets of --metric: fractions of the spec-default model (0.75, 60%%) or values with units (1.5MiB)")
+    p.add_argument("--metric", default="weight_memory", help="the budgeted cost metric (default weight_memory)")
+    p.add_argument("--sensitivity", choices=("sqnr", "hessian"), help="sensitivity method (default hessian)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.set_defaults(handler=_pareto, error_exit=2)
+
+
 # Every subcommand, in the order `qcompile --help` lists them.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_compile, add_report, add_demo, add_targets]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_compile, add_pareto, add_report, add_demo, add_targets]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,20 +77,26 @@ def node_variables(gm: fx.GraphModule, node: fx.Node, nodes: dict[str, fx.Node],
     }
 
 
+def node_cost(spec: Any, metric: str, gm: fx.GraphModule, node: fx.Node, nodes: dict[str, fx.Node],
+              bits_of: Callable[[int], int], scales_of: Callable[[int], int], batch: int,
+              on_host: bool | None = None) -> float:
+    """One costed node's value of `metric` under the formats `bits_of` describes.
+
+    `on_host` overrides where the node runs (its `role` meta otherwise): the bit allocation asks
+    what a chip kernel would cost if it fell back to the host.
+    """
+    variables = node_variables(gm, node, nodes, bits_of, scales_of, batch)
+    if node.meta.get("role") == "host" if on_host is None else on_host:
+        host_formula = spec.unsupported.host_cost.get(metric)
+        if host_formula is not None:
+            return host_formula.evaluate(**variables)
+        variables.update(w_bits=FLOAT_BITS if variables["params"] else 0, a_bits=FLOAT_BITS, out_bits=FLOAT_BITS)
+    return spec.cost[metric].evaluate(**variables)
+
+
 def metric_total(spec: Any, metric: str, gm: fx.GraphModule, bits_of: Callable[[int], int],
                  scales_of: Callable[[int], int]) -> float:
     """Sum of `metric` over the graph under the formats `bits_of` describes."""
     nodes = {n.name: n for n in gm.graph.nodes}
     batch = batch_size(gm)
-    formula = spec.cost[metric]
-    host_formula = spec.unsupported.host_cost.get(metric)
-    total = 0.0
-    for n in costed_nodes(gm):
-        variables = node_variables(gm, n, nodes, bits_of, scales_of, batch)
-        if n.meta.get("role") == "host":
-            if host_formula is not None:
-                total += host_formula.evaluate(**variables)
-                continue
-            variables.update(w_bits=FLOAT_BITS if variables["params"] else 0, a_bits=FLOAT_BITS, out_bits=FLOAT_BITS)
-        total += formula.evaluate(**variables)
-    return total
+    return sum((node_cost(spec, metric, gm, n, nodes, bits_of, scales_of, batch) for n in costed_nodes(gm)), 0.0)

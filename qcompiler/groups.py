@@ -12,6 +12,9 @@ from typing import Literal
 
 from .formats import Format
 
+# The allocation's name for "this kernel runs in float on the host" (bit allocation with host fallback).
+HOST_FLOAT = "float"
+
 
 @dataclass(frozen=True)
 class QuantizerGroup:

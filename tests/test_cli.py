@@ -208,7 +208,8 @@ def test_unknown_target_lists_known_targets(tmp_path, on_path, capsys):
 
 
 @pytest.mark.parametrize("argv_tail, fragment", [
-    (["--budget", "weight_memory=1.5MiB"], "not available yet"),
+    (["--budget", "weight_memory=1B"], "below the smallest feasible value"),
+    (["--budget", "weight_memory=1MB,weight_memory=2MB"], "given twice"),
     (["--budget", "weight_memory=1.5XB"], "unknown unit 'XB'"),
     (["--budget", "1.5MiB"], "METRIC=VALUE"),
     (["--budget", "no_such_metric=2"], "target 'npu-int8' has no cost metric 'no_such_metric'"),

@@ -1,0 +1,193 @@
+"""The accuracy-cost Pareto curve: one sensitivity run, many budgets.
+
+`pareto()` runs the pipeline up to `sensitivity` once, then for every budget solves the bit
+allocation, converts a copy of the calibrated graph with that plan, runs the passes after
+`convert`, and measures the result: weight memory, BOPs, the predicted sensitivity (the ILP's
+objective) and, on evaluation data (the calibration data if none is given), output SQNR against
+float and top-1 agreement. `MixedPrecisionSession` exposes the same steps for benchmarks that
+compare other allocations (uniform bit widths, greedy search) on equal terms.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from .api import DEFAULT_PASSES, FLOAT_REFERENCE_STAGE, CompiledModel, _load_spec
+from .context import CompileContext, as_input_tuple
+from .errors import BudgetError, QCompileError
+from .pass_manager import PassManager, snapshot
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    budget: dict[str, Any]
+    weight_memory_bytes: float
+    bops: float
+    predicted: float            # total sensitivity of the plan (relative output noise power)
+    sqnr_db: float              # measured output SQNR against float
+    top1_agreement: float       # NaN without eval data
+    status: str
+    solve_seconds: float
+    choice: dict[int, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class ParetoResult:
+    points: list[ParetoPoint]
+    sensitivity_seconds: float
+    default_weight_memory_bytes: float
+    default_bops: float
+    evaluated_on: str
+
+    def to_markdown(self) -> str:
+        lines = ["| budget | weight memory (KiB) | % of default | BOPs (G) | predicted noise | output SQNR dB | top-1 agreement | status |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for p in self.points:
+            b = ", ".join(f"{k}={v}" for k, v in p.budget.items())
+            top1 = "" if math.isnan(p.top1_agreement) else f"{p.top1_agreement:.1%}"
+            lines.append(f"| {b} | {p.weight_memory_bytes / 1024:,.1f} | {p.weight_memory_bytes / self.default_weight_memory_bytes:.1%} | "
+                         f"{p.bops / 1e9:,.3f} | {p.predicted:.3g} | {p.sqnr_db:.2f} | {top1} | {p.status} |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str) -> str:
+        """Weight memory against output SQNR (and top-1 agreement if measured), as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [p for p in self.points if p.status in ("OPTIMAL", "FEASIBLE")]
+        mem = [p.weight_memory_bytes / 2**20 for p in ok]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(mem, [p.sqnr_db for p in ok], "o-", color="tab:blue", label="output SQNR (dB)")
+        ax.set_xlabel("weight memory (MiB)")
+        ax.set_ylabel("output SQNR vs float (dB)", color="tab:blue")
+        if ok and not all(math.isnan(p.top1_agreement) for p in ok):
+            ax2 = ax.twinx()
+            ax2.plot(mem, [100 * p.top1_agreement for p in ok], "s--", color="tab:red", label="top-1 agreement (%)")
+            ax2.set_ylabel("top-1 agreement with float (%)", color="tab:red")
+        ax.set_title(f"mixed precision Pareto curve ({self.evaluated_on})")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _logits(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> torch.Tensor:
+    with torch.no_grad():
+        outs = []
+        for args in batches:
+            out = model(*args)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat([o.reshape(o.shape[0], -1).float() for o in outs])
+
+
+def output_sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    noise = float((out - ref).pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(ref.pow(2).sum()) / noise)
+
+
+class MixedPrecisionSession:
+    """A model calibrated and measured once; any number of allocations converted from it."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any,
+                 sensitivity: str | None = None, observer: Any = None, progress: bool = True, seed: int = 0,
+                 passes: Sequence[Any] | None = None):
+        from .passes.allocate_bits import build_problem
+
+        self.spec = _load_spec(target)
+        names = list(passes or DEFAULT_PASSES)
+        if "convert" not in names:
+            raise QCompileError(f"the pipeline {names} has no convert stage")
+        cut = names.index("convert")
+        self.head = PassManager([n for n in names[:cut] if n not in ("sensitivity", "allocate_bits")] + ["sensitivity"])
+        self.tail = names[cut:]
+        self.ctx = CompileContext(model=model, example_inputs=as_input_tuple(example_inputs), target=self.spec,
+                                  calib_data=calib_data, observer=observer, progress=progress, seed=seed)
+        if sensitivity is not None:
+            self.ctx.extra["sensitivity_method"] = sensitivity
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.run = self.head.run(model, ctx=self.ctx)
+        self.head_seconds = time.perf_counter() - start
+        self.table = self.ctx.extra["sensitivity"]
+        self.float_graph = self.run.snapshots.get(FLOAT_REFERENCE_STAGE)
+        self.problem = build_problem(self.run.gm, self.ctx, [m for m in ("weight_memory", "bops") if m in self.spec.cost])
+
+    def with_metrics(self, metrics: Sequence[str]) -> Any:
+        from .passes.allocate_bits import build_problem
+
+        return build_problem(self.run.gm, self.ctx, list(metrics))
+
+    def compile(self, choice: Mapping[int, str]) -> CompiledModel:
+        """The simulated model with `choice` (group id -> format) and the defaults elsewhere."""
+        gm = snapshot(self.run.gm)
+        self.ctx.allocation = dict(choice)
+        self.ctx.extra.pop("float_kernels", None)
+        start = time.perf_counter()
+        for name in self.tail:
+            gm = PassManager([name]).run(gm, ctx=self.ctx).gm
+        seconds = time.perf_counter() - start
+        return CompiledModel(gm, self.ctx.plan, self.spec, self.ctx.groups, float_graph=self.float_graph,
+                             calib_batches=self.ctx.calib_batches, compile_seconds=self.head_seconds + seconds)
+
+    def solve(self, budget: Mapping[str, Any]) -> Any:
+        from .passes.allocate_bits import absolute_budgets, check_metrics, solve_allocation
+
+        check_metrics(self.spec, budget)
+        problem = self.problem if all(m in self.problem.costs for m in budget) else self.with_metrics(budget)
+        return solve_allocation(problem, absolute_budgets(problem, budget))
+
+
+def pareto(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any,
+           budgets: Sequence[Any], eval_data: Any = None, metric: str = "weight_memory",
+           sensitivity: str | None = None, progress: bool = True, seed: int = 0) -> ParetoResult:
+    """Solve the bit allocation for every budget from one sensitivity run, and measure each plan.
+
+    budgets: values of `metric` (fractions of the spec-default model such as 0.6, "60%", or
+        absolute values such as "1.5 MiB"), or dicts of several metrics.
+    eval_data: batches (tensors or tuples) to measure output SQNR and top-1 agreement with
+        float on; the calibration data (SQNR only) if None.
+    """
+    if not budgets:
+        raise BudgetError("pareto needs at least one budget, e.g. budgets=[1.0, 0.75, 0.6, 0.5]")
+    session = MixedPrecisionSession(model, example_inputs, target=target, calib_data=calib_data,
+                                    sensitivity=sensitivity, progress=progress, seed=seed)
+    if eval_data is None:
+        batches, where = session.ctx.calib_batches, "calibration data"
+    else:
+        from .passes.calibrate import calibration_batches
+
+        names = [n.target for n in session.run.gm.graph.nodes if n.op == "placeholder"]
+        batches = calibration_batches(eval_data, session.ctx.example_inputs, names)
+        where = "held-out data"
+    ref = _logits(model.eval(), batches)
+    default = {g: session.problem.defaults[g] for g in session.problem.candidates}
+    points = []
+    for b in budgets:
+        budget = dict(b) if isinstance(b, Mapping) else {metric: b}
+        try:
+            result = session.solve(budget)
+        except BudgetError:
+            points.append(ParetoPoint(budget, math.nan, math.nan, math.nan, math.nan, math.nan, "INFEASIBLE", 0.0))
+            continue
+        compiled = session.compile(result.choice)
+        out = _logits(compiled, batches)
+        top1 = float((out.argmax(1) == ref.argmax(1)).float().mean()) if eval_data is not None else math.nan
+        points.append(ParetoPoint(
+            budget=budget, weight_memory_bytes=float(compiled.weight_memory_bytes),
+            bops=float(compiled.cost("bops")) if "bops" in session.spec.cost else math.nan,
+            predicted=result.objective, sqnr_db=output_sqnr_db(ref, out), top1_agreement=top1,
+            status=result.status, solve_seconds=result.seconds, choice=dict(result.choice)))
+    return ParetoResult(points=points, sensitivity_seconds=session.table.seconds,
+                        default_weight_memory_bytes=session.problem.cost("weight_memory", default)
+                        if "weight_memory" in session.problem.costs else math.nan,
+                        default_bops=session.problem.cost("bops", default) if "bops" in session.problem.costs else math.nan,
+                        evaluated_on=where)
