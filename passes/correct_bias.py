@@ -19,12 +19,13 @@ really receives after every earlier correction. The float kernels are those `con
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..context import CompileContext
+from ..graph_exec import node_runner
 from ..quantizers import FakeQuantize
 
 MAX_SAMPLES = 64
@@ -35,27 +36,6 @@ def _channel_means(out: list[torch.Tensor], conv: bool) -> torch.Tensor:
     channel_dim = 1 if conv else t.ndim - 1
     reduce = [d for d in range(t.ndim) if d != channel_dim]
     return t.double().mean(reduce)
-
-
-def _executor(gm: fx.GraphModule, modules: Callable[[str], nn.Module]) -> Callable[[fx.Node, tuple, dict], Any]:
-    def run(node: fx.Node, args: tuple, kwargs: dict) -> Any:
-        if node.op == "call_module":
-            return modules(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            return _fetch(gm, node.target)
-        raise ValueError(node.op)
-    return run
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def correct_bias(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -79,8 +59,8 @@ def correct_bias(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             return nn.Identity()
         return float_kernels.get(target, m)
 
-    run_sim = _executor(gm, gm.get_submodule)
-    run_float = _executor(gm, float_module)
+    run_sim = node_runner(gm, gm.get_submodule)
+    run_float = node_runner(gm, float_module)
     nodes = list(gm.graph.nodes)
     last_use = {}
     for i, n in enumerate(nodes):

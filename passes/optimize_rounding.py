@@ -39,6 +39,7 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from ..context import CompileContext
+from ..graph_exec import node_runner
 from ..errors import QCompileError
 from ..formats import IntFormat, QParams
 from ..quantizers import FakeQuantize
@@ -456,23 +457,6 @@ def adaround_weight(w: Tensor, fmt: IntFormat, params: QParams, moments: _Moment
 # -- running the graph: simulated and float side by side ----------------------------------------
 
 
-def _executor(gm: fx.GraphModule, module_of: Callable[[str], nn.Module]) -> Callable[[fx.Node, tuple, dict], Any]:
-    def run(node: fx.Node, args: tuple, kwargs: dict) -> Any:
-        if node.op == "call_module":
-            return module_of(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            value: Any = gm
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            return value
-        raise QCompileError(f"optimize_rounding cannot run node {node.name} (op {node.op!r})")
-    return run
-
-
 @dataclass(frozen=True)
 class _Kernel:
     node: str
@@ -571,7 +555,7 @@ def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundC
         m = gm.get_submodule(target)
         return nn.Identity() if isinstance(m, FakeQuantize) else float_kernels.get(target, m)
 
-    run_sim, run_float = _executor(gm, gm.get_submodule), _executor(gm, float_module)
+    run_sim, run_float = node_runner(gm, gm.get_submodule), node_runner(gm, float_module)
     nodes = list(gm.graph.nodes)
     last_use: dict[fx.Node, int] = {}
     for i, n in enumerate(nodes):
