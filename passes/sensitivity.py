@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
@@ -227,16 +227,23 @@ class _Runner(fx.Interpreter):
 # sqnr: measured output noise with one group quantized
 # ---------------------------------------------------------------------------------------------
 
-def sqnr_sensitivity(gm: fx.GraphModule, groups: list[Any], observers: dict[int, Any],
-                     batches: list[tuple[Any, ...]], progress: bool = True) -> tuple[dict[int, dict[str, float]], int]:
-    """(group id -> candidate -> output noise power / output power, samples used)."""
-    runner = _Runner(gm)
-    stub_nodes = _stub_nodes(gm)
+def _candidates(gm: fx.GraphModule, groups: list[Any], observers: dict[int, Any]) -> tuple[dict, dict, dict]:
+    """(weight group -> its kernel node, (group, candidate) -> quantized weights,
+    (group, candidate) -> activation quantization parameters)."""
     kernels = {g.id: _kernel_node(gm, g) for g in groups if g.kind == "weight"}
     qweights = {(g.id, c): quantized_weights(gm, g, g.formats[c]) for g in groups if g.kind == "weight"
                 for c in g.candidates}
     qparams = {(g.id, c): observers[g.id].compute_qparams(g.formats[c]) for g in groups
                if g.kind == "activation" for c in g.candidates}
+    return kernels, qweights, qparams
+
+
+def sqnr_sensitivity(gm: fx.GraphModule, groups: list[Any], observers: dict[int, Any],
+                     batches: list[tuple[Any, ...]], progress: bool = True) -> tuple[dict[int, dict[str, float]], int]:
+    """(group id -> candidate -> output noise power / output power, samples used)."""
+    runner = _Runner(gm)
+    stub_nodes = _stub_nodes(gm)
+    kernels, qweights, qparams = _candidates(gm, groups, observers)
     subs = list(_sub_batches(batches))
     noise = {(g.id, c): 0.0 for g in groups for c in g.candidates}
     signal, samples = 0.0, 0
@@ -319,11 +326,7 @@ def hessian_sensitivity(gm: fx.GraphModule, groups: list[Any], observers: dict[i
     Gauss-Newton Hessian's trace spread evenly over the tensor's elements, times the error.
     """
     stub_nodes = _stub_nodes(gm)
-    kernels = {g.id: _kernel_node(gm, g) for g in groups if g.kind == "weight"}
-    qweights = {(g.id, c): quantized_weights(gm, g, g.formats[c]) for g in groups if g.kind == "weight"
-                for c in g.candidates}
-    qparams = {(g.id, c): observers[g.id].compute_qparams(g.formats[c]) for g in groups
-               if g.kind == "activation" for c in g.candidates}
+    kernels, qweights, qparams = _candidates(gm, groups, observers)
     watched = {g.id: ([kernels[g.id]] if g.kind == "weight" else stub_nodes.get(g.id, [])) for g in groups}
     nodes = sorted({n for ns in watched.values() for n in ns}, key=lambda n: n.name)
     generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
