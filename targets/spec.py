@@ -1,15 +1,15 @@
 """Target specs: load a TOML file into a validated, immutable `TargetSpec`.
 
-A spec is data. `tomllib` parses it, `schema.check` validates its shape against the one schema
-declaration, and this module checks what relates keys to each other (an op naming an undefined
-format, a default not in its list, a rule that contradicts another), builds the format
-dataclasses of `qcompiler.formats` and parses cost formulas with the whitelisted grammar of
-`targets.formulas`. Every mistake becomes a `SpecError` naming the file and the key path.
+A spec is data. `tomllib` (`tomli` before Python 3.11) parses it, `schema.check` validates its
+shape against the one schema declaration, and this module checks what relates keys to each
+other (an op naming an undefined format, a default not in its list, a rule that contradicts
+another), builds the format dataclasses of `qcompiler.formats` and parses cost formulas with the
+whitelisted grammar of `targets.formulas`. Every mistake becomes a `SpecError` naming the file
+and the key path.
 """
 from __future__ import annotations
 
 import functools
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -23,6 +23,13 @@ from . import schema
 from .formulas import Formula, FormulaError, parse_formula
 from .schema import Path as KeyPath
 from .schema import Problem, format_path, suggest
+
+# tomllib joined the standard library in Python 3.11; tomli is the same parser, published on
+# PyPI for 3.10 (a dependency there, see pyproject.toml).
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 ROLES = ("weights", "inputs", "outputs")

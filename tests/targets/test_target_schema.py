@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -10,6 +9,7 @@ import pytest
 
 from qcompiler.errors import SpecError
 from qcompiler.targets import json_schema, list_targets, loads_target, schema_markdown
+from qcompiler.targets.spec import tomllib  # the loader's parser: tomli before Python 3.11
 from qcompiler.targets.schema import EXAMPLE, SPEC, ListOf, MapOf, Table, Tagged
 
 ROOT = Path(__file__).resolve().parents[2]

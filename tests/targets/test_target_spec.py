@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from qcompiler.opkinds import ALL_OP_KINDS, WEIGHTED
 from qcompiler.targets import (
     EqualBits, MinBits, RequiresBits, TargetSpec, list_targets, load_target, loads_target,
 )
+from qcompiler.targets import spec as spec_module
 
 BUILTINS = ("cpu-x86-int8", "dsp-fixed-point", "fp8", "npu-int4", "npu-int8", "weight-only-4bit")
 TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"
@@ -39,9 +42,8 @@ def test_builtin_loads_and_is_consistent(name):
         for role in ("weights", "inputs", "outputs"):
             names = rule.candidates(role)
             assert all(n in spec.formats for n in names)
-            assert rule.default(role) == (None if not names else rule.default(role))
-            if names:
-                assert rule.default(role) in names
+            # A role with candidates has one of them as its default; a role without has none.
+            assert rule.default(role) in names if names else rule.default(role) is None
         assert bool(rule.weights) == (kind in WEIGHTED)
     assert not set(spec.shared_scale) & set(spec.pass_through)
     assert all(spec.supports(k) for k in spec.pass_through)
@@ -482,3 +484,33 @@ def test_formula_injection_in_a_spec_file_creates_nothing(tmp_path):
         load_target(spec_file)
     assert not marker.exists()
     assert list(tmp_path.iterdir()) == [spec_file]
+
+
+# ---------------------------------------------------------------------------------------------
+# Python 3.10: no tomllib in the standard library, tomli instead
+# ---------------------------------------------------------------------------------------------
+
+def _loader_without_tomllib(monkeypatch) -> object:
+    """A fresh copy of targets/spec.py imported as on Python 3.10, where `import tomllib` fails."""
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now raises ModuleNotFoundError
+    name = "qcompiler.targets._spec_without_tomllib"
+    found = importlib.util.spec_from_file_location(name, spec_module.__file__)
+    module = importlib.util.module_from_spec(found)
+    monkeypatch.setitem(sys.modules, name, module)
+    found.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_loader_parses_with_tomli_where_tomllib_is_missing(monkeypatch, name):
+    import tomli
+
+    loader = _loader_without_tomllib(monkeypatch)
+    assert loader.tomllib is tomli
+    text = TARGETS_DIR.joinpath(f"{name}.toml").read_text()
+    via_tomli, via_tomllib = loader.loads_target(text, name), loads_target(text, name)
+    # The copy has its own classes, so compare field by field.
+    for f in dataclasses.fields(via_tomllib):
+        assert repr(getattr(via_tomli, f.name)) == repr(getattr(via_tomllib, f.name)), f.name
+    with pytest.raises(SpecError, match=r"toy.toml: not valid TOML: .*line 3"):
+        loader.loads_target('name = "x"\nversion = "1"\nfusions = = []\n', "toy.toml")
