@@ -1,24 +1,35 @@
 """Deterministic 224x224 image crops for calibrating and evaluating the demo model offline.
 
-The crops come from the colour photographs that ship inside the scikit-image and scikit-learn
-wheels (no download): astronaut, coffee, chelsea (a tabby cat), rocket, the right view of the
-stereo motorcycle pair, the Hubble deep field, an immunohistochemistry slide, a retina, and
-scikit-learn's china (a palace) and flower. Grey-scale and synthetic images are left out, as
-are the skimage images fetched on demand (they fail without network).
+The crops come from the colour photographs that ship inside the scikit-image, scikit-learn
+and matplotlib wheels (no download): astronaut, coffee, chelsea (a tabby cat), rocket, the right
+view of the stereo motorcycle pair, the Hubble deep field, an immunohistochemistry slide, a
+retina, scikit-learn's china (a palace) and flower, and matplotlib's portrait of Grace Hopper.
+Grey-scale and synthetic images (skimage's color, logo, chessboard, textures; matplotlib's
+logos and sprite) are left out, as are the skimage images fetched on demand (they fail without
+network).
 
-Each crop is a "random resized crop": an area of 25-100 % of its region, aspect ratio 3:4 to
-4:3, a random position, resized to 224x224 with an antialiased bilinear filter, flipped
-horizontally with probability one half, rounded to 8-bit pixel values (what a camera or an image
+Each crop is a "random resized crop" inside its split's region: aspect ratio 3:4 to 4:3, an
+area of 25-100 % of the largest box of that aspect ratio that fits the region, a random
+position, resized to 224x224 with an antialiased bilinear filter, flipped horizontally with
+probability one half, rounded to 8-bit pixel values (what a camera or an image
 decoder hands the model), and normalised the way ``qcompiler.zoo`` models expect
 (``(pixel - 127) / 128``, so values lie in [-127/128, 1] on a grid of step 1/128).
 
-Calibration and held-out crops are disjoint by construction: every photo is split at its
-vertical centre line; calibration crops lie entirely in the left half, held-out crops entirely
-in the right half. Ten photos are too few to split by photo without giving calibration and
-evaluation different subject matter (all cats on one side, say); splitting by region keeps
-both sets drawn from the same scenes while no held-out pixel was ever seen in calibration.
-The two views of the stereo motorcycle pair would share content across that line (the
-disparity shifts it sideways), so only one view is used.
+Three splits, disjoint by construction: every photo is cut into thirds along its long side,
+and each split owns one third of every photo (calibration, validation and held-out crops never
+share a pixel). Which third goes to which split rotates from photo to photo, so no split gets
+all the centres of the pictures, where the subject usually is. Eleven photos are too few to
+split by photo without giving the splits different subject matter (all cats on one side, say);
+splitting by region keeps every split drawn from the same scenes. Crops of one photo are
+correlated (same scene, similar predictions), so a figure measured on 500 held-out crops rests
+on eleven independent photos, not 500: ``qcompiler.stats`` turns that into an honest
+confidence interval, and ``crop_boxes`` says which photo each crop came from. The two views of
+the stereo motorcycle pair would share content across splits (the disparity shifts it
+sideways), so only one view is used.
+
+- ``calib``: for calibration (observers, AdaRound, sensitivities).
+- ``validation``: for choosing settings and defaults (``benchmarks/defaults.py``).
+- ``heldout``: for the figures we report, touched by nothing that was tuned.
 """
 from __future__ import annotations
 
@@ -39,15 +50,15 @@ from .errors import QCompileError
 from .zoo import INPUT_SIZE, PREPROCESS_MEAN, PREPROCESS_STD, DemoDependencyError
 
 __all__ = [
-    "CropBatches", "CropBox", "PHOTOS", "SPLITS", "SampleDataError", "calib_loader", "crop_boxes",
-    "load_photos", "photo_crop", "sample_crops",
+    "CropBatches", "CropBox", "PHOTOS", "Region", "SPLITS", "SampleDataError", "calib_loader",
+    "crop_boxes", "load_photos", "photo_crop", "region", "sample_crops",
 ]
 
-Split = Literal["calib", "heldout"]
-SPLITS: tuple[str, ...] = ("calib", "heldout")
+Split = Literal["calib", "validation", "heldout"]
+SPLITS: tuple[str, ...] = ("calib", "validation", "heldout")
 PHOTOS: tuple[str, ...] = (
     "astronaut", "coffee", "chelsea", "rocket", "motorcycle", "hubble_deep_field",
-    "immunohistochemistry", "retina", "china", "flower",
+    "immunohistochemistry", "retina", "china", "flower", "grace_hopper",
 )
 # Photos are brought to at most this many pixels on the long side when loaded: crops are
 # downscaled to 224 anyway, and resizing a 1411-pixel retina for every crop would be slow.
@@ -58,6 +69,16 @@ _LOG_ASPECT_RANGE = (math.log(3 / 4), math.log(4 / 3))
 
 class SampleDataError(QCompileError, ValueError):
     """A request for sample crops is malformed (bad count, batch size or split name)."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of a loaded photo that one split owns: a box given by its top-left and size."""
+
+    top: int
+    left: int
+    height: int
+    width: int
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,8 @@ def _read_photo(name: str) -> np.ndarray:
     try:
         if name in ("china", "flower"):
             return _read_sklearn_sample_image(f"{name}.jpg")
+        if name == "grace_hopper":
+            return _read_packaged_jpeg("matplotlib", ("mpl-data", "sample_data", "grace_hopper.jpg"))
         from skimage import data
 
         if name == "motorcycle":
@@ -91,19 +114,24 @@ def _read_photo(name: str) -> np.ndarray:
         return getattr(data, name)()
     except ImportError as exc:
         raise DemoDependencyError(
-            f"The sample photo '{name}' comes from scikit-image / scikit-learn, which are not "
-            'installed: run `pip install "qcompiler[demo]"`.') from exc
+            f"The sample photo '{name}' comes from scikit-image / scikit-learn / matplotlib, "
+            'which are not all installed: run `pip install "qcompiler[demo]"`.') from exc
 
 
 def _read_sklearn_sample_image(filename: str) -> np.ndarray:
     # Importing sklearn.datasets costs ~1.5 s; locating the package and reading the JPEG with
     # Pillow gives the same array (load_sample_image decodes it with Pillow too).
-    spec = importlib.util.find_spec("sklearn")
+    return _read_packaged_jpeg("sklearn", ("datasets", "images", filename))
+
+
+def _read_packaged_jpeg(package: str, parts: tuple[str, ...]) -> np.ndarray:
+    """An RGB image file shipped inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("scikit-learn is not installed")
+        raise ImportError(f"{package} is not installed")
     from PIL import Image
 
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / filename
+    path = Path(spec.submodule_search_locations[0]).joinpath(*parts)
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
@@ -139,31 +167,53 @@ def _check_split(split: str) -> int:
     return SPLITS.index(split)
 
 
+def region(name: str, split: Split) -> Region:
+    """The third of photo `name` (as loaded) that `split` owns.
+
+    The long side is cut at its thirds; photo number i of ``PHOTOS`` gives split number s of
+    ``SPLITS`` third number (s + i) mod 3, so calibration, validation and held-out each get
+    left, middle and right thirds of different photos.
+    """
+    split_index = _check_split(split)
+    photos = load_photos()
+    if name not in photos:
+        raise SampleDataError(f"Unknown sample photo {name!r}; choose one of {PHOTOS}.")
+    height, width = photos[name].shape[1:]
+    along_width = width >= height
+    length = width if along_width else height
+    cuts = [0, round(length / 3), round(2 * length / 3), length]
+    third = (split_index + PHOTOS.index(name)) % 3
+    start, size = cuts[third], cuts[third + 1] - cuts[third]
+    return Region(0, start, height, size) if along_width else Region(start, 0, size, width)
+
+
 def crop_boxes(n: int, *, seed: int, split: Split = "calib") -> tuple[CropBox, ...]:
     """The `n` crop boxes `sample_crops` would cut, without cutting them.
 
-    Photos are used in turn (in an order shuffled by `seed`) so each gets n/10 crops, give or
-    take one. A box never crosses its photo's centre line: left half for calib, right half
-    for heldout.
+    Photos are used in turn (in an order shuffled by `seed`) so each gets n/11 crops, give or
+    take one. Every box lies inside its photo's `region` for `split`.
     """
     _check_count("n", n)
     split_index = _check_split(split)
-    photos = load_photos()
-    # The split is part of the seed so calib and heldout draw independent streams.
+    # The split is part of the seed so the splits draw independent streams.
     rng = np.random.default_rng([seed, split_index])
     order = rng.permutation(len(PHOTOS))
+    regions = {name: region(name, split) for name in PHOTOS}
     boxes: list[CropBox] = []
     for i in range(n):
         name = PHOTOS[order[i % len(PHOTOS)]]
-        height, width = photos[name].shape[1:]
-        half = width // 2
-        region_left, region_width = (0, half) if split == "calib" else (half, width - half)
-        area = rng.uniform(*_AREA_RANGE) * height * region_width
-        aspect = math.exp(rng.uniform(*_LOG_ASPECT_RANGE))
-        crop_w = min(region_width, max(1, round(math.sqrt(area * aspect))))
-        crop_h = min(height, max(1, round(math.sqrt(area / aspect))))
-        top = int(rng.integers(0, height - crop_h + 1))
-        left = region_left + int(rng.integers(0, region_width - crop_w + 1))
+        r = regions[name]
+        aspect = math.exp(rng.uniform(*_LOG_ASPECT_RANGE))           # width / height
+        # The largest box of this aspect ratio inside the region, then 25-100 % of its area:
+        # regions are narrow (a third of the photo), and clipping a box drawn from the whole
+        # region's area would squash the crop out of the 3:4-4:3 range.
+        full_w = min(r.width, r.height * aspect)
+        full_h = full_w / aspect
+        shrink = math.sqrt(rng.uniform(*_AREA_RANGE))
+        crop_w = min(r.width, max(1, round(full_w * shrink)))
+        crop_h = min(r.height, max(1, round(full_h * shrink)))
+        top = r.top + int(rng.integers(0, r.height - crop_h + 1))
+        left = r.left + int(rng.integers(0, r.width - crop_w + 1))
         boxes.append(CropBox(name, top, left, crop_h, crop_w, bool(rng.random() < 0.5)))
     return tuple(boxes)
 
@@ -186,7 +236,7 @@ def sample_crops(n: int, *, seed: int, split: Split = "calib",
 def photo_crop(name: str, size: int = INPUT_SIZE) -> torch.Tensor:
     """The largest centred square of photo `name`, resized and normalised: [3, size, size].
 
-    It overlaps both splits, so use it for sanity checks of the model (what does it see in the
+    It overlaps every split, so use it for sanity checks of the model (what does it see in the
     cat photo?), never for measuring a quantized model.
     """
     _check_count("size", size)
@@ -251,6 +301,7 @@ class CropBatches:
 
 def calib_loader(n: int = 256, batch_size: int = 32, seed: int = 0,
                  split: Split = "calib") -> CropBatches:
-    """`n` calibration crops in batches of `batch_size` (the last may be smaller)."""
+    """`n` crops of `split` (calibration by default) in batches of `batch_size` (the last may be
+    smaller)."""
     _check_count("batch_size", batch_size)
     return CropBatches(sample_crops(n, seed=seed, split=split), batch_size)

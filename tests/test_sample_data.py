@@ -1,4 +1,4 @@
-"""Sample crops: offline photos, determinism, normalisation, and disjoint calib/held-out boxes."""
+"""Sample crops: offline photos, determinism, normalisation, and disjoint calib/validation/held-out boxes."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,8 @@ from skimage.transform import resize
 
 from qcompiler.errors import QCompileError
 from qcompiler.sample_data import (
-    PHOTOS, SampleDataError, calib_loader, crop_boxes, load_photos, photo_crop, sample_crops,
+    PHOTOS, SPLITS, SampleDataError, calib_loader, crop_boxes, load_photos, photo_crop, region,
+    sample_crops,
 )
 
 
@@ -40,40 +41,86 @@ def test_same_seed_same_crops_other_seed_other_crops():
     assert crop_boxes(30, seed=7)[:12] == crop_boxes(12, seed=7)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 123])
-def test_calib_and_heldout_boxes_never_overlap(seed):
+def test_photos_include_every_offline_colour_photo_of_the_demo_packages():
+    # scikit-image (8, one view of the stereo pair), scikit-learn (2), matplotlib (1).
+    assert len(PHOTOS) == 11 and "grace_hopper" in PHOTOS
+    assert load_photos()["grace_hopper"].shape == (3, 600, 512)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise overlap of boxes given as rows (top, bottom, left, right)."""
+    # Two boxes overlap iff their row and column intervals both intersect.
+    rows = (a[:, None, 0] < b[None, :, 1]) & (b[None, :, 0] < a[:, None, 1])
+    cols = (a[:, None, 2] < b[None, :, 3]) & (b[None, :, 2] < a[:, None, 3])
+    return rows & cols
+
+
+def test_regions_are_disjoint_thirds_that_rotate_between_photos():
     photos = load_photos()
-    calib = crop_boxes(400, seed=seed, split="calib")
-    heldout = crop_boxes(600, seed=seed + 1, split="heldout")
+    thirds_of_heldout = set()
     for name in PHOTOS:
-        c = np.array([(b.top, b.bottom, b.left, b.right) for b in calib if b.photo == name])
-        h = np.array([(b.top, b.bottom, b.left, b.right) for b in heldout if b.photo == name])
-        assert len(c) and len(h)
-        # Two boxes overlap iff their row and column intervals both intersect.
-        rows = (c[:, None, 0] < h[None, :, 1]) & (h[None, :, 0] < c[:, None, 1])
-        cols = (c[:, None, 2] < h[None, :, 3]) & (h[None, :, 2] < c[:, None, 3])
-        assert not (rows & cols).any(), name
         height, width = photos[name].shape[1:]
-        assert c[:, 0].min() >= 0 and c[:, 1].max() <= height
-        assert h[:, 0].min() >= 0 and h[:, 1].max() <= height
-        assert c[:, 2].min() >= 0 and h[:, 3].max() <= width
+        boxes = np.array([(r.top, r.top + r.height, r.left, r.left + r.width)
+                          for r in (region(name, split) for split in SPLITS)])
+        overlap = _overlap(boxes, boxes)
+        assert not (overlap & ~np.eye(3, dtype=bool)).any(), name
+        # Together they tile the photo: no pixel is wasted, and each is about a third.
+        areas = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
+        assert areas.sum() == height * width and areas.min() > 0.33 * height * width, name
+        h = region(name, "heldout")
+        thirds_of_heldout.add((h.top, h.left) == (0, 0))
+    # Held-out takes the first third of some photos and a later third of others.
+    assert thirds_of_heldout == {True, False}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 123])
+def test_boxes_of_different_splits_never_overlap(seed):
+    photos = load_photos()
+    boxes = {split: crop_boxes(330 + 110 * i, seed=seed + i, split=split) for i, split in enumerate(SPLITS)}
+    for name in PHOTOS:
+        height, width = photos[name].shape[1:]
+        per_split = {}
+        for split, bs in boxes.items():
+            b = np.array([(x.top, x.bottom, x.left, x.right) for x in bs if x.photo == name])
+            r = region(name, split)
+            assert len(b), (name, split)
+            # Inside the split's own region, hence inside the photo.
+            assert b[:, 0].min() >= r.top and b[:, 1].max() <= r.top + r.height, (name, split)
+            assert b[:, 2].min() >= r.left and b[:, 3].max() <= r.left + r.width, (name, split)
+            assert r.top + r.height <= height and r.left + r.width <= width
+            per_split[split] = b
+        for i, first in enumerate(SPLITS):
+            for second in SPLITS[i + 1:]:
+                assert not _overlap(per_split[first], per_split[second]).any(), (name, first, second)
+
+
+def test_splits_are_deterministic_and_distinct():
+    for split in SPLITS:
+        assert crop_boxes(40, seed=3, split=split) == crop_boxes(40, seed=3, split=split)
+    crops = {split: sample_crops(4, seed=3, split=split) for split in SPLITS}
+    assert torch.equal(crops["validation"], sample_crops(4, seed=3, split="validation"))
+    assert not torch.equal(crops["calib"], crops["validation"])
+    assert not torch.equal(crops["validation"], crops["heldout"])
 
 
 def test_boxes_follow_random_resized_crop_rules():
-    photos = load_photos()
-    boxes = crop_boxes(500, seed=5, split="heldout")
+    boxes = crop_boxes(550, seed=5, split="heldout")
     counts = {name: sum(b.photo == name for b in boxes) for name in PHOTOS}
     assert set(counts.values()) == {50}
     flips = sum(b.flip for b in boxes)
-    assert 180 < flips < 320
+    assert 200 < flips < 350
     fractions = []
     for b in boxes:
-        height, width = photos[b.photo].shape[1:]
-        region_area = height * (width - width // 2)
-        fractions.append(b.height * b.width / region_area)
-        assert 0.2 < fractions[-1] <= 1.0
+        r = region(b.photo, "heldout")
+        aspect = b.width / b.height
+        # 3:4 to 4:3, up to the rounding of the box to whole pixels.
+        assert 0.75 * (1 - 2 / b.height) <= aspect <= 4 / 3 * (1 + 2 / b.width), b
+        # The area relative to the largest box of the same aspect ratio inside the region.
+        full_w = min(r.width, r.height * aspect)
+        fractions.append(b.width * b.height / (full_w * full_w / aspect))
+        assert 0.2 < fractions[-1] <= 1.02, b
     # Areas are spread over the 25-100 % range, not stuck at one scale.
-    assert min(fractions) < 0.35 and max(fractions) > 0.85
+    assert min(fractions) < 0.3 and max(fractions) > 0.9
 
 
 def test_crop_shows_its_box():
@@ -123,6 +170,8 @@ def test_photo_crop_is_the_centre_square():
 @pytest.mark.parametrize("call", [
     lambda: sample_crops(0, seed=0),
     lambda: sample_crops(4, seed=0, split="test"),
+    lambda: crop_boxes(4, seed=0, split="train"),
+    lambda: region("lena", "calib"),
     lambda: calib_loader(4, batch_size=0),
     lambda: photo_crop("lena"),
 ])
