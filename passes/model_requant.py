@@ -20,6 +20,7 @@ weights and biases, after convert, rounding optimisation and bias correction.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 from torch import fx, nn
@@ -31,9 +32,8 @@ from ..exact import (
     quantizer_of,
 )
 from ..formats import IntFormat
-from ..requant import requant_constants
-
-INT32 = (-(2 ** 31), 2 ** 31 - 1)
+from ..plan import GroupPlan, Plan
+from ..requant import bias_fit_weight_scale, requant_constants
 
 
 def _set(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -66,20 +66,46 @@ def _weight_codes(plan_group, weight: torch.Tensor) -> tuple[torch.Tensor, torch
     return codes, scale
 
 
-def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
+def fit_bias(group: GroupPlan, bias: torch.Tensor | None, s_in: float, bias_bits: int) -> tuple[GroupPlan, dict | None]:
+    """The weight group with its scale raised where a bias does not fit `bias_bits` (see
+    `qcompiler.requant.bias_fit_weight_scale`), and a record of what changed (None: nothing)."""
+    params = group.params
+    if bias is None or params is None:
+        return group, None
+    old = params.scale
+    new = bias_fit_weight_scale(bias, s_in, old, bias_bits, pow2=getattr(group.format, "scale_kind", "") == "pow2")
+    if torch.equal(new, old):
+        return group, None
+    acc_scale = s_in * old.double().reshape(-1)
+    overflow = (bias.detach().double().abs() / acc_scale) > 2.0 ** (bias_bits - 1) - 1
+    channels = [int(c) for c in torch.nonzero(overflow).reshape(-1)]
+    ratio = (new.double() / old.double()).reshape(-1)
+    record = {"bias_bits": bias_bits, "channels": channels,
+              "scale_factor": float(ratio.max()), "bias_max": float(bias.detach().abs()[overflow].max())}
+    return dataclasses.replace(group, params=dataclasses.replace(params, scale=new)), record
+
+
+def make_exact(gm: fx.GraphModule, chain: KernelChain, plan: Plan, spec) -> dict:
+    """Swap the chain's kernel and output quantizer for their integer forms.
+
+    Returns what changed: the kernel's name, whether it accumulates in float32, and the weight
+    group (`"group"`) when a bias did not fit and the group's scale was raised.
+    """
     anchor = chain.anchor
     original = gm.get_submodule(anchor.target)
     kind = anchor.meta["op_kind"]
     rule = spec.op_rule(kind)
     acc_bits = rule.accumulator_bits if rule is not None else 32
+    bias_bits = rule.bias_bits if rule is not None else min(32, acc_bits)
     mode, rounding, mbits = spec.requant.mode, spec.requant.rounding, spec.requant.multiplier_bits
     if mode == "fixed_point" and acc_bits + (mbits or 32) > 64:
         raise QCompileError(
             f"{anchor.name}: a {acc_bits}-bit accumulator times a {mbits}-bit multiplier does not fit "
             f"64 bits; lower [ops.{kind}] accumulator_bits or [requant] multiplier_bits in the spec")
-    codes, w_scale = _weight_codes(plan.group(anchor.meta["weight_group"]), original.weight)
     in_q, out_q = chain.in_quant, chain.out_quant
     s_in = in_q.params.scale.reshape(()).to(torch.float32)
+    wgroup, bias_fit = fit_bias(plan.group(anchor.meta["weight_group"]), original.bias, float(s_in), bias_bits)
+    codes, w_scale = _weight_codes(wgroup, original.weight)
     acc_scale = s_in.double() * w_scale                    # exact: a product of two float32
     exact = _exact_module(original, acc_bits)
     exact.train(original.training)
@@ -87,7 +113,6 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
     zp_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
     with torch.no_grad():
         # The decoded weight, as convert stores it (unchanged when the weight was on its grid).
-        wgroup = plan.group(anchor.meta["weight_group"])
         decoded = wgroup.format.dequantize(codes.to(torch.int32), wgroup.params).to(original.weight.dtype)
         exact.weight = nn.Parameter(decoded, requires_grad=False)
         exact.in_scale.copy_(s_in)
@@ -95,7 +120,8 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
         exact.weight_codes.copy_(codes)
         exact.acc_scale.copy_(acc_scale)
         if original.bias is not None:
-            bias_codes = torch.round(original.bias.detach().double() / acc_scale).clamp(*INT32).to(torch.int64)
+            # Exact: fit_bias made every code fit the bias width.
+            bias_codes = torch.round(original.bias.detach().double() / acc_scale).to(torch.int64)
             exact.bias_codes.copy_(bias_codes)
             exact.bias = nn.Parameter((bias_codes.double() * acc_scale).to(original.bias.dtype), requires_grad=False)
     try:
@@ -103,6 +129,8 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
     except ValueError as why:         # partial sums beyond float64's integers: stays float
         raise NotExact(f"{anchor.name}: {why}") from None
     _set(gm, anchor.target, exact)
+    if bias_fit is not None:
+        anchor.meta["bias_fit"] = bias_fit
 
     s_out = out_q.params.scale.reshape(()).to(torch.float64)
     real = acc_scale / s_out
@@ -117,7 +145,7 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan, spec) -> dict:
     requant.shift.copy_(shift)
     requant.float_multiplier.copy_(float_multiplier)
     _set(gm, chain.output.target, requant)
-    return {"kernel": anchor.name, "fp32_exact": fp32}
+    return {"kernel": anchor.name, "fp32_exact": fp32, "group": wgroup if bias_fit is not None else None}
 
 
 POOL_KINDS = ("adaptive_avg_pool", "mean")
@@ -232,10 +260,18 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             kept.append(str(why))
             continue
         try:
-            make_exact(gm, chain, ctx.plan, ctx.target)
+            done = make_exact(gm, chain, ctx.plan, ctx.target)
         except NotExact as why:
             kept.append(str(why))
             continue
+        if done["group"] is not None:
+            groups = list(ctx.plan.groups)
+            groups[done["group"].id] = done["group"]
+            ctx.plan = dataclasses.replace(ctx.plan, groups=tuple(groups))
+            fit = node.meta["bias_fit"]
+            ctx.note("model_requant", f"{node.name}: the bias of output channel(s) {fit['channels']} does not fit "
+                                      f"{fit['bias_bits']} bits at s_in * s_w; their weight scale was raised "
+                                      f"up to {fit['scale_factor']:.3g}x")
         exact += 1
     ctx.note("model_requant", f"{exact} kernels, {pools} global pools and {adds} adds compute with integer "
                               f"accumulators and {ctx.target.requant.mode} requantization")

@@ -161,7 +161,7 @@ def _weight_bytes_plain(group: Any, gm: fx.GraphModule) -> float:
 
 def build_report(compiled: CompiledModel) -> Any:
     from .cost import batch_size, costed_nodes, node_variables
-    from .report import Report, ReportRow, node_sqnr
+    from .report import BiasFit, Report, ReportRow, node_sqnr
 
     gm = compiled.simulated
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -209,7 +209,14 @@ def build_report(compiled: CompiledModel) -> Any:
                                  f"{table.samples} samples, {table.seconds:.1f} s")
     if "allocation" in extra:
         totals["bit allocation"] = extra["allocation"].summary()
-    return Report(target=compiled.target.name, rows=tuple(rows), totals=totals)
+    fits = tuple(BiasFit(node=n.name, channels=tuple(n.meta["bias_fit"]["channels"]),
+                         bias_bits=int(n.meta["bias_fit"]["bias_bits"]),
+                         scale_factor=float(n.meta["bias_fit"]["scale_factor"]),
+                         bias_max=float(n.meta["bias_fit"]["bias_max"]))
+                 for n in gm.graph.nodes if "bias_fit" in n.meta)
+    if fits:
+        totals["bias_fitted_channels"] = sum(len(f.channels) for f in fits)
+    return Report(target=compiled.target.name, rows=tuple(rows), totals=totals, bias_fits=fits)
 
 
 def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8", calib_data: Any = None,

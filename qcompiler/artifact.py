@@ -52,7 +52,7 @@ MAX_JSON_BYTES = 512 << 20
 META_KEYS = (
     "op_kind", "role", "group", "weight_group", "fallback", "fused_into", "kernel", "fusion",
     "format", "weight_format", "quantizes", "shape", "dtype", "params", "macs", "in_elems",
-    "out_elems",
+    "out_elems", "bias_fit",
 )
 # Type annotations of nodes only show in the generated code. Classes are saved by name from this
 # table, string annotations (from `from __future__ import annotations`) as text of this shape;

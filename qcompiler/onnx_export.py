@@ -29,6 +29,7 @@ from .formats import FloatFormat, HostFloat, IntFormat, QParams
 from .layers import Affine
 from .exact import ExactAdd, ExactGlobalAvgPool
 from .quantizers import FakeQuantize
+from .requant import bias_fit_weight_scale
 
 log = logging.getLogger(__name__)
 
@@ -298,9 +299,8 @@ class _Builder:
         weight scale is raised until the bias fits and its weights are re-quantized at that
         scale (they round to nearly nothing: they were negligible next to the bias).
         """
-        limit = 2.0 ** 31 - 2.0 ** 8   # margin for the float32 rounding of s_in * s_w
-        need = (np.abs(bias.detach().double().numpy()) / (s_in * limit)).astype(np.float32)
-        low = scale < need
+        need = bias_fit_weight_scale(bias, s_in, torch.from_numpy(scale.copy()), 32).numpy()
+        low = need > scale
         if not low.any():
             return codes, scale
         scale = np.where(low, need, scale).astype(np.float32)

@@ -28,10 +28,34 @@ class ReportRow:
 
 
 @dataclass(frozen=True)
+class BiasFit:
+    """A kernel whose bias did not fit the accumulator grid: the output channels whose weight
+    scale was raised, by at most `scale_factor`, so that the largest bias `bias_max` fits."""
+
+    node: str
+    channels: tuple[int, ...]
+    bias_bits: int
+    scale_factor: float
+    bias_max: float
+
+
+@dataclass(frozen=True)
 class Report:
     target: str
     rows: tuple[ReportRow, ...]
     totals: dict[str, Any] = field(default_factory=dict)
+    bias_fits: tuple[BiasFit, ...] = ()
+
+    def _bias_fit_lines(self) -> list[str]:
+        if not self.bias_fits:
+            return []
+        lines = [f"Biases beyond the accumulator grid ({sum(len(f.channels) for f in self.bias_fits)} channels "
+                 f"in {len(self.bias_fits)} kernels): their weight scale was raised until the bias fits."]
+        for f in self.bias_fits:
+            shown = ", ".join(str(c) for c in f.channels[:16]) + (", ..." if len(f.channels) > 16 else "")
+            lines.append(f"- {f.node}: channels {shown} (bias up to {f.bias_max:.3g}, {f.bias_bits}-bit bias, "
+                         f"weight scale up to {f.scale_factor:.3g}x)")
+        return lines
 
     def _table(self, markdown: bool) -> str:
         head = ("node", "op", "group", "weights", "activations", "params", "weight bytes", "SQNR dB")
@@ -44,13 +68,15 @@ class Report:
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
             lines += ["| " + " | ".join(row) + " |" for row in body]
+            fits = self._bias_fit_lines()
             return f"## qcompiler report: target {self.target}\n\n" + "\n".join(lines) + "\n\n" + \
-                "\n".join(f"- {t}" for t in totals) + "\n"
+                "\n".join(f"- {t}" for t in totals) + "\n" + ("\n" + "\n".join(fits) + "\n" if fits else "")
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
         fmt_row = lambda row: "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         lines = [f"target {self.target}", fmt_row(head), fmt_row(tuple("-" * w for w in widths))]
         lines += [fmt_row(row) for row in body]
-        return "\n".join(lines + [""] + totals)
+        fits = self._bias_fit_lines()
+        return "\n".join(lines + [""] + totals + ([""] + fits if fits else []))
 
     def __str__(self) -> str:
         return self._table(markdown=False)

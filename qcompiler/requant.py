@@ -203,3 +203,34 @@ def is_exact(real: Tensor, multiplier: Tensor, shift: Tensor, mode: str) -> bool
 def max_product_bits(accumulator_bits: int, mode: str, multiplier_bits: int | None) -> int:
     """Bits of `acc * M`: must stay below 64 for the int64 emulation to be exact."""
     return accumulator_bits + ((multiplier_bits or 32) if mode == "fixed_point" else 1)
+
+
+# A bias code is kept this fraction inside its integer range, so that storing the raised weight
+# scale as float32 (relative rounding 2**-24) can never push the bias over the edge.
+_BIAS_MARGIN = 2.0 ** -20
+
+
+def bias_fit_weight_scale(bias: Tensor, in_scale: float, weight_scale: Tensor, bias_bits: int,
+                          pow2: bool = False) -> Tensor:
+    """Weight scales (one per output channel) at which every bias fits a `bias_bits` integer.
+
+    The bias joins the accumulator on its grid, as `round(b / (s_in * s_w))`. A channel whose
+    weights (nearly) vanish next to its bias, typically a BatchNorm with a tiny gamma folded into
+    it, gets a weight scale so small that this code exceeds the bias width. Chip toolchains then
+    raise that channel's weight scale until the bias fits and re-quantize its weights, which round
+    to almost nothing: they were negligible next to the bias. Channels whose bias fits keep their
+    scale. `weight_scale` is per channel (shape [C]) or one per-tensor scale (shape [] or [1]),
+    which then rises for all channels at once; `pow2` keeps scales powers of two.
+    """
+    bias = bias.detach().to(torch.float64).reshape(-1)
+    scale = weight_scale.detach().to(torch.float64).reshape(-1)
+    # Half a step below the largest code, so that rounding cannot reach past it either.
+    limit = (2.0 ** (bias_bits - 1) - 1.0) * (1.0 - _BIAS_MARGIN) - 0.5
+    need = bias.abs() / (float(in_scale) * limit)
+    if scale.numel() == 1:
+        need = need.max().reshape(1)
+    if pow2:
+        from .formats import pow2_ceil
+
+        need = pow2_ceil(need)
+    return torch.where(need > scale, need, scale).to(weight_scale.dtype).reshape(weight_scale.shape)

@@ -58,6 +58,7 @@ class OpRule:
     default_inputs: str | None
     default_outputs: str | None
     accumulator_bits: int = 32
+    bias_bits: int = 32
 
     def candidates(self, role: str) -> tuple[str, ...]:
         _check_role(role)
@@ -368,11 +369,16 @@ class _Builder:
                     self.problem(path + (f"default_{role}",),
                                  f"default {explicit!r} is not in {where}; add it there or pick one of them")
                 defaults[role] = explicit if explicit is not None else (lists[role][0] if lists[role] else None)
+            bias_bits = r["bias_bits"] if r["bias_bits"] is not None else min(32, r["accumulator_bits"])
+            if bias_bits > r["accumulator_bits"]:
+                self.problem(path + ("bias_bits",), f"a {bias_bits}-bit bias does not fit the "
+                                                    f"{r['accumulator_bits']}-bit accumulator; lower "
+                                                    "bias_bits or raise accumulator_bits")
             out[kind] = OpRule(
                 kind=kind, weights=tuple(lists["weights"]), inputs=tuple(lists["inputs"]),
                 outputs=tuple(lists["outputs"]), default_weights=defaults["weights"],
                 default_inputs=defaults["inputs"], default_outputs=defaults["outputs"],
-                accumulator_bits=r["accumulator_bits"],
+                accumulator_bits=r["accumulator_bits"], bias_bits=bias_bits,
             )
         return out
 
