@@ -181,13 +181,31 @@ def _rewrite(node: fx.Node, gm: fx.GraphModule, kind: str) -> tuple[Any, tuple, 
         if node.op == "call_module":  # nn.Flatten
             m = gm.get_submodule(node.target)
             return canon, (args[0], m.start_dim, m.end_dim), {}
-        if kind == "reshape" and node.op == "call_method":
-            return canon, (args[0], tuple(args[1:]) if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]), {}
-        if kind == "permute" and node.op == "call_method":
-            return canon, (args[0], tuple(args[1:]) if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]), {}
+        if kind in ("reshape", "permute") and node.op == "call_method":
+            sizes = _sizes_argument(args[1:])
+            return None if sizes is None else (canon, (args[0], sizes), {})
         return canon, tuple(args), dict(node.kwargs)
     # A unary activation: drop inplace=, keep the arguments that change the function.
     return canon, (args[0],), _activation_kwargs(node, gm, kind)
+
+
+def _sizes_argument(sizes: tuple[Any, ...]) -> Any:
+    """The one sequence argument of torch.reshape/permute for the method's varargs, or None if
+    unknown. `x.reshape(2, n)`, `x.reshape((2, n))` and `x.reshape(s)` with `s` a traced tuple
+    (`x.shape[:-1] + (-1,)`) are all legal; a traced `s` is a sequence when capture recorded a
+    list for it (a tensor records a tuple, an int nothing), and without that fact we cannot tell
+    `x.reshape(n)` from `x.reshape(s)`."""
+    if len(sizes) != 1:
+        return tuple(sizes)
+    (only,) = sizes
+    if isinstance(only, (tuple, list)):
+        return only
+    if isinstance(only, fx.Node):
+        recorded = only.meta.get("shape", "unknown")
+        if isinstance(recorded, list):
+            return only
+        return (only,) if recorded is None and "dtype" in only.meta else None
+    return (only,)
 
 
 def _is_inference_identity(node: fx.Node) -> bool:

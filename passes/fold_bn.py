@@ -23,6 +23,10 @@ a BatchNorm, and one with no foldable producer (after an add, on a graph input),
 normalises every batch with its own statistics, which no fixed weights reproduce; it stays, and
 so does a functional `F.batch_norm` call with `training=True` or statistics that are not
 attributes of the model. Every decision other than a plain fold is written to `ctx.note`.
+
+A leaf module (kept opaque by capture, or named in `leaf_modules`) runs its own forward, which
+the graph does not see: its BatchNorms stay inside it, unfolded and untouched, and a conv or
+BatchNorm that a leaf also uses is replaced only under a fresh path.
 """
 from __future__ import annotations
 
@@ -52,6 +56,10 @@ PRODUCERS: tuple[tuple[type[nn.Module], int | None], ...] = (
     (_ConvNd, None),
     (nn.Linear, 2),
 )
+# Users of the producer's output that read only its shape, rank, dtype or device (timm's
+# BatchNormAct2d asserts `x.ndim == 4`): folding leaves all of those as they were.
+METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
 BATCH_NORM_MODULES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 BATCH_NORM_FUNCTIONS: tuple[Any, ...] = (F.batch_norm,)
 
@@ -152,9 +160,10 @@ def _foldable_producer(bn_node: fx.Node, stats: BatchNormStats, gm: fx.GraphModu
     if kind is None:
         return None, f"its input {src.name!r} is a {type(m).__name__}, not a conv, conv-transpose or linear"
     _, rank = kind
-    if len(src.users) > 1:
-        others = ", ".join(repr(u.name) for u in src.users if u is not bn_node)
-        return None, f"the output of {src.name!r} is also used by {others}"
+    others = [u for u in src.users if u is not bn_node and not _reads_only_metadata(u, src)]
+    if others:
+        names = ", ".join(repr(u.name) for u in others)
+        return None, f"the output of {src.name!r} is also used by {names}"
     if parametrize.is_parametrized(m):
         return None, f"{src.name!r} has parametrized weights, which cannot be replaced"
     channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
@@ -166,6 +175,15 @@ def _foldable_producer(bn_node: fx.Node, stats: BatchNormStats, gm: fx.GraphModu
         got = "unknown (run capture first)" if have is None else str(have)
         return None, f"the output rank of {src.name!r} is {got}, its channels are at dim 1 only with rank {want}"
     return src, ""
+
+
+def _reads_only_metadata(user: fx.Node, src: fx.Node) -> bool:
+    """Whether `user` reads nothing of `src` but its shape, rank, dtype or device."""
+    if user.op == "call_function" and user.target is getattr:
+        return len(user.args) == 2 and user.args[0] is src and user.args[1] in METADATA_ATTRIBUTES
+    if user.op == "call_method" and user.target in METADATA_METHODS:
+        return user.args[0] is src and src not in user.args[1:] and src not in user.kwargs.values()
+    return False
 
 
 def _folded_weights(m: nn.Module, stats: BatchNormStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +213,12 @@ def _with_weights(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.
 
 
 def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    """An unused module path near `base`. Never inside a module that the graph calls: its forward
+    would run the new module too (a Sequential runs every child), so such a path moves to the root."""
+    parent = base.rpartition(".")[0]
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    if parent and any(parent == t or parent.startswith(t + ".") for t in called):
+        base = base.replace(".", "_")
     names = dict(gm.named_modules())
     name, i = base, 0
     while name in names:
@@ -222,15 +246,26 @@ def _to_affine(gm: fx.GraphModule, bn_node: fx.Node, stats: BatchNormStats, name
 
 
 def _module_references(gm: fx.GraphModule) -> Counter[str]:
-    """How many nodes use each module path: its calls, and reads of its attributes (get_attr)."""
+    """How many nodes use each module path: its calls, calls of a leaf module that contains it (the
+    leaf's forward runs it unseen by the graph), and reads of its attributes (get_attr)."""
     refs: Counter[str] = Counter()
     for n in gm.graph.nodes:
         if n.op == "call_module":
-            refs[n.target] += 1
+            refs.update(_subtree(gm, n.target))
         elif n.op == "get_attr":
             parts = n.target.split(".")
-            refs.update(".".join(parts[:i]) for i in range(1, len(parts)))
+            refs.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            refs.update(_subtree(gm, n.target)[1:])
     return refs
+
+
+def _subtree(gm: fx.GraphModule, target: str) -> list[str]:
+    """`target` and the paths of every module inside it, or [target] if it is not a module."""
+    try:
+        m = gm.get_submodule(target)
+    except AttributeError:
+        return [target]
+    return [target] + [f"{target}.{name}" for name, _ in m.named_modules(remove_duplicate=False) if name]
 
 
 def _install_folded(gm: fx.GraphModule, producer: fx.Node, module: nn.Module, refs: Counter[str]) -> None:
@@ -280,6 +315,11 @@ def fold_bn(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             if not attr.users:
                 gm.graph.erase_node(attr)
     _drop_unused_batch_norms(gm)
+    hidden = _batch_norms_inside_leaves(gm)
+    if hidden:
+        shown = ", ".join(repr(p) for p in hidden[:5]) + (", ..." if len(hidden) > 5 else "")
+        ctx.note(STAGE, f"{len(hidden)} BatchNorm(s) inside leaf modules ({shown}) run unfolded "
+                        "inside them: the graph does not see into a leaf")
     gm.graph.lint()
     gm.recompile()
     gm.eval()
@@ -313,11 +353,23 @@ def _dtype_of(node: fx.Node, gm: fx.GraphModule) -> torch.dtype:
 
 
 def _drop_unused_batch_norms(gm: fx.GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    """Delete the BatchNorm modules no node uses any more. A BatchNorm inside a leaf module is used
+    by that leaf's forward even though no node names it: deleting it would silently change the leaf
+    (a Sequential skips a missing child)."""
+    refs = _module_references(gm)
     for name, m in list(gm.named_modules()):
-        prefixed = any(t == name or t.startswith(name + ".") for t in used)
-        if isinstance(m, BATCH_NORM_MODULES) and not prefixed:
+        if isinstance(m, BATCH_NORM_MODULES) and not refs[name]:
             gm.delete_submodule(name)
+
+
+def _batch_norms_inside_leaves(gm: fx.GraphModule) -> list[str]:
+    """Paths of the BatchNorm modules that some called module (an opaque or user leaf) contains."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    inside: list[str] = []
+    for target in sorted(called):
+        inside += [p for p in _subtree(gm, target)[1:]
+                   if isinstance(gm.get_submodule(p), BATCH_NORM_MODULES) and p not in inside]
+    return inside
 
 
 def _structural_copy(gm: fx.GraphModule) -> fx.GraphModule:

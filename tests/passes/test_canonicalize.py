@@ -101,3 +101,29 @@ def test_torchvision_models_are_labelled_without_unknown_tensor_ops():
         kinds = Counter(n.meta["op_kind"] for n in gm.graph.nodes)
         assert kinds["other"] == 0, name  # stochastic depth (identity at inference) removed
         assert kinds["depthwise_conv"] > 0, name
+
+
+class TracedSizes(nn.Module):
+    """reshape/view given a size computed in the graph: a traced tuple, or a traced int."""
+
+    def forward(self, x):
+        a = x.reshape(x.shape[:-1] + (-1,))  # timm's maxvit and vit_pe spell it this way
+        b = a.view(a.numel())
+        return b.permute(0) + x.flatten()
+
+
+def test_reshape_to_a_traced_tuple_or_int_gets_the_right_canonical_shape_argument():
+    model = TracedSizes().eval()
+    x = torch.randn(2, 3, 4)
+    gm = _canonical(model, x)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    shapes = {n.name: n.args[1] for n in gm.graph.nodes if n.meta["op_kind"] in ("reshape", "permute")}
+    assert all(n.target in (torch.reshape, torch.permute) for n in gm.graph.nodes
+               if n.meta["op_kind"] in ("reshape", "permute"))
+    assert isinstance(shapes["reshape"], torch.fx.Node)              # the tuple itself
+    assert isinstance(shapes["view"], tuple) and len(shapes["view"]) == 1  # (n,)
+    assert shapes["permute"] == (0,)
+    # Without capture's facts a traced argument may be an int or a tuple: the method stays as written.
+    bare = canonicalize(torch.fx.symbolic_trace(model))
+    assert [n.target for n in bare.graph.nodes if n.meta["op_kind"] == "reshape"] == ["reshape", "view"]
+    torch.testing.assert_close(bare(x), model(x), rtol=0, atol=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -449,3 +450,125 @@ def test_torchvision_models_fold_completely(name):
     assert_state_unchanged(model, before)
     bn_count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert ctx.notes["fold_bn"] == [f"folded {bn_count} BatchNorm(s); 0 became per-channel affine; 0 left as BatchNorm"]
+
+
+class ConvNorm(nn.Sequential):
+    """timm's ConvNorm: a Sequential of a conv and its BatchNorm."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+
+class WindowedMixer(nn.Module):
+    """Branches on the input size, as timm's LocalWindowAttention does: torch.fx cannot trace it,
+    so capture keeps it as an opaque leaf whose forward runs its ConvNorms unseen by the graph."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.qkv = ConvNorm(c, c)
+        self.proj = ConvNorm(c, c, 3)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = x * 0.5
+        return self.proj(torch.relu(self.qkv(x)))
+
+
+class StemAndLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvNorm(3, 4, 3)
+        self.mixer = WindowedMixer(4)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return y + self.mixer(y)
+
+
+@pytest.mark.parametrize("how", ["opaque", "leaf_modules"])
+def test_batch_norms_inside_a_leaf_module_stay_in_it_and_the_output_is_exact(how):
+    # Deleting the "unused" BatchNorms of the leaf left its Sequentials running the bare convs:
+    # 37 % of the output range on timm's efficientvit_m5.
+    model = randomize_bn(StemAndLeaf(), 18).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ctx = CompileContext(model=model, example_inputs=(x,))
+    leaves = [WindowedMixer] if how == "leaf_modules" else []
+    captured = qcompiler.capture(model, (x,), leaf_modules=leaves)
+    assert ("mixer" in captured.meta["opaque_modules"]) == (how == "opaque")
+    gm = fold_bn(canonicalize(captured, ctx), ctx)
+    assert rel_err(gm(x), model(x)) <= 1e-5
+    # The graph's own BatchNorm is folded; the leaf's two are still inside it, with their tensors.
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["stem.conv", "mixer"]
+    for path in ("mixer.qkv.bn", "mixer.proj.bn"):
+        bn = gm.get_submodule(path)
+        assert isinstance(bn, nn.BatchNorm2d) and bn.running_var is model.get_submodule(path).running_var
+    assert gm.get_submodule("mixer.proj.conv").weight is model.mixer.proj.conv.weight
+    assert any("2 BatchNorm(s) inside leaf modules ('mixer.qkv.bn', 'mixer.proj.bn')" in n
+               for n in ctx.notes["fold_bn"])
+
+
+class LeafConvCalledDirectly(nn.Module):
+    """The conv of a ConvNorm leaf is also called by the graph, followed by a BatchNorm of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvNorm(3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.block.conv(x)) - self.block(x)
+
+
+def test_conv_used_inside_a_leaf_is_folded_under_a_fresh_name_only():
+    model = randomize_bn(LeafConvCalledDirectly(), 19).eval()
+    x = torch.randn(2, 3, 4, 4)
+    ctx = CompileContext(model=model, example_inputs=(x,))
+    gm = fold_bn(canonicalize(qcompiler.capture(model, (x,), leaf_modules=["block"]), ctx), ctx)
+    assert rel_err(gm(x), model(x)) <= 1e-5
+    calls = sorted(n.target for n in gm.graph.nodes if n.op == "call_module")
+    assert calls == ["block", "block_conv_bnfold"]  # not inside the Sequential the leaf runs
+    # The leaf still runs the user's conv and BatchNorm.
+    assert gm.get_submodule("block.conv").weight is model.block.conv.weight
+    assert isinstance(gm.get_submodule("block.bn"), nn.BatchNorm2d)
+
+
+class ShapeReadingBN(nn.Module):
+    """timm's BatchNormAct2d asserts `x.ndim == 4`; the reshape reads the conv output's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "expected a 4-d input")
+        return self.bn(y).reshape(y.shape[0], y.size(1), -1) * y.dim()
+
+
+def test_readers_of_the_producers_shape_do_not_block_the_fold():
+    model = randomize_bn(ShapeReadingBN(), 20).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm, ctx = pipeline(model, x)
+    assert batch_norm_left(gm) == []
+    assert not any(n.meta.get("op_kind") == "affine" for n in gm.graph.nodes)
+    assert gm.get_submodule("conv").weight is not model.conv.weight
+    assert rel_err(gm(x), model(x)) <= 1e-5
+    assert not any("not folded" in n for n in ctx.notes["fold_bn"])
+
+
+def test_timm_efficientvit_whose_attention_is_an_opaque_leaf_stays_exact():
+    # Its LocalWindowAttention branches on the input size: capture keeps it opaque, BatchNorms inside.
+    torch.manual_seed(21)
+    model = randomize_bn(timm.create_model("efficientvit_m5", pretrained=False), seed=21).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        gm, ctx = pipeline(model, x)
+        got = gm(x)
+    assert rel_err(got, ref) <= 1e-5
+    inside = sum(isinstance(m, nn.BatchNorm2d) for n, m in model.named_modules() if ".mixer.m." in n)
+    assert inside > 0 and len(batch_norm_left(gm)) == inside
+    assert any(f"{inside} BatchNorm(s) inside leaf modules" in n for n in ctx.notes["fold_bn"])
