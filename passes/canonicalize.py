@@ -182,7 +182,7 @@ def _rewrite(node: fx.Node, gm: fx.GraphModule, kind: str) -> tuple[Any, tuple, 
             m = gm.get_submodule(node.target)
             return canon, (args[0], m.start_dim, m.end_dim), {}
         if kind in ("reshape", "permute") and node.op == "call_method":
-            sizes = _sizes_argument(args[1:])
+            sizes = None if node.kwargs else _sizes_argument(args[1:])
             return None if sizes is None else (canon, (args[0], sizes), {})
         return canon, tuple(args), dict(node.kwargs)
     # A unary activation: drop inplace=, keep the arguments that change the function.
@@ -194,12 +194,15 @@ def _sizes_argument(sizes: tuple[Any, ...]) -> Any:
     unknown. `x.reshape(2, n)`, `x.reshape((2, n))` and `x.reshape(s)` with `s` a traced tuple
     (`x.shape[:-1] + (-1,)`) are all legal; a traced `s` is a sequence when capture recorded a
     list for it (a tensor records a tuple, an int nothing), and without that fact we cannot tell
-    `x.reshape(n)` from `x.reshape(s)`."""
+    `x.reshape(n)` from `x.reshape(s)`. `x.view(torch.half)` reinterprets bytes: not a reshape."""
     if len(sizes) != 1:
-        return tuple(sizes)
+        return tuple(sizes) if sizes else None
     (only,) = sizes
     if isinstance(only, (tuple, list)):
         return only
+    if isinstance(only, torch.dtype) or (
+            isinstance(only, fx.Node) and only.target is getattr and only.args[1:] == ("dtype",)):
+        return None
     if isinstance(only, fx.Node):
         recorded = only.meta.get("shape", "unknown")
         if isinstance(recorded, list):

@@ -109,7 +109,8 @@ class TracedSizes(nn.Module):
     def forward(self, x):
         a = x.reshape(x.shape[:-1] + (-1,))  # timm's maxvit and vit_pe spell it this way
         b = a.view(a.numel())
-        return b.permute(0) + x.flatten()
+        c = x.view(torch.int32).view(x.dtype)  # a reinterpretation of the bytes, not a reshape
+        return b.permute(0) + x.flatten() + c.flatten()
 
 
 def test_reshape_to_a_traced_tuple_or_int_gets_the_right_canonical_shape_argument():
@@ -117,13 +118,16 @@ def test_reshape_to_a_traced_tuple_or_int_gets_the_right_canonical_shape_argumen
     x = torch.randn(2, 3, 4)
     gm = _canonical(model, x)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
-    shapes = {n.name: n.args[1] for n in gm.graph.nodes if n.meta["op_kind"] in ("reshape", "permute")}
-    assert all(n.target in (torch.reshape, torch.permute) for n in gm.graph.nodes
-               if n.meta["op_kind"] in ("reshape", "permute"))
-    assert isinstance(shapes["reshape"], torch.fx.Node)              # the tuple itself
-    assert isinstance(shapes["view"], tuple) and len(shapes["view"]) == 1  # (n,)
-    assert shapes["permute"] == (0,)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in ("reshape", "view", "permute"):
+        assert nodes[name].target in (torch.reshape, torch.permute), name
+    assert nodes["reshape"].args[1].op == "call_function"        # the traced tuple itself
+    assert nodes["view"].args[1] == (nodes["numel"],)            # a traced int: (n,)
+    assert nodes["permute"].args[1] == (0,)
+    # Views to a dtype stay as written: torch.reshape(x, (torch.int32,)) does not exist.
+    assert [n.args[1] for n in gm.graph.nodes if n.target == "view"] == [torch.int32, nodes["getattr_2"]]
     # Without capture's facts a traced argument may be an int or a tuple: the method stays as written.
     bare = canonicalize(torch.fx.symbolic_trace(model))
-    assert [n.target for n in bare.graph.nodes if n.meta["op_kind"] == "reshape"] == ["reshape", "view"]
+    assert [n.name for n in bare.graph.nodes if n.target in ("reshape", "view")] == [
+        "reshape", "view", "view_1", "view_2"]
     torch.testing.assert_close(bare(x), model(x), rtol=0, atol=0)
