@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -314,6 +315,19 @@ def _check_out_dir(path: Path) -> None:
         raise CommandLineError(f"--out {str(path)!r} is a file; give a directory (it is created if missing)")
 
 
+def prepare_out_dir(path: Path) -> None:
+    """Create the output directory and write a scratch file in it: run before the long computation,
+    so a directory that cannot take the results fails at once rather than after the work."""
+    _check_out_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise CommandLineError(f"--out {str(path)!r} cannot be written: {exc.strerror or exc}; give a "
+                               "directory you can write to") from None
+
+
 def _human_bytes(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -338,12 +352,16 @@ def _write_text(path: Path, text: str) -> str:
     return str(path)
 
 
-def write_compile_outputs(compiled: Any, out: Path) -> list[str]:
-    """Write the report, the saved model and both drawings into `out`; returns what was written.
+def write_compile_outputs(compiled: Any, out: Path) -> tuple[list[str], str | None]:
+    """Write the report, the saved model and both drawings into `out`; returns what was written
+    and, when no renderer could draw the graphs, one line on how to get the pictures.
 
     Every output is attempted even if an earlier one fails (a model the artifact format cannot
-    hold still gets its report and drawings); the failures are raised together at the end.
+    hold still gets its report and drawings); the failures are raised together at the end. A
+    drawing nothing here can render is written as its DOT source (graph.dot), which is no failure.
     """
+    from .drawing import DrawingUnavailable, undrawn_note
+
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -354,22 +372,27 @@ def write_compile_outputs(compiled: Any, out: Path) -> list[str]:
         ("graph.svg", lambda p: compiled.render(str(p), colour_by="format")),
         ("graph_groups.svg", lambda p: compiled.render(str(p), stage="group_quantizers", colour_by="group")),
     ]
-    written, failed = [], []
+    written, failed, undrawn = [], [], []
     for name, write in steps:
         try:
             written.append(write(out / name))
+        except DrawingUnavailable as exc:
+            written.append(exc.dot_path)
+            undrawn.append(exc)
         except QCompileError as exc:
             failed.append(f"{out / name}: {exc}")
     if failed:
         done = f"; written: {', '.join(written)}" if written else ""
         raise QCompileError("could not write every output:\n  " + "\n  ".join(failed) + done)
-    return written
+    note = undrawn_note([(e.dot_path, e.path) for e in undrawn], undrawn[0].reason) if undrawn else None
+    return written, note
 
 
 def _compile(args: argparse.Namespace) -> int:
     import torch
 
     from .api import qcompile
+    from .drawing import check_drawing
     from .targets import load_target
 
     budget = parse_budgets(args.budget)
@@ -400,10 +423,16 @@ def _compile(args: argparse.Namespace) -> int:
               "model only shows what the compiler does. Pass --calib FILE.pt (a tensor [N, ...] of "
               "real samples saved with torch.save) for a usable model.", file=sys.stderr)
 
+    # What the outputs need, checked before the compile: a writable directory and a renderer.
+    prepare_out_dir(out)
+    drawing_problem = check_drawing("svg")
+    if drawing_problem:
+        print(f"warning: {drawing_problem}", file=sys.stderr)
+
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
                         observer=args.observer, progress=not args.no_progress, seed=args.seed,
                         sensitivity=args.sensitivity)
-    written = write_compile_outputs(compiled, out)
+    written, drawing_note = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
         written.append(exported.path)
@@ -420,6 +449,8 @@ def _compile(args: argparse.Namespace) -> int:
     print(f"  weight memory:    {_human_bytes(memory)} (float32: {_human_bytes(float_bytes)}{ratio})")
     print(f"  written:          {', '.join(written)}")
     print(f"  per-layer table:  qcompile report {out}")
+    if drawing_note:
+        print(f"note: {drawing_note}", file=sys.stderr)
     return 0
 
 
@@ -523,6 +554,12 @@ def _demo(args: argparse.Namespace) -> int:
     for r in results:
         if r.save_error:
             print(f"warning: the {r.target} model was not saved: {r.save_error}", file=sys.stderr)
+    undrawn = [r for r in results if r.drawing_error]
+    if undrawn:
+        from .drawing import undrawn_note
+
+        pairs = [(r.graph_path, str(Path(r.graph_path).with_suffix(".svg"))) for r in undrawn]
+        print(f"note: {undrawn_note(pairs, undrawn[0].drawing_error)}", file=sys.stderr)
     return 0
 
 
@@ -557,12 +594,14 @@ def _pareto(args: argparse.Namespace) -> int:
         raise CommandLineError(f"--budgets {args.budgets!r} names no budget; e.g. --budgets 1.0,0.75,0.6")
     out = Path(args.out)
     _check_out_dir(out)
+    _require_matplotlib()
     model = build_model(args.model)
     calib = load_calib(args.calib)
     batches = list(calib.split(CALIB_BATCH))
     evaluation = None
     if args.eval is not None:
         evaluation = list(load_calib(args.eval).split(CALIB_BATCH))
+    prepare_out_dir(out)
     result = pareto(model, calib[:1], target=args.target, calib_data=batches, budgets=budgets,
                     eval_data=evaluation, metric=args.metric, sensitivity=args.sensitivity,
                     progress=not args.no_progress, seed=args.seed)
@@ -573,6 +612,15 @@ def _pareto(args: argparse.Namespace) -> int:
     print(table)
     print(f"written: {out / 'pareto.md'}, {out / 'pareto.png'}")
     return 0
+
+
+def _require_matplotlib() -> None:
+    # pareto.png is drawn after minutes of sensitivity measurement: know first that it can be.
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CommandLineError(f"qcompile pareto draws pareto.png with matplotlib, which cannot be imported "
+                               f"({exc}); pip install matplotlib") from None
 
 
 def add_pareto(subparsers: argparse._SubParsersAction) -> None:

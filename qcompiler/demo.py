@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,6 +52,7 @@ class DemoResult:
     model_dir: str | None            # None when the model could not be saved (see save_error)
     save_error: str | None = None
     top1_interval: AgreementInterval | None = None   # 95 % interval, clustered by photo
+    drawing_error: str | None = None  # why graph_path is DOT source rather than an SVG drawing
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,12 @@ def run_demo(targets: Sequence[str] = DEFAULT_TARGETS, n_calib: int = DEFAULT_N_
              progress: bool = True, echo: Callable[[str], None] | None = None) -> list[DemoResult]:
     """Compile EfficientNet-Lite0 for each target and measure it against the float model.
 
-    Writes `out_dir/report.md`, `out_dir/<target>.svg` (final graph coloured by format) and
+    Writes `out_dir/report.md`, `out_dir/<target>.svg` (final graph coloured by format; its DOT
+    source `<target>.dot` when nothing here can draw SVG, see `DemoResult.drawing_error`) and
     `out_dir/<target>/` (the saved model). `echo`, if given, receives one status line per step.
     """
     from . import qcompile
+    from .drawing import DrawingUnavailable, check_drawing
     from .sample_data import crop_boxes, sample_crops
     from .stats import agreement_interval
     from .targets import load_target
@@ -207,7 +211,17 @@ def run_demo(targets: Sequence[str] = DEFAULT_TARGETS, n_calib: int = DEFAULT_N_
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise QCompileError(f"cannot write the demo output to {out}: it is a file; choose a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    # What the outputs need, checked before any compute: a writable directory and a renderer.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise QCompileError(f"cannot write the demo output to {out}: {exc.strerror or exc}; choose a "
+                            "directory you can write to") from None
+    drawing_problem = check_drawing("svg")
+    if drawing_problem:
+        say(f"warning: {drawing_problem}")
 
     say("loading EfficientNet-Lite0 and the sample crops")
     model = efficientnet_lite0().eval()
@@ -228,7 +242,6 @@ def run_demo(targets: Sequence[str] = DEFAULT_TARGETS, n_calib: int = DEFAULT_N_
         stats = agreement_stats(ref, logits)
         hits = (logits.argmax(dim=1) == ref.argmax(dim=1)).numpy()
         interval = agreement_interval(hits, heldout_photos) if len(set(heldout_photos)) > 1 else None
-        graph_path = compiled.render(str(out / f"{spec.name}.svg"), colour_by="format")
         model_dir: str | None = str(out / spec.name)
         save_error = None
         try:
@@ -237,6 +250,11 @@ def run_demo(targets: Sequence[str] = DEFAULT_TARGETS, n_calib: int = DEFAULT_N_
             # A model the artifact format cannot hold yet should not cost the other targets' results.
             model_dir, save_error = None, str(exc)
             say(f"warning: the {spec.name} model was not saved: {exc}")
+        drawing_error = None
+        try:
+            graph_path = compiled.render(str(out / f"{spec.name}.svg"), colour_by="format")
+        except DrawingUnavailable as exc:  # the DOT source is written instead: the measurements stand
+            graph_path, drawing_error = exc.dot_path, exc.reason
         reports.append(compiled.report().to_markdown())
         results.append(DemoResult(
             target=spec.name, n_heldout=n_heldout, top1_agreement=stats.top1, top5_agreement=stats.top5,
@@ -244,6 +262,7 @@ def run_demo(targets: Sequence[str] = DEFAULT_TARGETS, n_calib: int = DEFAULT_N_
             sqnr_db=stats.sqnr_db, weight_memory_bytes=float(compiled.weight_memory_bytes),
             float_weight_memory_bytes=float_bytes, compile_seconds=float(compiled.compile_seconds or 0.0),
             graph_path=graph_path, model_dir=model_dir, save_error=save_error, top1_interval=interval,
+            drawing_error=drawing_error,
         ))
         # Written after every target: an interrupted demo keeps what it measured.
         write_text(out / "report.md", _markdown_report(results, reports, n_calib, n_heldout))

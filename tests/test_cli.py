@@ -80,6 +80,8 @@ def compile_run(tmp_path_factory):
     """One `qcompile compile` with a calibration file, shared by the tests that read its output."""
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(HERE))
+    # No system Graphviz on PATH, as on a fresh machine: the drawings come from the in-process renderer.
+    mp.setenv("PATH", str(tmp_path_factory.mktemp("no-programs")))
     try:
         tmp = tmp_path_factory.mktemp("compile")
         calib_path = tmp / "calib.pt"
