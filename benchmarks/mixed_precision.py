@@ -1,33 +1,37 @@
-"""Mixed precision on EfficientNet-Lite0 under npu-int4: ILP vs uniform int4 vs greedy, sqnr vs hessian.
+"""Mixed precision on EfficientNet-Lite0: ILP vs uniform int4 vs greedy, sqnr vs hessian sensitivity.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py [--heldout 256] [--out benchmarks/mixed_precision.md]
+    python benchmarks/mixed_precision.py                       # npu-int4, budgets 100/75/70/60/50 %
+    python benchmarks/mixed_precision.py --fractions 0.75 --skip-timing --out benchmarks/mixed_precision_75.md
+    python benchmarks/mixed_precision.py --target benchmarks/npu-int4-dw4.toml --methods sqnr \
+        --out benchmarks/mixed_precision_dw4.md
+    python benchmarks/mixed_precision.py --quick               # smoke run, prints only
 
-Calibration: 64 crops (qcompiler.sample_data, split "calib"); measurement: held-out crops (split
-"heldout", disjoint by construction). For weight budgets of 100/75/60/50 % of the int8 weight
-memory (every group at the spec default, w8), the model compiled with the ILP's allocation
-(sensitivity "sqnr" and "hessian"), with the greedy Pareto-front search of Pandey & Nagel (2023,
-phase 2) over the same sqnr sensitivities, and uniform int4 (every group that may take w4 at
-w4) are compared on top-1 agreement with the float model and output SQNR. Timings: the whole
-budgeted compile, the ILP alone on 1000 groups x 4 candidates, sensitivity time vs group count.
+Calibration: crops of the "calib" split; measurement: crops of the "heldout" split (disjoint by
+construction). For weight budgets given as fractions of the int8 weight memory (every group at
+the spec default, w8), the model compiled with the ILP's allocation (each --methods
+sensitivity), with the greedy Pareto-front search of Pandey & Nagel (2023, phase 2) over the
+same sqnr sensitivities (when sqnr is among the methods), and uniform int4 (every group that
+may take w4 at w4) are compared on top-1 agreement with the float model (with a 95 % interval
+clustered by photo) and output SQNR. Timings (unless --skip-timing): the ILP alone on 1000
+groups x 4 candidates, sensitivity time vs group count, the whole budgeted compile, each the
+median and spread of --timing-rounds rounds.
 """
 from __future__ import annotations
 
-import argparse
 import bisect
-import math
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from qcompiler import BudgetError, qcompile
-from qcompiler.mixed_precision import MixedPrecisionSession, _logits, output_sqnr_db
+from qcompiler.mixed_precision import MixedPrecisionSession, _logits
 from qcompiler.passes.allocate_bits import AllocationProblem, BitTie, CostTable, solve_allocation
 from qcompiler.passes.sensitivity import hessian_sensitivity, sqnr_sensitivity
-from qcompiler.sample_data import sample_crops
 from qcompiler.zoo import efficientnet_lite0
+
+from common import SPLIT_NOTE, agreement, emit, header, load_split, out_path, parser, spread
 
 FRACTIONS = (1.0, 0.75, 0.7, 0.6, 0.5)
 
@@ -108,58 +112,69 @@ def synthetic_problem(n: int, k: int, seed: int = 0) -> AllocationProblem:
                              defaults={g: f"w{widths[-1]}" for g in cands}, ties=())
 
 
-def ilp_timing() -> list[str]:
+def ilp_timing(rounds: int) -> list[str]:
     rows = ["| problem | budgets | status | solve s (incl. model build) |", "|---|---|---|---|"]
     p = synthetic_problem(1000, 4)
     default = {g: p.defaults[g] for g in p.candidates}
     for budgets in ({"weight_memory": 0.55}, {"weight_memory": 0.6, "bops": 0.7}):
         absolute = {m: f * p.cost(m, default) for m, f in budgets.items()}
-        r = solve_allocation(p, absolute)
-        rows.append(f"| 1000 groups x 4 candidates | {budgets} | {r.status} | {r.seconds:.2f} |")
+        results = [solve_allocation(p, absolute) for _ in range(rounds)]
+        status = "/".join(sorted({r.status for r in results}))
+        rows.append(f"| 1000 groups x 4 candidates | {budgets} | {status} | {spread([r.seconds for r in results])} |")
     return rows
 
 
-def sensitivity_scaling(session: MixedPrecisionSession, batches, counts=(8, 16, 32)) -> list[str]:
+def sensitivity_scaling(session: MixedPrecisionSession, batches, rounds: int, counts=(8, 16, 32)) -> list[str]:
     groups = [g for g in session.ctx.groups if g.id in session.table.measured]
     rows = ["| groups measured | sqnr s | hessian s |", "|---|---|---|"]
     for s in session.run.gm.modules():
         if hasattr(s, "enabled"):
             s.enabled = False
     for k in [c for c in counts if c < len(groups)] + [len(groups)]:
-        t = time.perf_counter()
-        sqnr_sensitivity(session.run.gm, groups[:k], session.ctx.observers, batches, progress=False)
-        t_sqnr = time.perf_counter() - t
-        t = time.perf_counter()
-        hessian_sensitivity(session.run.gm, groups[:k], session.ctx.observers, batches, progress=False)
-        rows.append(f"| {k} | {t_sqnr:.1f} | {time.perf_counter() - t:.1f} |")
+        t_sqnr, t_hessian = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            sqnr_sensitivity(session.run.gm, groups[:k], session.ctx.observers, batches, progress=False)
+            t_sqnr.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            hessian_sensitivity(session.run.gm, groups[:k], session.ctx.observers, batches, progress=False)
+            t_hessian.append(time.perf_counter() - t)
+        rows.append(f"| {k} | {spread(t_sqnr, digits=1)} | {spread(t_hessian, digits=1)} |")
     for s in session.run.gm.modules():
         if hasattr(s, "enabled"):
             s.enabled = True
     return rows
 
 
-def timings(model, calib, calib_batches, out: str, say, session: MixedPrecisionSession | None = None) -> int:
-    """ILP alone, sensitivity time vs groups, the whole budgeted compile; appended to `out`."""
+def timings(model, calib, calib_batches, target: str, say, rounds: int, quick: bool,
+            session: MixedPrecisionSession | None = None) -> list[str]:
+    """ILP alone, sensitivity time vs groups, the whole budgeted compile: median (min-max) of rounds."""
     say("timings")
-    lines = ["", "## ILP alone (synthetic)", ""] + ilp_timing()
+    lines = ["", f"## ILP alone (synthetic), median (min-max) of {rounds} rounds", ""] + ilp_timing(rounds)
+    if quick:
+        return lines + ["", "(--quick: sensitivity scaling and the whole budgeted compile are not timed.)"]
     if session is None:
-        session = MixedPrecisionSession(model, calib[:1], target="npu-int4", calib_data=[(calib[:16],)],
+        session = MixedPrecisionSession(model, calib[:1], target=target, calib_data=[(calib[:16],)],
                                         progress=False)
-    lines += ["", "## Sensitivity time vs groups measured (16 calibration crops, 1 thread)", ""]
-    lines += sensitivity_scaling(session, [(calib[:16],)])
+    lines += ["", f"## Sensitivity time vs groups measured (16 calibration crops, 1 thread, {rounds} rounds)", "",
+              "Each row measures the first k groups with a choice (every candidate format each).", ""]
+    lines += sensitivity_scaling(session, [(calib[:16],)], rounds)
     torch.set_num_threads(2)
-    t = time.perf_counter()
-    compiled = qcompile(model, calib[:1], target="npu-int4", calib_data=calib_batches,
-                        budget={"weight_memory": 0.7}, progress=False)
-    total = time.perf_counter() - t
-    lines += ["", "## Whole budgeted compile (2 threads, machine shared with other jobs)", "",
-              f"qcompile(EfficientNet-Lite0, target='npu-int4', {len(torch.cat(calib_batches))} crops, "
-              f"budget={{'weight_memory': 0.7}}): {total:.1f} s", "", "| pass | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in compiled.timings.items()]
-    with open(out, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    totals, per_pass = [], {}
+    for _ in range(rounds):
+        t = time.perf_counter()
+        compiled = qcompile(model, calib[:1], target=target, calib_data=calib_batches,
+                            budget={"weight_memory": 0.7}, progress=False)
+        totals.append(time.perf_counter() - t)
+        for k, v in compiled.timings.items():
+            per_pass.setdefault(k, []).append(v)
+    torch.set_num_threads(1)
+    lines += ["", f"## Whole budgeted compile (2 threads, {rounds} rounds)", "",
+              f"qcompile(EfficientNet-Lite0, target={target!r}, {len(torch.cat(calib_batches))} crops, "
+              f"budget={{'weight_memory': 0.7}}): {spread(totals, ' s', 1)}", "",
+              "| pass | seconds: median (min-max) |", "|---|---|"]
+    lines += [f"| {k} | {spread(v)} |" for k, v in per_pass.items()]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,39 +182,42 @@ def timings(model, calib, calib_batches, out: str, say, session: MixedPrecisionS
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
+    argv = sys.argv[1:] if argv is None else argv
+    ap = parser(__file__, __doc__.splitlines()[0])
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--heldout", type=int, default=256)
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
-    ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--target", default="npu-int4", help="a built-in target or a .toml spec")
-    ap.add_argument("--methods", default="sqnr,hessian")
-    ap.add_argument("--timing-only", action="store_true", help="only the timings, appended to --out")
+    ap.add_argument("--methods", default="sqnr,hessian", help="sensitivity methods for the ILP")
+    ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS),
+                    help="weight budgets as fractions of the int8 weight memory")
+    ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--timing-rounds", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.calib, args.heldout, args.fractions, args.timing_rounds = 8, 22, "0.75", 1
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    fractions = [float(f) for f in args.fractions.split(",")]
+    methods = args.methods.split(",")
 
     torch.set_num_threads(1)
     model = efficientnet_lite0().eval()
-    calib = sample_crops(args.calib, seed=0, split="calib")
-    heldout = sample_crops(args.heldout, seed=0, split="heldout")
-    calib_batches = list(calib.split(32))
-    eval_batches = [(b,) for b in heldout.split(32)]
+    calib = load_split("calib", args.calib)
+    heldout = load_split("heldout", args.heldout)
+    calib_batches = list(calib.crops.split(32))
+    eval_batches = [(b,) for b in heldout.crops.split(32)]
     ref = _logits(model, eval_batches)
 
-    def measure(compiled) -> tuple[float, float]:
-        out = _logits(compiled, eval_batches)
-        return float((out.argmax(1) == ref.argmax(1)).float().mean()), output_sqnr_db(ref, out)
+    def measure(compiled):
+        return agreement(ref, _logits(compiled, eval_batches), heldout.photos)
 
-    if args.timing_only:
-        return timings(model, calib, calib_batches, args.out, say)
     sessions, rows, notes = {}, [], []
-    methods = args.methods.split(",")
     for method in methods:
         say(f"calibration + {method} sensitivity")
-        sessions[method] = MixedPrecisionSession(model, calib[:1], target=args.target, calib_data=calib_batches,
-                                                 sensitivity=method, progress=False)
+        sessions[method] = MixedPrecisionSession(model, calib.crops[:1], target=args.target,
+                                                 calib_data=calib_batches, sensitivity=method, progress=False)
         say(f"  {sessions[method].table.seconds:.1f} s, {len(sessions[method].table.measured)} groups")
-    s = sessions["sqnr"]
+    # Greedy walks the sqnr sensitivities (Pandey & Nagel's own measure).
+    s = sessions.get("sqnr") or sessions[methods[0]]
     p = s.problem
     default = {g: p.defaults[g] for g in p.candidates}
     int8_mem = p.cost("weight_memory", default)
@@ -207,24 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     fixed8 = [g for g in s.ctx.groups if g.kind == "weight" and len(g.candidates) == 1]
     notes.append(f"int8 weight memory (every group at its spec default): {int8_mem / 2**20:.3f} MiB; "
                  f"{len(p.candidates)} weight groups may take w4; {len(fixed8)} weight groups must stay w8 by spec"
-                 + (f" ({sum(1 for g in fixed8 if g.op_kind == 'depthwise_conv')} depthwise convs: `depthwise_conv` "
-                    "accepts only w8; the first conv and the classifier: `min_bits` 8 at the first and last layer)."
+                 + (f" ({sum(1 for g in fixed8 if g.op_kind == 'depthwise_conv')} of them depthwise convs)."
                     if fixed8 else "."))
 
     uni = uniform_lowest(p)
     uni_mem = p.cost("weight_memory", uni)
     say("uniform int4")
     c = s.compile(uni)
-    top1, sqnr = measure(c)
-    rows.append(("uniform int4 (all w4 the spec allows)", uni_mem / int8_mem, c.weight_memory_bytes, top1, sqnr, p.objective(uni)))
+    rows.append(("uniform int4 (all w4 the spec allows)", uni_mem / int8_mem, c.weight_memory_bytes, measure(c),
+                 p.objective(uni)))
     say("int8")
     c = s.compile(default)
-    top1, sqnr = measure(c)
-    rows.append(("uniform int8 (spec default)", 1.0, c.weight_memory_bytes, top1, sqnr, p.objective(default)))
+    rows.append(("uniform int8 (spec default)", 1.0, c.weight_memory_bytes, measure(c), p.objective(default)))
 
-    front = greedy_front(p, "weight_memory")
+    front = greedy_front(p, "weight_memory") if "sqnr" in sessions else None
     smallest = None
-    for frac in FRACTIONS:
+    for frac in fractions:
         budget = frac * int8_mem
         for method in methods:
             sess = sessions[method]
@@ -238,40 +254,37 @@ def main(argv: list[str] | None = None) -> int:
                 label += f" (infeasible; at the smallest feasible {smallest / int8_mem:.1%})"
             say(label)
             c = sess.compile(r.choice)
-            top1, sqnr = measure(c)
-            rows.append((label, c.weight_memory_bytes / int8_mem, c.weight_memory_bytes, top1, sqnr,
+            rows.append((label, c.weight_memory_bytes / int8_mem, c.weight_memory_bytes, measure(c),
                          p.objective(r.choice)))
-            if method == "sqnr":
-                notes.append(f"{label}: CP-SAT {r.status}, {r.seconds:.3f} s, "
-                             f"{sum(1 for g, v in r.choice.items() if groups[g].formats[v].bits == 4)} of "
-                             f"{len(r.choice)} groups at w4")
-        g_choice = greedy_for_budget(front, budget if smallest is None or frac * int8_mem >= smallest else smallest)
+            notes.append(f"{label}: CP-SAT {r.status}, {r.seconds:.3f} s, "
+                         f"{sum(1 for g, v in r.choice.items() if groups[g].formats[v].bits == 4)} of "
+                         f"{len(r.choice)} groups at w4")
+        if front is None:
+            continue
+        g_choice = greedy_for_budget(front, budget if smallest is None or budget >= smallest else smallest)
         if g_choice is not None:
             say(f"greedy @ {frac:.0%}")
             c = s.compile(g_choice)
-            top1, sqnr = measure(c)
             rows.append((f"greedy (Pandey & Nagel) @ {frac:.0%}", c.weight_memory_bytes / int8_mem,
-                         c.weight_memory_bytes, top1, sqnr, p.objective(g_choice)))
-        else:
-            rows.append((f"greedy (Pandey & Nagel) @ {frac:.0%}", math.nan, math.nan, math.nan, math.nan, math.nan))
+                         c.weight_memory_bytes, measure(c), p.objective(g_choice)))
 
-    lines = [f"# Mixed precision on EfficientNet-Lite0 under {s.spec.name}", "",
-             f"Pretrained EfficientNet-Lite0, {args.calib} calibration crops, {args.heldout} held-out crops "
-             "(qcompiler.sample_data, disjoint splits). Top-1 agreement and output SQNR against the float model "
-             "on the held-out crops. Predicted = total sqnr sensitivity of the plan (relative output noise power). "
-             "Produced by `benchmarks/mixed_precision.py`.", "",
-             "| model | weight memory (% of int8) | weight memory (KiB) | top-1 agreement | output SQNR dB | predicted noise |",
-             "|---|---|---|---|---|---|"]
-    for label, frac, mem, top1, sqnr, pred in rows:
-        lines.append(f"| {label} | {frac:.1%} | {mem / 1024:,.1f} | {top1:.1%} | {sqnr:.2f} | {pred:.3g} |")
+    lines = [header(f"Mixed precision on EfficientNet-Lite0 under {s.spec.name}", __file__, argv, notes=[
+        f"Pretrained EfficientNet-Lite0; calibration: {calib.describe}; measured on {heldout.describe}. "
+        "Top-1 agreement and output SQNR against the float model. Predicted = total sensitivity of the "
+        f"plan under {'sqnr' if 'sqnr' in sessions else methods[0]} (relative output noise power).",
+        "", SPLIT_NOTE]),
+        "| model | weight memory (% of int8) | weight memory (KiB) | top-1 agreement [95 % CI] | output SQNR dB | predicted noise |",
+        "|---|---|---|---|---|---|"]
+    for label, frac, mem, res, pred in rows:
+        lines.append(f"| {label} | {frac:.1%} | {mem / 1024:,.1f} | {res.cell()} | {res.sqnr_db:.2f} | {pred:.3g} |")
     lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Sensitivity", "",
               "- " + "; ".join(f"{m}: {sessions[m].table.seconds:.1f} s" for m in methods) + " "
-              f"({len(s.table.measured)} groups x 2 candidates, {s.table.samples} samples, 1 thread)"]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+              f"({len(s.table.measured)} groups with a choice, {s.table.samples} samples, 1 thread, one run each)"]
     if not args.skip_timing:
-        timings(model, calib, calib_batches, args.out, say, session=s)
-    print("\n".join(lines))
+        lines += timings(model, calib.crops, calib_batches, args.target, say, args.timing_rounds, args.quick,
+                         session=s)
+    emit("\n".join(lines) + "\n", out_path(__file__, args))
     return 0
 
 

@@ -1,6 +1,6 @@
 """ONNX export benchmark: speed and agreement of `compiled.export_onnx` in ONNX Runtime.
 
-Measured in one run (python benchmarks/onnx_export.py [--out benchmarks/onnx_export.md]):
+Measured in one run (python benchmarks/onnx_export.py [--quick] [--out FILE]):
 
 1. For cpu-x86-int8, on EfficientNet-Lite0 (ImageNet weights) and resnet18 / mobilenet_v2
    (random weights, BatchNorm statistics set from random inputs so activations have a realistic
@@ -16,10 +16,8 @@ Measured in one run (python benchmarks/onnx_export.py [--out benchmarks/onnx_exp
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,15 +31,13 @@ import torchvision
 
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 import qcompiler
-from qcompiler.sample_data import sample_crops
 from qcompiler.zoo import efficientnet_lite0
 
+from common import SPLIT_NOTE, Agreement, agreement, emit, header, load_split, out_path, parser, spread
+
 SIZE = 224
-N_CALIB = 32
-N_HELDOUT = 96
 THREADS = 2
 
 
@@ -75,20 +71,23 @@ def run(sess: ort.InferenceSession, x: torch.Tensor, chunk: int = 16) -> np.ndar
     return np.concatenate([sess.run(None, {name: x[i:i + chunk].numpy()})[0] for i in range(0, len(x), chunk)])
 
 
-def median_ms(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int, per_round: int = 3) -> dict[str, float]:
-    """Median latency of each session, interleaved round by round so that load drift on a
-    shared machine hits every runtime alike."""
+def round_ms(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int,
+             per_round: int = 3) -> dict[str, list[float]]:
+    """Each session's latency in every round (median of `per_round` runs), the sessions
+    interleaved within a round so that load drift on a shared machine hits every runtime alike."""
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():
         s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+    out: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for k, s in sessions.items():
+            times = []
             for _ in range(per_round):
                 t = time.perf_counter()
                 s.run(None, feeds[k])
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+                times.append(time.perf_counter() - t)
+            out[k].append(statistics.median(times) * 1000)
+    return out
 
 
 def op_counts(path: str, tmp: Path) -> collections.Counter:
@@ -97,7 +96,10 @@ def op_counts(path: str, tmp: Path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
 
 
-class Crops(CalibrationDataReader):
+class Crops:
+    """Calibration batches in the form of onnxruntime's CalibrationDataReader (duck-typed, so that
+    the slow onnxruntime.quantization import happens only when quantize_static runs)."""
+
     def __init__(self, crops: torch.Tensor, name: str):
         self.batches = iter([{name: crops[i:i + 8].numpy()} for i in range(0, len(crops), 8)])
 
@@ -105,11 +107,13 @@ class Crops(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def top1(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a.argmax(1) == b.argmax(1)).mean())
+def top1(a: np.ndarray, b: np.ndarray, photos) -> Agreement:
+    """Top-1 agreement of logits `b` with reference `a`, with its photo-clustered interval."""
+    return agreement(torch.from_numpy(a).float(), torch.from_numpy(b).float(), photos)
 
 
-def speed_rows(name: str, model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, tmp: Path) -> dict:
+def speed_rows(name: str, model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, photos, tmp: Path,
+               rounds: tuple[int, int]) -> dict:
     float_path = str(tmp / f"{name}_float.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -123,6 +127,8 @@ def speed_rows(name: str, model: torch.nn.Module, calib: torch.Tensor, held: tor
     t = time.perf_counter()
     compiled.export_onnx(ours_path)
     export_s = time.perf_counter() - t
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     ort_path = str(tmp / f"{name}_quantize_static.onnx")
     quantize_static(float_path, ort_path, Crops(calib, "x"), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -131,21 +137,22 @@ def speed_rows(name: str, model: torch.nn.Module, calib: torch.Tensor, held: tor
     logits = {k: run(session(p), held) for k, p in paths.items()}
     with torch.no_grad():
         sim = torch.cat([compiled(held[i:i + 16]) for i in range(0, len(held), 16)]).numpy()
-    out["sim_vs_export_top1"] = top1(sim, logits["qcompiler"])
+    out["sim_vs_export_top1"] = top1(sim, logits["qcompiler"], photos)
     for k, p in paths.items():
         out["size"][k] = os.path.getsize(p)
-        out["top1"][k] = top1(logits["float"], logits[k])
+        out["top1"][k] = top1(logits["float"], logits[k], photos)
         ops = op_counts(p, tmp)
         out["ops"][k] = {op: n for op, n in ops.items() if op.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger"))}
     sessions = {k: session(p, threads=THREADS) for k, p in paths.items()}
-    by_batch = {b: median_ms(sessions, held[:b].numpy(), rounds=10 if b == 1 else 4) for b in (1, 16)}
+    by_batch = {b: round_ms(sessions, held[:b].numpy(), rounds=n) for b, n in zip((1, 16), rounds)}
     out["ms"] = {k: {b: by_batch[b][k] for b in by_batch} for k in paths}
     return out
 
 
-def agreement_rows(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, tmp: Path) -> list[tuple]:
+def agreement_rows(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tensor, photos, tmp: Path,
+                   targets: list[str]) -> list[tuple]:
     rows = []
-    for target in qcompiler.list_targets():
+    for target in targets:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             compiled = qcompiler.qcompile(model, calib[:1], target=target,
@@ -161,7 +168,7 @@ def agreement_rows(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tens
         err = np.abs(got - sim)
         integer = params is not None and isinstance(fq.fmt, qcompiler.formats.IntFormat)
         within = f"{(err <= params.scale.item() * 1.001).mean() * 100:.2f} %" if integer else "-"
-        row = [target, top1(sim, got), float(err.max()), float(np.abs(sim).max()), within]
+        row = [target, top1(sim, got, photos), float(err.max()), float(np.abs(sim).max()), within]
         if integer:
             # The same comparison once the simulation's biases sit on the int32 accumulator grid.
             biases_on_accumulator_grid(compiled)
@@ -170,7 +177,7 @@ def agreement_rows(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tens
             with torch.no_grad():
                 sim = torch.cat([compiled(held[i:i + 16]) for i in range(0, len(held), 16)]).numpy()
             err = np.abs(got - sim)
-            row += [top1(sim, got), float(err.max()), f"{(err <= params.scale.item() * 1.001).mean() * 100:.2f} %"]
+            row += [top1(sim, got, photos), float(err.max()), f"{(err <= params.scale.item() * 1.001).mean() * 100:.2f} %"]
         else:
             row += [None, None, "-"]
         rows.append((*row, os.path.getsize(path), len(result.notes)))
@@ -199,51 +206,68 @@ def biases_on_accumulator_grid(compiled) -> None:
             module.bias.copy_(torch.round(module.bias.double() / step.double()).float() * step)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="write the Markdown tables here")
-    parser.add_argument("--models", default="efficientnet_lite0,resnet18,mobilenet_v2")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: speed, agreement")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = parser(__file__, __doc__.splitlines()[0])
+    ap.add_argument("--models", default="efficientnet_lite0,resnet18,mobilenet_v2")
+    ap.add_argument("--targets", default=",".join(qcompiler.list_targets()),
+                    help="targets of the ONNX-vs-simulation part")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, agreement")
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--heldout", type=int, default=99)
+    ap.add_argument("--rounds", default="10,4", help="timing rounds at batch 1 and batch 16")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.targets, args.calib, args.heldout, args.rounds = \
+            "efficientnet_lite0", "cpu-x86-int8", 4, 16, "2,1"
+    rounds = tuple(int(r) for r in args.rounds.split(","))
     torch.set_num_threads(1)
-    calib = sample_crops(N_CALIB, seed=0, split="calib", size=SIZE)
-    held = sample_crops(N_HELDOUT, seed=0, split="heldout", size=SIZE)
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
-             f"onnxruntime {ort.__version__}, torch {torch.__version__}; {SIZE}x{SIZE} inputs, "
-             f"{N_CALIB} calibration crops, {N_HELDOUT} held-out crops, {THREADS} intra-op threads for timings.", ""]
+    calib = load_split("calib", args.calib)
+    held = load_split("heldout", args.heldout)
+    lines = [header("ONNX export: speed in ONNX Runtime and agreement with the simulation", __file__, argv, notes=[
+        f"onnxruntime {ort.__version__}; {SIZE}x{SIZE} inputs; calibration: {calib.describe} (also fed to "
+        f"`quantize_static`); measured on {held.describe}; {THREADS} intra-op threads for timings.", "",
+        SPLIT_NOTE, "",
+        "Float: `torch.onnx.export` of the float model. qcompiler: `compiled.export_onnx` after "
+        "`qcompile(..., target=\"cpu-x86-int8\")`. quantize_static: ONNX Runtime's own post-training "
+        "quantizer (QDQ, per-channel int8 weights, uint8 activations, min-max calibration). resnet18 and "
+        "mobilenet_v2 have random weights (BatchNorm statistics from random inputs), so their top-1 says "
+        "little; EfficientNet-Lite0 has its ImageNet weights.", "",
+        f"Timing: {rounds[0]} rounds at batch 1 and {rounds[1]} at batch 16; in every round the three "
+        "runtimes run in turn (3 runs each, their median is the round's latency), and the speed-up over "
+        "float is computed per round. Cells give the median over rounds (min-max)."])]
     lines += ["## cpu-x86-int8: speed and fidelity", "",
-              "| model | runtime | integer kernels | size MiB | batch 1 ms | batch 16 ms | speed-up vs float b1 / b16 | top-1 vs float |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | runtime | integer kernels | size MiB | batch 1 ms | batch 16 ms | speed-up vs float, batch 1 "
+              "| speed-up vs float, batch 16 | top-1 vs float [95 % CI] |",
+              "|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         effnet = efficientnet_lite0()
         for name in ([] if "speed" in args.skip else args.models.split(",")):
             model = effnet if name == "efficientnet_lite0" else random_model(name)
-            r = speed_rows(name, model, calib, held, tmp)
-            print(name, r, file=sys.stderr)
-            f1, f16 = r["ms"]["float"][1], r["ms"]["float"][16]
+            r = speed_rows(name, model, calib.crops, held.crops, held.photos, tmp, rounds)
+            print(name, {k: v for k, v in r.items() if k != "top1"}, file=sys.stderr)
             for k in ("float", "qcompiler", "quantize_static"):
                 ops = ", ".join(f"{op} {n}" for op, n in sorted(r["ops"][k].items())) or "-"
                 ms = r["ms"][k]
-                lines.append(f"| {name} | {k} | {ops} | {r['size'][k] / 2**20:.1f} | {ms[1]:.2f} | {ms[16]:.1f} | "
-                             f"{f1 / ms[1]:.2f}x / {f16 / ms[16]:.2f}x | {r['top1'][k] * 100:.1f} % |")
+                ups = [spread([f / m for f, m in zip(r["ms"]["float"][b], ms[b])], "x") for b in (1, 16)]
+                lines.append(f"| {name} | {k} | {ops} | {r['size'][k] / 2**20:.1f} | {spread(ms[1])} | "
+                             f"{spread(ms[16], digits=1)} | {ups[0]} | {ups[1]} | {r['top1'][k].cell()} |")
             lines.append(f"| {name} | (compile {r['compile_s']:.1f} s, export {r['export_s']:.1f} s; "
-                         f"export vs simulation top-1 {r['sim_vs_export_top1'] * 100:.1f} %) | | | | | | |")
-        lines += ["", "## EfficientNet-Lite0: ONNX Runtime vs our simulation, every built-in target", "",
+                         f"export vs simulation top-1 {r['sim_vs_export_top1'].cell()}) | | | | | | | |")
+        lines += ["", "## EfficientNet-Lite0: ONNX Runtime vs our simulation, per target", "",
                   "Right-hand columns: the same after rounding the simulation's float biases to the int32 "
                   "accumulator grid the export uses.", "",
                   "| target | top-1 agreement | max abs logit error | max abs logit | logits within 1 output code "
                   "| top-1, biases on grid | max error, biases on grid | within 1 code, biases on grid | file MiB | notes |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         if "agreement" not in args.skip:
-            for target, agree, err, mx, within, agree2, err2, within2, size, notes in agreement_rows(effnet, calib, held, tmp):
-                more = (f"{agree2 * 100:.1f} % | {err2:.3f} | {within2}" if agree2 is not None else "- | - | -")
-                lines.append(f"| {target} | {agree * 100:.1f} % | {err:.3f} | {mx:.1f} | {within} | {more} | "
+            for target, agree, err, mx, within, agree2, err2, within2, size, notes in agreement_rows(
+                    effnet, calib.crops, held.crops, held.photos, tmp, args.targets.split(",")):
+                more = (f"{agree2.cell()} | {err2:.3f} | {within2}" if agree2 is not None else "- | - | -")
+                lines.append(f"| {target} | {agree.cell()} | {err:.3f} | {mx:.1f} | {within} | {more} | "
                              f"{size / 2**20:.1f} | {notes} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit("\n".join(lines) + "\n", out_path(__file__, args))
     return 0
 
 
