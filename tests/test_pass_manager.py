@@ -86,22 +86,27 @@ def test_bad_pipelines_are_clear_errors():
 
 @pytest.mark.parametrize("suffix", ["svg", "png", "pdf", "dot"])
 def test_render_writes_each_format(tmp_path, monkeypatch, suffix):
-    # As on a fresh machine, no system Graphviz: SVG comes from the in-process renderer; PNG and
-    # PDF, which only the system `dot` draws, fall back to the DOT source with a note on how to
-    # draw it (tests/test_drawing.py covers the system `dot` and no renderer at all).
+    # As on a fresh machine, no system Graphviz: SVG and PNG come from the renderers qcompiler
+    # installs; PDF, which only the system `dot` draws, falls back to the DOT source with a note
+    # on how to draw it (tests/test_drawing.py covers the system `dot` and no renderer at all).
     monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
     assert shutil.which("dot") is None
     run = PassManager(["capture", "canonicalize"]).run(_model_ready(), torch.randn(1, 3, 6, 6))
     path = tmp_path / f"g.{suffix}"
-    if suffix in ("png", "pdf"):
-        with pytest.raises(DrawingUnavailable, match=rf"dot -T{suffix} \S*g\.dot -o \S*g\.{suffix}") as info:
+    if suffix == "pdf":
+        with pytest.raises(DrawingUnavailable, match=r"dot -Tpdf \S*g\.dot -o \S*g\.pdf") as info:
             run.render(str(path), stage="canonicalize")
         assert not path.exists() and info.value.dot_path == str(tmp_path / "g.dot")
         path = tmp_path / "g.dot"
     else:
         assert run.render(str(path), stage="canonicalize") == str(path)
-    text = path.read_text(encoding="utf-8")
-    assert len(text) > 100 and "conv" in text and "1×4×4×4" in text
+    data = path.read_bytes()
+    assert len(data) > 100
+    if suffix == "png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        return
+    text = data.decode("utf-8")
+    assert "conv" in text and "1×4×4×4" in text
     if suffix == "svg":
         assert "<svg" in text and 'class="node"' in text
     else:
