@@ -157,6 +157,15 @@ def passes_with(adaround: "AdaRoundConfig") -> list:
             if name == "optimize_rounding" else name for name in DEFAULT_PASSES]
 
 
+def pipeline(quick: bool) -> list:
+    """The default pipeline; with --quick, AdaRound cut to 2 steps per layer (smoke runs only)."""
+    if not quick:
+        return list(DEFAULT_PASSES)
+    from qcompiler.passes.optimize_rounding import AdaRoundConfig
+
+    return passes_with(AdaRoundConfig(steps=2))
+
+
 def logits(model: torch.nn.Module, crops: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(part) for part in crops.split(chunk)]).float()

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--observers", default="minmax,mse,percentile")
     ap.add_argument("--observer-targets", default="npu-int8,npu-int4")
     ap.add_argument("--reg-weights", default="0.01,0.3,3,10")
-    ap.add_argument("--budget", type=float, default=0.75, help="weight budget of the sensitivity study (fraction of int8)")
+    ap.add_argument("--budget", type=float, default=0.75,
+                    help="weight budget of the sensitivity study (fraction of int8)")
     ap.add_argument("--studies", default="observer,adaround,sensitivity,preprocessing")
     ap.add_argument("--adaround-steps", type=int, default=AdaRoundConfig().steps,
                     help="Adam steps per layer (the default's; --quick uses 2)")

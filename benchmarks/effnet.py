@@ -19,10 +19,9 @@ import time
 
 import torch
 
-from common import SPLIT_NOTE, agreement, emit, header, load_split, out_path, parser, passes_with
+from common import SPLIT_NOTE, agreement, emit, header, load_split, out_path, parser, pipeline
 from qcompiler import qcompile
 from qcompiler.demo import CONFIDENT_SOFTMAX, DEFAULT_TARGETS, agreement_stats, float_weight_bytes
-from qcompiler.passes.optimize_rounding import AdaRoundConfig
 from qcompiler.targets import load_target
 from qcompiler.targets.spec import BUILTIN_DIR, loads_target
 from qcompiler.zoo import efficientnet_lite0
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-limits", action="store_true", help="only part 1")
     ap.add_argument("--noise", type=float, default=0.003, help="std of the input noise row of part 2")
     args = ap.parse_args(argv)
-    adaround = AdaRoundConfig(steps=2) if args.quick else AdaRoundConfig()
     if args.quick:
         args.calib, args.heldout, args.targets = 4, 22, "npu-int8"
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(target) -> tuple[object, object, float]:
         start = time.perf_counter()
         compiled = qcompile(model, calib.crops[:1], target=target, calib_data=batches,
-                            passes=passes_with(adaround), progress=False)
+                            passes=pipeline(args.quick), progress=False)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             out = torch.cat([compiled(b) for b in held.crops.split(50)])

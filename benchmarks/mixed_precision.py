@@ -31,7 +31,7 @@ from qcompiler.passes.allocate_bits import AllocationProblem, BitTie, CostTable,
 from qcompiler.passes.sensitivity import hessian_sensitivity, sqnr_sensitivity
 from qcompiler.zoo import efficientnet_lite0
 
-from common import SPLIT_NOTE, agreement, emit, header, load_split, out_path, parser, spread
+from common import SPLIT_NOTE, agreement, emit, header, load_split, out_path, parser, pipeline, spread
 
 FRACTIONS = (1.0, 0.75, 0.7, 0.6, 0.5)
 
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         say(f"calibration + {method} sensitivity")
         sessions[method] = MixedPrecisionSession(model, calib.crops[:1], target=args.target,
-                                                 calib_data=calib_batches, sensitivity=method, progress=False)
+                                                 calib_data=calib_batches, sensitivity=method, progress=False,
+                                                 passes=pipeline(args.quick))
         say(f"  {sessions[method].table.seconds:.1f} s, {len(sessions[method].table.measured)} groups")
     # Greedy walks the sqnr sensitivities (Pandey & Nagel's own measure).
     s = sessions.get("sqnr") or sessions[methods[0]]
@@ -270,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [header(f"Mixed precision on EfficientNet-Lite0 under {s.spec.name}", __file__, argv, notes=[
         f"Pretrained EfficientNet-Lite0; calibration: {calib.describe}; measured on {heldout.describe}. "
-        "Top-1 agreement and output SQNR against the float model. Predicted = total sensitivity of the "
+        + (" AdaRound cut to 2 steps (--quick)." if args.quick else "") +
+        " Top-1 agreement and output SQNR against the float model. Predicted = total sensitivity of the "
         f"plan under {'sqnr' if 'sqnr' in sessions else methods[0]} (relative output noise power).",
         "", SPLIT_NOTE]),
-        "| model | weight memory (% of int8) | weight memory (KiB) | top-1 agreement [95 % CI] | output SQNR dB | predicted noise |",
+        "| model | weight memory (% of int8) | weight memory (KiB) | top-1 agreement [95 % CI] | output SQNR dB "
+        "| predicted noise |",
         "|---|---|---|---|---|---|"]
     for label, frac, mem, res, pred in rows:
         lines.append(f"| {label} | {frac:.1%} | {mem / 1024:,.1f} | {res.cell()} | {res.sqnr_db:.2f} | {pred:.3g} |")

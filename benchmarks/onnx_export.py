@@ -35,7 +35,9 @@ import onnxruntime as ort
 import qcompiler
 from qcompiler.zoo import efficientnet_lite0
 
-from common import SPLIT_NOTE, Agreement, agreement, emit, header, load_split, out_path, parser, spread
+from common import SPLIT_NOTE, Agreement, agreement, emit, header, load_split, out_path, parser, pipeline, spread
+
+PASSES: list = pipeline(quick=False)   # main() sets the --quick pipeline
 
 SIZE = 224
 THREADS = 2
@@ -121,7 +123,8 @@ def speed_rows(name: str, model: torch.nn.Module, calib: torch.Tensor, held: tor
                           output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
         t = time.perf_counter()
         compiled = qcompiler.qcompile(model, calib[:1], target="cpu-x86-int8",
-                                      calib_data=[calib[i:i + 8] for i in range(0, len(calib), 8)], progress=False)
+                                      calib_data=[calib[i:i + 8] for i in range(0, len(calib), 8)],
+                                      passes=PASSES, progress=False)
         compile_s = time.perf_counter() - t
     ours_path = str(tmp / f"{name}_qcompiler.onnx")
     t = time.perf_counter()
@@ -156,7 +159,8 @@ def agreement_rows(model: torch.nn.Module, calib: torch.Tensor, held: torch.Tens
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             compiled = qcompiler.qcompile(model, calib[:1], target=target,
-                                          calib_data=[calib[i:i + 8] for i in range(0, len(calib), 8)], progress=False)
+                                          calib_data=[calib[i:i + 8] for i in range(0, len(calib), 8)],
+                                          passes=PASSES, progress=False)
         path = str(tmp / f"agree_{target}.onnx")
         result = compiled.export_onnx(path)
         got = run(session(path), held)
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.targets, args.calib, args.heldout, args.rounds = \
             "efficientnet_lite0", "cpu-x86-int8", 4, 16, "2,1"
     rounds = tuple(int(r) for r in args.rounds.split(","))
+    global PASSES
+    PASSES = pipeline(args.quick)
     torch.set_num_threads(1)
     calib = load_split("calib", args.calib)
     held = load_split("heldout", args.heldout)

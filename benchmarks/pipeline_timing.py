@@ -16,13 +16,12 @@ import torch
 import torchvision
 
 import qcompiler
-from qcompiler.api import DEFAULT_PASSES
 from qcompiler.pass_manager import PassManager
 
-from common import emit, header, out_path, parser, spread
+from common import emit, header, out_path, parser, pipeline, spread
 
 
-def pass_table(name: str, images: int, rounds: int, batch_size: int = 4) -> str:
+def pass_table(name: str, images: int, rounds: int, passes: list, batch_size: int = 4) -> str:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, 224, 224)
@@ -31,7 +30,7 @@ def pass_table(name: str, images: int, rounds: int, batch_size: int = 4) -> str:
     for _ in range(rounds):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run = PassManager(list(DEFAULT_PASSES)).run(model, x, target=qcompiler.load_target("npu-int8"),
+            run = PassManager(passes).run(model, x, target=qcompiler.load_target("npu-int8"),
                                                          calib_data=calib, progress=False)
         for stage in run.stages:
             times.setdefault(stage, []).append(run.timings[stage])
@@ -74,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         args.models, args.capture_models, args.images, args.rounds = "resnet18", "resnet18", 2, 2
     parts = [header("Pipeline timing", __file__, argv, notes=[
         f"torch {torch.get_num_threads()} intra-op threads. Random weights; times include the machine's "
-        "other load, so read the spread."])]
+        "other load, so read the spread." + (" AdaRound cut to 2 steps (--quick)." if args.quick else "")])]
     for name in args.models.split(","):
         print(f"timing {name}", file=sys.stderr, flush=True)
-        parts += [pass_table(name, args.images, args.rounds), ""]
+        parts += [pass_table(name, args.images, args.rounds, pipeline(args.quick)), ""]
     parts += ["### Capture against depth", "", capture_scaling(args.capture_models.split(","), args.rounds)]
     emit("\n".join(parts) + "\n", out_path(__file__, args))
     return 0

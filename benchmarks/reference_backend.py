@@ -26,7 +26,7 @@ import qcompiler
 from qcompiler.exact import KernelRequantize
 from qcompiler.reference import IntegerKernel
 from qcompiler.requant import is_exact
-from common import SPLIT_NOTE, emit, header, load_split, out_path, parser, spread
+from common import SPLIT_NOTE, emit, header, load_split, out_path, parser, pipeline, spread
 from qcompiler.stats import agreement_interval
 from qcompiler.zoo import efficientnet_lite0
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.targets.split(","):
             start = time.perf_counter()
             compiled = qcompiler.qcompile(model, calib.crops[:2], target=target, calib_data=calib_batches,
-                                          progress=False)
+                                          passes=pipeline(args.quick), progress=False)
             seconds = time.perf_counter() - start
             res = compare(compiled, heldout.crops, heldout.photos)
             exact, total = exact_factors(compiled)

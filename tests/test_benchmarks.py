@@ -67,7 +67,8 @@ def test_out_path_quick_prints_unless_told(tmp_path):
     ap = common.parser("benchmarks/effnet.py", "d")
     assert common.out_path("effnet.py", ap.parse_args([])) == BENCHMARKS / "effnet.md"
     assert common.out_path("effnet.py", ap.parse_args(["--quick"])) is None
-    assert common.out_path("effnet.py", ap.parse_args(["--quick", "--out", str(tmp_path / "q.md")])) == tmp_path / "q.md"
+    explicit = ap.parse_args(["--quick", "--out", str(tmp_path / "q.md")])
+    assert common.out_path("effnet.py", explicit) == tmp_path / "q.md"
 
 
 def test_agreement_counts_hits_per_photo():
