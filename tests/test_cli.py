@@ -340,9 +340,20 @@ def test_run_demo_small(tmp_path):
     assert len(results) == 1
     r = results[0]
     assert isinstance(r, DemoResult) and r.target == "npu-int8" and r.n_heldout == 16
-    assert 0.0 <= r.top1_agreement <= r.top5_agreement <= 1.0
-    assert 0 <= r.confident_count <= 16
-    assert math.isnan(r.confident_top1_agreement) if r.confident_count == 0 else 0 <= r.confident_top1_agreement <= 1
+    # The figures are the float and the compiled model's on the held-out crops: recompute them.
+    from qcompiler.demo import CONFIDENT_SOFTMAX, logits_in_chunks
+    from qcompiler.sample_data import sample_crops
+    from qcompiler.zoo import efficientnet_lite0
+
+    heldout = sample_crops(16, seed=0, split="heldout")
+    ref = logits_in_chunks(efficientnet_lite0().eval(), heldout)
+    assert r.confident_count == int((ref.softmax(1).amax(1) >= CONFIDENT_SOFTMAX).sum())
+    if r.model_dir is not None:
+        again = agreement_stats(ref, logits_in_chunks(qcompiler.load(r.model_dir), heldout))
+        assert (r.top1_agreement, r.top5_agreement, r.confident_top1_agreement) == pytest.approx(
+            (again.top1, again.top5, again.confident_top1), nan_ok=True)
+    # W8A8 keeps the float model's top-1 on most crops (15 of 16 measured) and its top-5 on all.
+    assert r.top1_agreement >= 0.75 and r.top5_agreement >= 0.9
     # 8-bit weights and activations keep the logits well above the noise.
     assert math.isfinite(r.sqnr_db) and r.sqnr_db > 10
     # 4,652,008 float32 parameters (benchmarks/float_baseline.md); int8 weights take about a quarter.
