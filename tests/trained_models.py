@@ -181,6 +181,7 @@ def _main() -> None:
     import time
 
     import qcompiler
+    from qcompiler.formats import IntFormat
 
     parser = argparse.ArgumentParser(description=_main.__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -200,8 +201,9 @@ def _main() -> None:
             seconds = time.perf_counter() - start
             out = run(compiled, trained.heldout)
             a = agreement(ref, out, trained.heldout_labels)
-            params = output_quantizer(compiled).params
-            offset = f"{calib_offset_codes(trained, compiled):.3f}" if params is not None else "-"
+            # In output codes: meaningful only where the output is an integer format with one step.
+            integer_out = isinstance(output_quantizer(compiled).fmt, IntFormat)
+            offset = f"{calib_offset_codes(trained, compiled):.3f}" if integer_out else "-"
             print(f"| {seed} | {target} | {100 * trained.float_accuracy:.2f} | {100 * a.top1_agreement:.2f} | "
                   f"{100 * a.accuracy:.2f} | {a.sqnr_db:.2f} | {offset} | {seconds:.1f} |", flush=True)
 
