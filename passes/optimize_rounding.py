@@ -542,9 +542,12 @@ def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundC
     kernels, skipped = _eligible(gm, ctx, float_kernels)
     for why in skipped:
         ctx.note(STAGE, f"kept round-to-nearest for {why}")
+    correctable = cfg.correct_bias and any(
+        isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in float_kernels.values())
     if not kernels:
         ctx.note(STAGE, "no kernel with integer weights to optimise")
-        return gm
+        if not correctable:
+            return gm
     if not ctx.calib_batches:
         ctx.note(STAGE, "no calibration data: every weight keeps round-to-nearest")
         return gm
