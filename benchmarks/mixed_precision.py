@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                          c.weight_memory_bytes, measure(c), p.objective(g_choice)))
 
     lines = [header(f"Mixed precision on EfficientNet-Lite0 under {s.spec.name}", __file__, argv, notes=[
-        f"Pretrained EfficientNet-Lite0; calibration: {calib.describe}; measured on {heldout.describe}. "
+        f"Pretrained EfficientNet-Lite0; calibration: {calib.describe}; measured on {heldout.describe}."
         + (" AdaRound cut to 2 steps (--quick)." if args.quick else "") +
         " Top-1 agreement and output SQNR against the float model. Predicted = total sensitivity of the "
         f"plan under {'sqnr' if 'sqnr' in sessions else methods[0]} (relative output noise power).",
