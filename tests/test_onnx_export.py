@@ -2,12 +2,12 @@
 outputs match the simulation, cpu-x86-int8 runs on ONNX Runtime's integer kernels, formats ONNX
 cannot express are handled (note or strict error), and the file stores integer codes.
 
-The simulation is the reference. Where ONNX Runtime is allowed to differ, the bound says why:
-the exporter puts biases on the int32 accumulator grid (the simulation keeps them float, so a
-value may cross a rounding boundary: one code), and integer kernels requantize with their own
-float multiplier and summation order (again at most a boundary crossing). With the
-simulation's biases moved onto the same grid and ONNX Runtime's graph rewrites off, the two
-compute the same function: the codes are identical.
+The simulation is the reference, compared in output codes. Where ONNX Runtime may differ, the
+bound says why and quotes what was measured: it requantizes in float with ties to even, so a
+value on a rounding boundary can land one code away from a chip that rounds otherwise (the
+fixed-point NPUs, the DSP's rounding shift); on cpu-x86-int8, which requantizes like ONNX
+Runtime, the codes are identical. Every session turns on `session.x64quantprecision` (see
+`_session`): without it, x86 CPUs lacking VNNI saturate 16-bit sums inside the integer kernels.
 """
 from __future__ import annotations
 
@@ -89,6 +89,11 @@ def _session(path: str, optimize: bool = True, optimized_path: str | None = None
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
+    # On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits
+    # and saturate: int8 weights near +-127 times activation codes above 128 come out wrong
+    # (measured up to 88 output codes, top-1 flipped on every sample of MobileNet-V2). This
+    # option makes it use u8 x u8 kernels there, which are exact; elsewhere it changes nothing.
+    so.add_session_config_entry("session.x64quantprecision", "1")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path:
@@ -163,14 +168,17 @@ def test_every_target_runs_in_onnx_runtime_and_matches_the_simulation(target, tm
         assert out.shape == ref.shape == (32, 10)
         err = np.abs(out - ref)
         if step is not None:
+            codes = np.round(err / step)
             # The simulation requantizes as the chip does (fixed-point multiplier, rounding
-            # shift), ONNX Runtime in float with ties to even: at most one boundary crossing, one
-            # code of the output. A DSP rounding shift rounds exact halves up, and its
-            # power-of-two scales hit exact halves often: two codes there.
-            codes = 2 if target == "dsp-fixed-point" else 1
-            assert err.max() <= codes * step * 1.001, (optimize, err.max() / step)
-            # On the DSP the tie rule differs on most outputs (about half are one code apart).
-            assert (err < step / 2).mean() >= (0.4 if target == "dsp-fixed-point" else 0.9)
+            # shift), ONNX Runtime in float with ties to even: a value on a rounding boundary
+            # may land one code apart. Measured on the NPUs and cpu-x86-int8: none does (320 of
+            # 320 codes equal, fused or not). The DSP's rounding shift rounds exact halves up
+            # and its power-of-two scales hit exact halves often; a flip in one layer can add
+            # to one in the next: measured 45 % equal, 48 % one code and 6 % two codes apart.
+            if target == "dsp-fixed-point":
+                assert codes.max() <= 2 and (codes == 0).mean() >= 0.4 and (codes <= 1).mean() >= 0.9, optimize
+            else:
+                assert codes.max() <= 1 and (codes == 0).mean() >= 0.98, (optimize, codes.max(), (codes == 0).mean())
         else:
             # fp8 (every operation here is exact in float32 except the conv sums' order) and
             # weight-only-4bit (float activations): float32 rounding only.
@@ -190,9 +198,8 @@ def test_with_biases_on_the_accumulator_grid_the_codes_are_identical(target, tmp
     step = _integer_output_scale(compiled)
     ref_codes = np.round(_simulate(compiled, x) / step)
     np.testing.assert_array_equal(np.round(_run(path, x, optimize=False) / step), ref_codes)
-    # ONNX Runtime's fused integer kernels requantize in their own order: rare single-code flips.
-    fused = np.round(_run(path, x) / step)
-    assert np.abs(fused - ref_codes).max() <= 1 and (fused == ref_codes).mean() >= 0.95
+    # ONNX Runtime's fused integer kernels (QLinearConv, QGemm, ...) compute the same codes.
+    np.testing.assert_array_equal(np.round(_run(path, x) / step), ref_codes)
 
 
 def test_bias_is_int32_on_the_accumulator_grid_and_weights_are_codes(tmp_path):
@@ -299,8 +306,12 @@ def test_efficientnet_lite0_pads_join_the_integer_convs(tmp_path):
     assert ops["Pad"] == 0 and ops["QuantizeLinear"] == ops["DequantizeLinear"] == 1, ops
     x = _data(8, size=64, seed=4)
     out, ref = _run(path, x), _simulate(compiled, x)
-    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.75
-    assert np.abs(out - ref).max() <= 0.2 * np.abs(ref).max()
+    # cpu-x86-int8 requantizes in float32 as ONNX Runtime does: through 49 integer convs the
+    # codes stay the same (measured: 8000 of 8000 logits equal).
+    step = _integer_output_scale(compiled)
+    codes = np.round(np.abs(out - ref) / step)
+    assert codes.max() <= 1 and (codes == 0).mean() >= 0.99, (codes.max(), (codes == 0).mean())
+    assert (out.argmax(1) == ref.argmax(1)).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +341,16 @@ def test_torchvision_exports_have_a_dynamic_batch(name, target, tmp_path):
         one = sess.run(None, {"x": x[i:i + 1].numpy()})[0]
         assert np.abs(one[0] - full[i]).max() <= step * 1.001
     ref = _simulate(compiled, x)
-    # A random network amplifies single-code flips layer after layer; the outputs stay close.
-    assert np.abs(full - ref).max() <= 0.5 * np.abs(ref).max()
+    codes = np.round(np.abs(full - ref) / step)
+    if target == "npu-int8":
+        # The chip's fixed-point requantization and ONNX Runtime's float one differ on rare
+        # boundary values, and 20 layers of random weights amplify each flip: measured at most
+        # 4 codes, 35 % of the logits equal and 82 % within one code.
+        assert codes.max() <= 6 and (codes <= 1).mean() >= 0.75, (codes.max(), (codes <= 1).mean())
+    else:
+        # cpu-x86-int8 requantizes as ONNX Runtime does; this npu-int4 GoogLeNet never meets a
+        # rounding boundary where the two differ (measured: every logit equal in both).
+        assert codes.max() <= 1 and (codes == 0).mean() >= 0.99, (codes.max(), (codes == 0).mean())
 
 
 def test_weights_are_stored_as_integer_codes(tmp_path):
@@ -366,7 +385,8 @@ def test_int4_weights_export_as_onnx_int4(tmp_path):
     assert onnx.TensorProto.INT4 in types
     x = _data(16, seed=6)
     step = _integer_output_scale(compiled)
-    assert np.abs(_run(path, x) - _simulate(compiled, x)).max() <= step * 1.001
+    codes = np.round(np.abs(_run(path, x) - _simulate(compiled, x)) / step)
+    assert codes.max() <= 1 and (codes == 0).mean() >= 0.95   # measured: 157 of 160 equal, 3 one code apart
 
 
 def test_per_group_int4_uses_blocked_dequantize(tmp_path):
@@ -450,9 +470,11 @@ def test_int16_and_narrower_than_container_formats(builtin, old, new, formats, t
     compiled.export_onnx(path)
     x = _data(16, seed=8)
     ref, step = _simulate(compiled, x), _integer_output_scale(compiled)
+    # Measured, fused or not: int16 DSP 146 of 160 codes equal (ties rounded up by the shift),
+    # int6 activations 160 of 160, int3 weights 157 of 160; the rest one code apart.
     for optimize in (False, True):
-        err = np.abs(_run(path, x, optimize) - ref)
-        assert err.max() <= step * 1.001 and (err < step / 2).mean() >= 0.8
+        codes = np.round(np.abs(_run(path, x, optimize) - ref) / step)
+        assert codes.max() <= 1 and (codes == 0).mean() >= 0.85, (optimize, (codes == 0).mean())
 
 
 def test_a_saved_and_loaded_model_exports_the_same_file(tmp_path):
