@@ -26,7 +26,7 @@ from qcompiler.sample_data import PHOTOS, crop_boxes, sample_crops
 from qcompiler.stats import AgreementInterval, agreement_interval
 
 if TYPE_CHECKING:
-    from qcompiler.passes.optimize_rounding import AdaRoundConfig
+    from qcompiler.adaround import AdaRoundConfig
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -161,7 +161,7 @@ def pipeline(quick: bool) -> list:
     """The default pipeline; with --quick, AdaRound cut to 2 steps per layer (smoke runs only)."""
     if not quick:
         return list(DEFAULT_PASSES)
-    from qcompiler.passes.optimize_rounding import AdaRoundConfig
+    from qcompiler.adaround import AdaRoundConfig
 
     return passes_with(AdaRoundConfig(steps=2))
 

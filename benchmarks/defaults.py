@@ -31,8 +31,9 @@ from common import (
 )
 from qcompiler import qcompile
 from qcompiler.mixed_precision import MixedPrecisionSession
-from qcompiler.passes.optimize_rounding import AdaRoundConfig
-from qcompiler.passes.sensitivity import DEFAULT_METHOD, METHODS
+from qcompiler.adaround import AdaRoundConfig
+from qcompiler.options import DEFAULT_SENSITIVITY as DEFAULT_METHOD
+from qcompiler.options import SENSITIVITY_METHODS as METHODS
 from qcompiler.stats import paired_difference_interval
 from qcompiler.targets import load_target
 from qcompiler.zoo import efficientnet_lite0

@@ -27,8 +27,8 @@ import torch
 
 from qcompiler import BudgetError, qcompile
 from qcompiler.mixed_precision import MixedPrecisionSession, _logits
-from qcompiler.passes.allocate_bits import AllocationProblem, BitTie, CostTable, solve_allocation
-from qcompiler.passes.sensitivity import hessian_sensitivity, sqnr_sensitivity
+from qcompiler.allocation import AllocationProblem, BitTie, CostTable, solve_allocation
+from qcompiler.sensitivity import hessian_sensitivity, sqnr_sensitivity
 from qcompiler.zoo import efficientnet_lite0
 
 from common import SPLIT_NOTE, agreement, emit, header, load_split, out_path, parser, pipeline, spread

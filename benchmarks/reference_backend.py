@@ -24,7 +24,7 @@ import torchvision
 
 import qcompiler
 from qcompiler.exact import KernelRequantize
-from qcompiler.reference import IntegerKernel
+from qcompiler.backends.reference import IntegerKernel
 from qcompiler.requant import is_exact
 from common import SPLIT_NOTE, emit, header, load_split, out_path, parser, pipeline, spread
 from qcompiler.stats import agreement_interval

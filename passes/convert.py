@@ -10,29 +10,21 @@ spec's default.
 """
 from __future__ import annotations
 
-import copy
-
-import torch
 from torch import fx, nn
 
 from ..context import CompileContext
 from ..errors import QCompileError
 from ..formats import HostFloat
+from ..fx_util import copy_sharing_tensors, set_submodule
 from ..groups import HOST_FLOAT
 from ..plan import GroupPlan, Plan
 from ..quantizers import FakeQuantize, ObserverStub, quantize_weight, weight_axis
 
 
-def _copy_module(module: nn.Module) -> nn.Module:
-    """A structural copy that shares tensors: the user's module is never changed."""
-    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return copy.deepcopy(module, memo)
-
-
 def _quantize_kernel_weights(gm: fx.GraphModule, node: fx.Node, group, fmt, ctx: CompileContext) -> tuple:
     """Install a copy of the kernel's module with quantized weights; returns the params of the first."""
     original = gm.get_submodule(node.target)
-    module = _copy_module(original)
+    module = copy_sharing_tensors(original)    # the user's module is never changed
     params = None
     axis = weight_axis(module)
     for qualified in group.weights:
@@ -43,14 +35,9 @@ def _quantize_kernel_weights(gm: fx.GraphModule, node: fx.Node, group, fmt, ctx:
         qw, p = quantize_weight(fmt, w, axis)
         setattr(owner, leaf, nn.Parameter(qw, requires_grad=w.requires_grad))
         params = params if params is not None else p
-    _set(gm, node.target, module)
-    ctx.extra.setdefault("float_kernels", {})[node.target] = original  # for correct_bias
+    set_submodule(gm, node.target, module)
+    ctx.float_kernels[node.target] = original  # the float side of later replays
     return params
-
-
-def _set(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -72,7 +59,7 @@ def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             observer = ctx.observers[group.id]
             params = None if isinstance(fmt, HostFloat) else observer.compute_qparams(fmt)
             for stub in stubs.get(group.id, []):
-                _set(gm, stub.target, FakeQuantize(group.id, fmt, params))
+                set_submodule(gm, stub.target, FakeQuantize(group.id, fmt, params))
                 stub.meta["format"] = fmt.name
                 nodes[stub.meta["quantizes"]].meta["format"] = fmt.name
         elif to_host:

@@ -30,7 +30,6 @@ BatchNorm that a leaf also uses is replaced only under a fresh path.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
 from ..context import CompileContext
+from ..fx_util import copy_sharing_tensors, fetch_attr, snapshot
 from ..layers import Affine
 
 STAGE = "fold_bn"
@@ -133,19 +133,12 @@ def _stats_of(node: fx.Node, gm: fx.GraphModule) -> BatchNormStats | str | None:
             if value is None and name in ("weight", "bias"):
                 tensors[name] = None
             elif isinstance(value, fx.Node) and value.op == "get_attr":
-                tensors[name] = _fetch(gm, value.target)
+                tensors[name] = fetch_attr(gm, value.target)
             else:
                 return f"its {name} is not an attribute of the model (it is {value!r})"
         return BatchNormStats.from_stats(tensors["running_mean"], tensors["running_var"],
                                          tensors["weight"], tensors["bias"], float(a["eps"]))
     return None
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _foldable_producer(bn_node: fx.Node, stats: BatchNormStats, gm: fx.GraphModule,
@@ -206,7 +199,7 @@ def _folded_weights(m: nn.Module, stats: BatchNormStats) -> tuple[torch.Tensor, 
 
 def _with_weights(m: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     """A copy of `m` with new weight and bias Parameters; `m` and its tensors stay untouched."""
-    new = copy.deepcopy(m, {id(t): t for t in list(m.parameters()) + list(m.buffers())})
+    new = copy_sharing_tensors(m)
     new.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
     new.bias = nn.Parameter(bias, requires_grad=m.weight.requires_grad)
     return new
@@ -282,7 +275,7 @@ def _install_folded(gm: fx.GraphModule, producer: fx.Node, module: nn.Module, re
 
 def fold_bn(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """The fold_bn pass: returns a new GraphModule; `gm` and the tensors it shares are unchanged."""
-    gm = _structural_copy(gm)
+    gm = snapshot(gm)
     refs = _module_references(gm)
     affine_names: dict[str, str] = {}   # BatchNorm module path -> its Affine's path
     counts: Counter[str] = Counter()
@@ -370,15 +363,3 @@ def _batch_norms_inside_leaves(gm: fx.GraphModule) -> list[str]:
         inside += [p for p in _subtree(gm, target)[1:]
                    if isinstance(gm.get_submodule(p), BATCH_NORM_MODULES) and p not in inside]
     return inside
-
-
-def _structural_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the graph and of every module object that shares all parameter and buffer tensors.
-
-    Leaf modules of a traced GraphModule are the user's own module objects; installing into a
-    copy keeps the user's model and earlier snapshots exactly as they were.
-    """
-    memo: dict[int, Any] = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
-    new = copy.deepcopy(gm, memo)
-    new.meta = dict(getattr(gm, "meta", {}))
-    return new

@@ -29,7 +29,7 @@ from ..context import CompileContext
 from ..errors import GroupingError
 from ..groups import QuantizerGroup, Tie
 from ..opkinds import META
-from .capture import source_line
+from ..tracing import source_line
 
 # Weight tensors of a kernel module, by op kind (attribute paths inside the module).
 MODULE_WEIGHTS = {

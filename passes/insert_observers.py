@@ -23,7 +23,7 @@ DEFAULT_OBSERVER = "mse"
 
 
 def observer_name(group: Any, ctx: CompileContext) -> str:
-    choice = ctx.observer
+    choice = ctx.options.observer
     if isinstance(choice, str):
         return choice
     if isinstance(choice, dict):
@@ -44,7 +44,7 @@ def _check_observer_choice(choice: Any) -> None:
 
 
 def insert_observers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    _check_observer_choice(ctx.observer)
+    _check_observer_choice(ctx.options.observer)
     nodes = {n.name: n for n in gm.graph.nodes}
     ctx.observers = {}
     for group in ctx.groups:

@@ -1,43 +1,44 @@
 """qcompiler: a quantization compiler for PyTorch models that targets edge accelerators."""
 from __future__ import annotations
 
+from typing import Any
+
+from .api import qcompile
+from . import backends
+from .backends import Backend, register_backend
+from .compiled import CompiledModel, load_compiled
 from .context import CompileContext
 from .errors import (
     ArtifactError, BudgetError, CalibrationError, CaptureError, GroupingError, OnnxExportError,
     PassError, QCompileError, SpecError,
 )
-from .api import CompiledModel, qcompile
-from .pass_manager import PassManager, PassRun
 from .mixed_precision import ParetoResult, pareto
+from .options import CompileOptions
+from .pass_manager import PassManager, PassRun, register_pass
 from .targets.spec import TargetSpec, list_targets, load_target
+from .tracing import capture_module
+from .version import __version__
 
-__version__ = "0.1.0"
 
-
-def capture(model, example_inputs, leaf_modules=(), concrete_args=None):
+def capture(model: Any, example_inputs: Any, leaf_modules: Any = (), concrete_args: Any = None) -> Any:
     """Trace `model` into a torch.fx.GraphModule whose nodes carry shapes, params and MACs."""
-    from .passes.capture import capture as _capture
-
-    return _capture(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return capture_module(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
 
-def load(path):
+def load(path: Any) -> CompiledModel:
     """Load a model saved with `CompiledModel.save` (JSON + safetensors; no code is loaded)."""
-    from .artifact import load_compiled
-
     return load_compiled(path)
 
 
-def load_qpack(path):
+def load_qpack(path: Any) -> Any:
     """The reference backend stored in a qpack directory (`CompiledModel.export`), without model code."""
-    from .qpack import load_qpack as _load_qpack
-
-    return _load_qpack(path)
+    return backends.load("qpack", path)
 
 
 __all__ = [
-    "CompiledModel", "TargetSpec", "list_targets", "load", "load_qpack", "load_target", "qcompile",
-    "ArtifactError", "BudgetError", "CalibrationError", "CaptureError", "CompileContext",
-    "GroupingError", "OnnxExportError", "PassError", "PassManager", "PassRun", "QCompileError", "SpecError",
-    "ParetoResult", "capture", "pareto",
+    "Backend", "CompileContext", "CompileOptions", "CompiledModel", "ParetoResult", "PassManager", "PassRun",
+    "TargetSpec", "__version__", "capture", "list_targets", "load", "load_qpack", "load_target", "pareto",
+    "qcompile", "register_backend", "register_pass",
+    "ArtifactError", "BudgetError", "CalibrationError", "CaptureError", "GroupingError", "OnnxExportError",
+    "PassError", "QCompileError", "SpecError",
 ]

@@ -18,12 +18,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import BudgetError, CalibrationError, QCompileError
+from .options import SENSITIVITY_METHODS
+from .outputs import prepare_output_dir, write_text
 
 
 class CommandLineError(QCompileError):
@@ -148,11 +149,7 @@ DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 CALIB_BATCH = 32
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _FACTORY_SYNTAX = re.compile(rf"({_DOTTED}):({_DOTTED})")
-_BUDGET_SYNTAX = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*")
-# Byte units; a budget without a unit is a plain number (a count, or a fraction such as 0.5).
-BYTE_UNITS: dict[str, int] = {
-    "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30,
-}
+_BUDGET_SYNTAX = re.compile(r"\s*([A-Za-z_]\w*)\s*=(.*)")
 
 
 @contextlib.contextmanager
@@ -247,21 +244,19 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 
 def parse_budget(text: str) -> tuple[str, float]:
-    """'weight_memory=1.5MiB' -> ('weight_memory', 1572864.0); '0.5' stays 0.5 (a fraction)."""
+    """'weight_memory=1.5MiB' -> ('weight_memory', 1572864.0); '0.5' stays 0.5 and '60%' is 0.6
+    (fractions of the spec-default model). The value syntax is qcompiler.allocation's."""
+    from .allocation import BYTE_UNITS, read_budget_value
+
     match = _BUDGET_SYNTAX.fullmatch(text)
-    if match is None:
+    if match is None or not match.group(2).strip():
         raise BudgetError(
             f"--budget {text!r} is not of the form METRIC=VALUE[UNIT]; e.g. "
-            "--budget weight_memory=1.5MiB or --budget bops=0.5 (units: "
-            f"{', '.join(('B', 'KB', 'KiB', 'MB', 'MiB', 'GB', 'GiB'))})")
-    metric, number, unit = match.groups()
-    if unit and unit.lower() not in BYTE_UNITS:
-        raise BudgetError(f"--budget {text!r}: unknown unit {unit!r}; use B, KB, KiB, MB, MiB, GB or "
-                          "GiB, or no unit for a plain number or a fraction such as 0.5")
-    value = float(number) * (BYTE_UNITS[unit.lower()] if unit else 1)
-    if not math.isfinite(value) or value <= 0:
-        raise BudgetError(f"--budget {text!r}: the value must be a positive finite number")
-    return metric, value
+            "--budget weight_memory=1.5MiB, --budget bops=0.5 or --budget bops=60% (units: "
+            "B, KB, KiB, MB, MiB, GB, GiB, %)")
+    metric, value = match.group(1), match.group(2).strip()
+    number, unit = read_budget_value(metric, value)
+    return metric, number / 100 if unit == "%" else number * BYTE_UNITS.get(unit, 1)
 
 
 def parse_budgets(texts: Sequence[str] | None) -> dict[str, str]:
@@ -316,16 +311,8 @@ def _check_out_dir(path: Path) -> None:
 
 
 def prepare_out_dir(path: Path) -> None:
-    """Create the output directory and write a scratch file in it: run before the long computation,
-    so a directory that cannot take the results fails at once rather than after the work."""
-    _check_out_dir(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise CommandLineError(f"--out {str(path)!r} cannot be written: {exc.strerror or exc}; give a "
-                               "directory you can write to") from None
+    """The output directory, created and checked before the long computation (`outputs`)."""
+    prepare_output_dir(path, "--out")
 
 
 def _human_bytes(n: float) -> str:
@@ -344,14 +331,6 @@ def compile_report_markdown(compiled: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> str:
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise QCompileError(f"cannot write {path}: {exc.strerror or exc}; check the output directory") from None
-    return str(path)
-
-
 def write_compile_outputs(compiled: Any, out: Path) -> tuple[list[str], str | None]:
     """Write the report, the saved model and both drawings into `out`; returns what was written
     and, when no renderer could draw the graphs, one line on how to get the pictures.
@@ -367,7 +346,7 @@ def write_compile_outputs(compiled: Any, out: Path) -> tuple[list[str], str | No
     except OSError as exc:
         raise QCompileError(f"cannot create the output directory {out}: {exc.strerror or exc}") from None
     steps: list[tuple[str, Callable[[Path], str]]] = [
-        ("report.md", lambda p: _write_text(p, compile_report_markdown(compiled))),
+        ("report.md", lambda p: write_text(p, compile_report_markdown(compiled))),
         ("model", lambda p: compiled.save(str(p)) + os.sep),
         ("graph.svg", lambda p: compiled.render(str(p), colour_by="format")),
         ("graph_groups.svg", lambda p: compiled.render(str(p), stage="group_quantizers", colour_by="group")),
@@ -472,7 +451,7 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", action="append", metavar="METRIC=VALUE",
                    help="a cost budget such as weight_memory=1.5MiB or bops=0.5 (a number in (0, 1] is a "
                         "fraction of the spec-default model's value); repeatable or comma-separated")
-    p.add_argument("--sensitivity", choices=("sqnr", "hessian"),
+    p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS,
                    help="how mixed precision measures each group's sensitivity (default hessian)")
     p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
                                       "percentile, mse, histogram); the target's default otherwise")
@@ -607,7 +586,7 @@ def _pareto(args: argparse.Namespace) -> int:
                     progress=not args.no_progress, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     table = result.to_markdown()
-    _write_text(out / "pareto.md", table)
+    write_text(out / "pareto.md", table)
     result.plot(str(out / "pareto.png"))
     print(table)
     print(f"written: {out / 'pareto.md'}, {out / 'pareto.png'}")
@@ -636,7 +615,7 @@ def add_pareto(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", required=True, metavar="B1,B2,...",
                    help="budgets of --metric: fractions of the spec-default model (0.75, 60%%) or values with units (1.5MiB)")
     p.add_argument("--metric", default="weight_memory", help="the budgeted cost metric (default weight_memory)")
-    p.add_argument("--sensitivity", choices=("sqnr", "hessian"), help="sensitivity method (default hessian)")
+    p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS, help="sensitivity method (default hessian)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")

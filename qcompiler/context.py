@@ -1,42 +1,79 @@
 """The compile context: the one place where state shared between passes lives.
 
-Facts about single nodes live on the graph (`node.meta`); everything else a pass needs from an
-earlier pass (the target, quantizer groups, observers, the bit allocation, diagnostics) lives
-here. A pass reads and writes the context and never reaches into another pass's module.
+Facts about single nodes live on the graph (`node.meta`, keys declared in `qcompiler.meta`);
+everything a pass hands to a later one lives here, as a typed field with its meaning. A pass
+reads and writes the context and never reaches into another pass's module.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .options import CompileOptions
+
+if TYPE_CHECKING:  # types only: the context imports no numerics
+    from .allocation import AllocationProblem, AllocationResult
+    from .adaround import LayerRounding
+    from .groups import QuantizerGroup, Tie
+    from .observers import Observer
+    from .plan import Plan
+    from .sensitivity import SensitivityTable
+    from .targets.spec import TargetSpec
 
 
 @dataclass
 class CompileContext:
+    """What one compile knows beyond the graph, filled in as the passes run."""
+
     model: torch.nn.Module
     example_inputs: tuple[Any, ...]
-    leaf_modules: tuple[Any, ...] = ()
-    concrete_args: dict[str, Any] | None = None
-    target: Any = None                      # a validated TargetSpec once loaded
+    target: TargetSpec | None = None
+    """The validated target spec."""
     calib_data: Any = None
-    calib_batches: list[Any] | None = None  # the calibration data, materialised and checked once
-    observer: Any = None                    # observer choice / overrides from the user
-    budget: dict[str, Any] | None = None
-    progress: bool = True
-    seed: int = 0
-    groups: list[Any] = field(default_factory=list)      # QuantizerGroup, from group_quantizers
-    ties: list[Any] = field(default_factory=list)        # Tie: bit-width couplings between groups
-    observers: dict[str, Any] = field(default_factory=dict)
-    allocation: dict[int, str] = field(default_factory=dict)  # group id -> chosen format name
-    plan: Any = None                        # frozen per-group formats and parameters
-    # Diagnostics each pass wants the user to see, keyed by stage name.
+    """The calibration data as the user gave it (DataLoader, list of batches, ...)."""
+    options: CompileOptions = field(default_factory=CompileOptions)
+    """The user's settings (frozen)."""
+    calib_batches: list[tuple[Any, ...]] | None = None
+    """The calibration data, materialised and checked once (`calibrate`)."""
+    groups: list[QuantizerGroup] = field(default_factory=list)
+    """Quantizer groups (`group_quantizers`), indexed by their id."""
+    ties: list[Tie] = field(default_factory=list)
+    """Bit-width couplings between groups (`group_quantizers`)."""
+    observers: dict[int, Observer] = field(default_factory=dict)
+    """Activation group id -> its observer (`insert_observers`, filled by `calibrate`)."""
+    sensitivity: SensitivityTable | None = None
+    """Output noise per (group, candidate format) (`sensitivity`)."""
+    allocation_problem: AllocationProblem | None = None
+    """The integer program `allocate_bits` solved."""
+    allocation_result: AllocationResult | None = None
+    """The solver's answer: status, objective, costs (`allocate_bits`)."""
+    allocation: dict[int, str] = field(default_factory=dict)
+    """Group id -> chosen format name; groups not listed take the spec default (`convert`)."""
+    float_kernels: dict[str, torch.nn.Module] = field(default_factory=dict)
+    """Module target -> the float kernel `convert` replaced by its quantized copy; the float side
+    of every replay (`optimize_rounding`, `correct_bias`)."""
+    rounding: dict[str, LayerRounding] = field(default_factory=dict)
+    """Module target -> what AdaRound did to that kernel (`optimize_rounding`)."""
+    plan: Plan | None = None
+    """Every group's frozen format and parameters (`convert`; `model_requant` may raise scales)."""
     notes: dict[str, list[str]] = field(default_factory=dict)
-    # Anything else a pass chooses to share; prefer a named field above when it is stable.
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Diagnostics each pass wants the user to see, keyed by stage name."""
 
     def note(self, stage: str, message: str) -> None:
         self.notes.setdefault(stage, []).append(message)
+
+    def fork(self) -> "CompileContext":
+        """A context that later passes can change without touching this one (tensors, modules
+        and observers are shared: passes replace them, never modify them in place)."""
+        out = copy.copy(self)
+        out.groups, out.ties = list(self.groups), list(self.ties)
+        out.observers, out.allocation = dict(self.observers), dict(self.allocation)
+        out.float_kernels, out.rounding = dict(self.float_kernels), dict(self.rounding)
+        out.notes = {k: list(v) for k, v in self.notes.items()}
+        return out
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:

@@ -2,8 +2,8 @@
 
 A spec's `[cost]` formulas are over per-node variables (targets.formulas.VARIABLES). This module
 computes those variables for every kernel of an annotated graph under a choice of formats, and
-sums a metric over the graph. Kernels on the chip use `[cost]`; nodes that fall back to the host
-use `[unsupported.host_cost]` where it names the metric, else `[cost]` with 32-bit widths.
+sums a metric over the graph; `TargetSpec.cost_of` evaluates them, for chip kernels and for nodes
+that fall back to the host alike.
 Element counts and MACs are per sample (capture records them for the example batch).
 """
 from __future__ import annotations
@@ -86,12 +86,8 @@ def node_cost(spec: Any, metric: str, gm: fx.GraphModule, node: fx.Node, nodes: 
     what a chip kernel would cost if it fell back to the host.
     """
     variables = node_variables(gm, node, nodes, bits_of, scales_of, batch)
-    if node.meta.get("role") == "host" if on_host is None else on_host:
-        host_formula = spec.unsupported.host_cost.get(metric)
-        if host_formula is not None:
-            return host_formula.evaluate(**variables)
-        variables.update(w_bits=FLOAT_BITS if variables["params"] else 0, a_bits=FLOAT_BITS, out_bits=FLOAT_BITS)
-    return spec.cost[metric].evaluate(**variables)
+    host = node.meta.get("role") == "host" if on_host is None else on_host
+    return spec.cost_of(metric, on_host=host, **variables)
 
 
 def metric_total(spec: Any, metric: str, gm: fx.GraphModule, bits_of: Callable[[int], int],

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import QCompileError
+from .outputs import prepare_output_dir, write_text
 from .stats import AgreementInterval
 
 DEFAULT_TARGETS: tuple[str, ...] = ("npu-int8", "npu-int4", "cpu-x86-int8")
@@ -209,16 +209,8 @@ def run_demo(targets: Sequence[str] = DEFAULT_TARGETS, n_calib: int = DEFAULT_N_
     if len(set(names)) != len(names):
         raise QCompileError(f"targets {list(targets)} name the same target twice; give each once")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise QCompileError(f"cannot write the demo output to {out}: it is a file; choose a directory")
     # What the outputs need, checked before any compute: a writable directory and a renderer.
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise QCompileError(f"cannot write the demo output to {out}: {exc.strerror or exc}; choose a "
-                            "directory you can write to") from None
+    prepare_output_dir(out, "the demo output directory")
     drawing_problem = check_drawing("svg")
     if drawing_problem:
         say(f"warning: {drawing_problem}")
@@ -267,10 +259,3 @@ def run_demo(targets: Sequence[str] = DEFAULT_TARGETS, n_calib: int = DEFAULT_N_
         # Written after every target: an interrupted demo keeps what it measured.
         write_text(out / "report.md", _markdown_report(results, reports, n_calib, n_heldout))
     return results
-
-
-def write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise QCompileError(f"cannot write {path}: {exc.strerror or exc}; check the output directory") from None

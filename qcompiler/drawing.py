@@ -219,12 +219,15 @@ def _wasm_backend() -> Any:
 
 
 def _graphviz_pure() -> str | None:
-    """The graphviz-pure program: on PATH, or in the scripts directory of this Python's install."""
+    """The graphviz-pure program: on PATH, or in the scripts directory of this Python's install
+    (a virtual environment's, the user's, or, for a venv that sees the system's packages, the
+    base install's)."""
     found = shutil.which("graphviz-pure")
-    for scheme in (None, f"{os.name}_user"):
+    folders = [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", f"{os.name}_user"),
+               sysconfig.get_path("scripts", vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})]
+    for scripts in folders:
         if found:
             break
-        scripts = sysconfig.get_path("scripts", scheme) if scheme else sysconfig.get_path("scripts")
         found = shutil.which("graphviz-pure", path=scripts)
     return found
 

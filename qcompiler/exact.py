@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .errors import QCompileError
 from .formats import Format, IntFormat, QParams
+from .opkinds import CLAMPS
 from .quantizers import FakeQuantize
 from .requant import requantize, requantize_float64
 
@@ -200,7 +201,7 @@ class KernelRequantize(FakeQuantize):
 # Which kernels compute exactly: the chain from a kernel to its output quantizer.
 
 # Fused ops that may sit between an exact kernel and its requantizer.
-CLAMP_KINDS = ("relu", "relu6", "hardtanh", "clamp")
+CLAMP_KINDS = CLAMPS
 KERNEL_KINDS = ("conv", "depthwise_conv", "linear")
 
 

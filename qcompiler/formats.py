@@ -220,12 +220,55 @@ def pow2_ceil(scale: Tensor) -> Tensor:
     return torch.ldexp(torch.ones_like(scale), exponent)
 
 
+class _ScaleGrid:
+    """quantize / dequantize / fake_quant of a format whose codes sit on a scale grid (per tensor,
+    channel or group, `_uniform_layout`); the format gives `_encode` and `_decode`.
+
+    quantize: the codes (int32 for integer formats, uint8 bit patterns for minifloats), shaped
+    like x; dequantize: their values; fake_quant: both at once, with a straight-through gradient
+    inside the representable range.
+    """
+
+    granularity: Granularity
+    group_size: int | None
+
+    def _check_granularity(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if (self.granularity == "per_group") != (self.group_size is not None):
+            raise ValueError("group_size is required with granularity 'per_group' and only then")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+
+    def _check_params(self, params: QParams) -> None:
+        pass
+
+    def _as_codes(self, q: Tensor) -> Tensor:
+        return q
+
+    def quantize(self, x: Tensor, params: QParams) -> Tensor:
+        self._check_params(params)
+        xv, s, zp, restore = _uniform_layout(self, x, params)
+        q, _ = self._encode(xv, s, zp)
+        return restore(self._as_codes(q))
+
+    def dequantize(self, codes: Tensor, params: QParams) -> Tensor:
+        qv, s, zp, restore = _uniform_layout(self, codes, params)
+        return restore(self._decode(qv, s, zp))
+
+    def fake_quant(self, x: Tensor, params: QParams) -> Tensor:
+        self._check_params(params)
+        xv, s, zp, restore = _uniform_layout(self, x, params)
+        q, in_range = self._encode(xv, s, zp)
+        return _straight_through(x, restore(self._decode(q, s, zp)), restore(in_range))
+
+
 # ---------------------------------------------------------------------------------------------
 # Integer formats.
 
 
 @dataclass(frozen=True)
-class IntFormat:
+class IntFormat(_ScaleGrid):
     """Uniform integer quantization: x ≈ scale * (q - zero_point), q in [qmin, qmax].
 
     Symmetric formats have no zero point (it is 0); for unsigned formats that means the range
@@ -243,14 +286,9 @@ class IntFormat:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
             raise ValueError(f"integer formats have 2 to 16 bits, got {self.bits!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        self._check_granularity()
         if self.scale_kind not in SCALE_KINDS:
             raise ValueError(f"scale_kind must be one of {SCALE_KINDS}, got {self.scale_kind!r}")
-        if (self.granularity == "per_group") != (self.group_size is not None):
-            raise ValueError("group_size is required with granularity 'per_group' and only then")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be positive, got {self.group_size}")
 
     @property
     def family(self) -> str:
@@ -303,22 +341,8 @@ class IntFormat:
             q = q - zp
         return q * s
 
-    def quantize(self, x: Tensor, params: QParams) -> Tensor:
-        """Integer codes (int32) in [qmin, qmax], shaped like x."""
-        self._check_params(params)
-        xv, s, zp, restore = _uniform_layout(self, x, params)
-        q, _ = self._encode(xv, s, zp)
-        return restore(q.to(torch.int32))
-
-    def dequantize(self, codes: Tensor, params: QParams) -> Tensor:
-        qv, s, zp, restore = _uniform_layout(self, codes, params)
-        return restore(self._decode(qv, s, zp))
-
-    def fake_quant(self, x: Tensor, params: QParams) -> Tensor:
-        self._check_params(params)
-        xv, s, zp, restore = _uniform_layout(self, x, params)
-        q, in_range = self._encode(xv, s, zp)
-        return _straight_through(x, restore(self._decode(q, s, zp)), restore(in_range))
+    def _as_codes(self, q: Tensor) -> Tensor:
+        return q.to(torch.int32)
 
     def qparams_from_range(
         self, min_val: Tensor | float, max_val: Tensor | float, axis: int | None = None
@@ -387,7 +411,7 @@ def minifloat_tables(kind: str) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
-class FloatFormat:
+class FloatFormat(_ScaleGrid):
     """A scaled minifloat (FP8 E4M3/E5M2, FP4 E2M1): x ≈ scale * decode(code).
 
     Saturating: anything beyond the largest finite value becomes it (never inf or NaN). Codes
@@ -401,12 +425,7 @@ class FloatFormat:
     def __post_init__(self) -> None:
         if self.kind not in MINIFLOATS:
             raise ValueError(f"minifloat kind must be one of {tuple(MINIFLOATS)}, got {self.kind!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if (self.granularity == "per_group") != (self.group_size is not None):
-            raise ValueError("group_size is required with granularity 'per_group' and only then")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        self._check_granularity()
 
     @property
     def family(self) -> str:
@@ -449,20 +468,6 @@ class FloatFormat:
         _, _, table = minifloat_tables(self.kind)
         return table.to(codes.device)[codes.long()] * s
 
-    def quantize(self, x: Tensor, params: QParams) -> Tensor:
-        """Bit patterns (uint8), shaped like x."""
-        xv, s, zp, restore = _uniform_layout(self, x, params)
-        code, _ = self._encode(xv, s, zp)
-        return restore(code)
-
-    def dequantize(self, codes: Tensor, params: QParams) -> Tensor:
-        qv, s, zp, restore = _uniform_layout(self, codes, params)
-        return restore(self._decode(qv, s, zp))
-
-    def fake_quant(self, x: Tensor, params: QParams) -> Tensor:
-        xv, s, zp, restore = _uniform_layout(self, x, params)
-        code, in_range = self._encode(xv, s, zp)
-        return _straight_through(x, restore(self._decode(code, s, zp)), restore(in_range))
 
     def qparams_from_range(
         self, min_val: Tensor | float, max_val: Tensor | float, axis: int | None = None

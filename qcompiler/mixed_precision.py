@@ -5,22 +5,24 @@ allocation, converts a copy of the calibrated graph with that plan, runs the pas
 `convert`, and measures the result: weight memory, BOPs, the predicted sensitivity (the ILP's
 objective) and, on evaluation data (the calibration data if none is given), output SQNR against
 float and top-1 agreement. `MixedPrecisionSession` exposes the same steps for benchmarks that
-compare other allocations (uniform bit widths, greedy search) on equal terms.
+compare other allocations (uniform bit widths, greedy search) on equal terms. Both run the
+pipeline through the pass manager: once up to `sensitivity`, then a fork of that run per plan.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .api import DEFAULT_PASSES, FLOAT_REFERENCE_STAGE, CompiledModel, _load_spec
-from .context import CompileContext, as_input_tuple
-from .errors import BudgetError, QCompileError
-from .pass_manager import PassManager, snapshot
+from .allocation import absolute_budgets, build_problem, check_metrics, solve_allocation
+from .api import pipeline, resume, start_run
+from .calibration import calibration_batches
+from .compiled import CompiledModel
+from .errors import BudgetError
+from .options import CompileOptions
 
 
 @dataclass(frozen=True)
@@ -99,48 +101,29 @@ class MixedPrecisionSession:
     def __init__(self, model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any,
                  sensitivity: str | None = None, observer: Any = None, progress: bool = True, seed: int = 0,
                  passes: Sequence[Any] | None = None):
-        from .passes.allocate_bits import build_problem
-
-        self.spec = _load_spec(target)
-        names = list(passes or DEFAULT_PASSES)
-        if "convert" not in names:
-            raise QCompileError(f"the pipeline {names} has no convert stage")
-        cut = names.index("convert")
-        self.head = PassManager([n for n in names[:cut] if n not in ("sensitivity", "allocate_bits")] + ["sensitivity"])
-        self.tail = names[cut:]
-        self.ctx = CompileContext(model=model, example_inputs=as_input_tuple(example_inputs), target=self.spec,
-                                  calib_data=calib_data, observer=observer, progress=progress, seed=seed)
-        if sensitivity is not None:
-            self.ctx.extra["sensitivity_method"] = sensitivity
-        start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.run = self.head.run(model, ctx=self.ctx)
-        self.head_seconds = time.perf_counter() - start
-        self.table = self.ctx.extra["sensitivity"]
-        self.float_graph = self.run.snapshots.get(FLOAT_REFERENCE_STAGE)
-        self.problem = build_problem(self.run.gm, self.ctx, [m for m in ("weight_memory", "bops") if m in self.spec.cost])
+        options = CompileOptions(observer=observer, progress=progress, seed=seed,
+                                 **({"sensitivity": sensitivity} if sensitivity is not None else {}))
+        self.manager = pipeline(passes, budget=True)
+        self.run = start_run(self.manager, model, example_inputs, target, calib_data, options, stop="sensitivity")
+        self.ctx = self.run.ctx
+        self.spec = self.ctx.target
+        self.head_seconds = self.run.seconds
+        self.table = self.ctx.sensitivity
+        self.float_graph = self.run.float_graph
+        self.problem = self.with_metrics([m for m in ("weight_memory", "bops") if m in self.spec.cost])
 
     def with_metrics(self, metrics: Sequence[str]) -> Any:
-        from .passes.allocate_bits import build_problem
-
-        return build_problem(self.run.gm, self.ctx, list(metrics))
+        ctx = self.ctx
+        return build_problem(self.run.gm, ctx.target, ctx.groups, ctx.ties, ctx.sensitivity, list(metrics),
+                             host_fallback=ctx.options.host_fallback)
 
     def compile(self, choice: Mapping[int, str]) -> CompiledModel:
         """The simulated model with `choice` (group id -> format) and the defaults elsewhere."""
-        gm = snapshot(self.run.gm)
-        self.ctx.allocation = dict(choice)
-        self.ctx.extra.pop("float_kernels", None)
-        start = time.perf_counter()
-        for name in self.tail:
-            gm = PassManager([name]).run(gm, ctx=self.ctx).gm
-        seconds = time.perf_counter() - start
-        return CompiledModel(gm, self.ctx.plan, self.spec, self.ctx.groups, float_graph=self.float_graph,
-                             calib_batches=self.ctx.calib_batches, compile_seconds=self.head_seconds + seconds)
+        fork = self.run.fork()
+        fork.ctx.allocation = dict(choice)
+        return CompiledModel.from_run(resume(self.manager, run=fork, start="convert"))
 
     def solve(self, budget: Mapping[str, Any]) -> Any:
-        from .passes.allocate_bits import absolute_budgets, check_metrics, solve_allocation
-
         check_metrics(self.spec, budget)
         problem = self.problem if all(m in self.problem.costs for m in budget) else self.with_metrics(budget)
         return solve_allocation(problem, absolute_budgets(problem, budget))
@@ -163,8 +146,6 @@ def pareto(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: An
     if eval_data is None:
         batches, where = session.ctx.calib_batches, "calibration data"
     else:
-        from .passes.calibrate import calibration_batches
-
         names = [n.target for n in session.run.gm.graph.nodes if n.op == "placeholder"]
         batches = calibration_batches(eval_data, session.ctx.example_inputs, names)
         where = "held-out data"

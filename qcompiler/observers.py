@@ -93,6 +93,14 @@ class Observer:
     def _range(self, fmt: Format | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def _widen(self, lo: Tensor, hi: Tensor) -> None:
+        """Extend the running [min_val, max_val] to cover a batch's [lo, hi]."""
+        if self.min_val is None or self.max_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+
     def _reset(self) -> None:
         raise NotImplementedError
 
@@ -171,11 +179,7 @@ class MinMaxObserver(Observer):
         self._reset()
 
     def _update(self, rows: Tensor, lo: Tensor, hi: Tensor) -> None:
-        if self.min_val is None or self.max_val is None:
-            self.min_val, self.max_val = lo, hi
-        else:
-            self.min_val = torch.minimum(self.min_val, lo)
-            self.max_val = torch.maximum(self.max_val, hi)
+        self._widen(lo, hi)
 
     def _range(self, fmt: Format | None) -> tuple[Tensor, Tensor]:
         assert self.min_val is not None and self.max_val is not None
@@ -186,7 +190,7 @@ class MinMaxObserver(Observer):
         self.max_val: Tensor | None = None
 
 
-class MovingAverageMinMaxObserver(Observer):
+class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of each batch's min and max (PyTorch's convention).
 
     The first batch sets the range; batch t then moves it by `averaging_constant` towards the
@@ -200,9 +204,8 @@ class MovingAverageMinMaxObserver(Observer):
     ) -> None:
         if not 0.0 < averaging_constant <= 1.0:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
-        super().__init__(axis, label)
         self.averaging_constant = averaging_constant
-        self._reset()
+        super().__init__(axis, label)
 
     def _update(self, rows: Tensor, lo: Tensor, hi: Tensor) -> None:
         if self.min_val is None or self.max_val is None:
@@ -211,14 +214,6 @@ class MovingAverageMinMaxObserver(Observer):
             c = self.averaging_constant
             self.min_val = self.min_val + c * (lo - self.min_val)
             self.max_val = self.max_val + c * (hi - self.max_val)
-
-    def _range(self, fmt: Format | None) -> tuple[Tensor, Tensor]:
-        assert self.min_val is not None and self.max_val is not None
-        return self.min_val, self.max_val
-
-    def _reset(self) -> None:
-        self.min_val: Tensor | None = None
-        self.max_val: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,11 +359,7 @@ class _HistogramBased(Observer):
         self._reset()
 
     def _update(self, rows: Tensor, lo: Tensor, hi: Tensor) -> None:
-        if self.min_val is None or self.max_val is None:
-            self.min_val, self.max_val = lo, hi
-        else:
-            self.min_val = torch.minimum(self.min_val, lo)
-            self.max_val = torch.maximum(self.max_val, hi)
+        self._widen(lo, hi)
         self.histogram.add(rows, lo, hi)
 
     def _reset(self) -> None:
@@ -463,61 +454,6 @@ def _weighted_mse(pc: Any, params: QParams, centers: Tensor, counts: Tensor) -> 
     return (err.double() * counts).sum(dim=1)
 
 
-class MSEObserver(_HistogramBased):
-    """The clipping range alpha * [min, max] that minimises the fake-quant MSE for the format.
-
-    The data is summarised by a histogram (bounded memory); its bin centres, weighted by their
-    counts, stand in for the data when each alpha of a grid is scored.
-    """
-
-    kind = "mse"
-
-    def __init__(
-        self, axis: int | None = None, label: str = "", bins: int | None = None, grid: int = 100,
-        smallest_alpha: float = 0.01,
-    ) -> None:
-        _check_search_args(grid, smallest_alpha)
-        self.grid = grid
-        self.smallest_alpha = smallest_alpha
-        super().__init__(axis, label, bins)
-
-    def _range(self, fmt: Format | None) -> tuple[Tensor, Tensor]:
-        assert self.min_val is not None and self.max_val is not None
-        search = self._needs_format(fmt)
-        if search is None:
-            return self.min_val, self.max_val
-        return self._search(search, _alpha_grid(self.grid, self.smallest_alpha), _weighted_mse)
-
-
-class HistogramObserver(_HistogramBased):
-    """Entropy calibration à la TensorRT: the clipping range with the least KL divergence.
-
-    For each candidate range alpha * [min, max], P is the histogram restricted to the range
-    with the clipped mass folded into its outermost occupied bins, and Q spreads each
-    quantization cell's in-range mass evenly over the cell's occupied bins; the alpha
-    minimising KL(P || Q) wins. Cells are found by fake-quantizing the bin centres, so the same
-    code serves integer and minifloat formats.
-    """
-
-    kind = "histogram"
-
-    def __init__(
-        self, axis: int | None = None, label: str = "", bins: int | None = None, grid: int = 128,
-        smallest_alpha: float = 1.0 / 16,
-    ) -> None:
-        _check_search_args(grid, smallest_alpha)
-        self.grid = grid
-        self.smallest_alpha = smallest_alpha
-        super().__init__(axis, label, bins)
-
-    def _range(self, fmt: Format | None) -> tuple[Tensor, Tensor]:
-        assert self.min_val is not None and self.max_val is not None
-        search = self._needs_format(fmt)
-        if search is None:
-            return self.min_val, self.max_val
-        return self._search(search, _alpha_grid(self.grid, self.smallest_alpha), _kl_divergence)
-
-
 def _kl_divergence(pc: Any, params: QParams, centers: Tensor, counts: Tensor) -> Tensor:
     """KL(P || Q) of each row: one candidate range applied to one channel's histogram."""
     rows, bins = centers.shape
@@ -551,6 +487,56 @@ def _kl_divergence(pc: Any, params: QParams, centers: Tensor, counts: Tensor) ->
     return torch.where(p > 0, p * torch.log(p / q), zero).sum(dim=1)
 
 
+class _ClippingSearch(_HistogramBased):
+    """A clipping range alpha * [min, max] chosen from a grid of alphas by a score per candidate
+    (lower is better) over the histogram; subclasses set the grid and the score."""
+
+    default_grid: ClassVar[int]
+    default_smallest_alpha: ClassVar[float]
+    score: ClassVar[Callable[..., Tensor]]
+
+    def __init__(self, axis: int | None = None, label: str = "", bins: int | None = None,
+                 grid: int | None = None, smallest_alpha: float | None = None) -> None:
+        self.grid = self.default_grid if grid is None else grid
+        self.smallest_alpha = self.default_smallest_alpha if smallest_alpha is None else smallest_alpha
+        _check_search_args(self.grid, self.smallest_alpha)
+        super().__init__(axis, label, bins)
+
+    def _range(self, fmt: Format | None) -> tuple[Tensor, Tensor]:
+        assert self.min_val is not None and self.max_val is not None
+        search = self._needs_format(fmt)
+        if search is None:
+            return self.min_val, self.max_val
+        return self._search(search, _alpha_grid(self.grid, self.smallest_alpha), type(self).score)
+
+
+class MSEObserver(_ClippingSearch):
+    """The clipping range alpha * [min, max] that minimises the fake-quant MSE for the format.
+
+    The data is summarised by a histogram (bounded memory); its bin centres, weighted by their
+    counts, stand in for the data when each alpha of a grid is scored.
+    """
+
+    kind = "mse"
+    default_grid, default_smallest_alpha = 100, 0.01
+    score = staticmethod(_weighted_mse)
+
+
+class HistogramObserver(_ClippingSearch):
+    """Entropy calibration à la TensorRT: the clipping range with the least KL divergence.
+
+    For each candidate range alpha * [min, max], P is the histogram restricted to the range
+    with the clipped mass folded into its outermost occupied bins, and Q spreads each
+    quantization cell's in-range mass evenly over the cell's occupied bins; the alpha
+    minimising KL(P || Q) wins. Cells are found by fake-quantizing the bin centres, so the same
+    code serves integer and minifloat formats.
+    """
+
+    kind = "histogram"
+    default_grid, default_smallest_alpha = 128, 1.0 / 16
+    score = staticmethod(_kl_divergence)
+
+
 OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "moving_average": MovingAverageMinMaxObserver,
@@ -558,6 +544,7 @@ OBSERVERS: dict[str, type[Observer]] = {
     "mse": MSEObserver,
     "histogram": HistogramObserver,
 }
+OBSERVER_NAMES: tuple[str, ...] = tuple(OBSERVERS)
 
 
 def make_observer(name: str, axis: int | None = None, **kw: Any) -> Observer:

@@ -5,7 +5,7 @@ parameters go to the tensor file, not the JSON).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -60,6 +60,12 @@ class Plan:
 
     def group(self, gid: int) -> GroupPlan:
         return self.groups[gid]
+
+    def with_group(self, group: GroupPlan) -> "Plan":
+        """This plan with `group` in place of the group of the same id."""
+        groups = list(self.groups)
+        groups[group.id] = group
+        return replace(self, groups=tuple(groups))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,7 @@ table says:
 - mode "float": `round(float32(acc) * float32(r))` in IEEE float32, as ONNX Runtime's x86
   kernels do.
 
-Rounding modes are the spec's (`targets.schema.ROUNDINGS`). All functions take and return
+Rounding modes and requantization modes are declared here and read by the spec schema. All functions take and return
 tensors; integer ones work in int64 and never overflow for accumulators of at most
 `64 - multiplier_bits` bits (checked).
 """
@@ -27,7 +27,7 @@ from torch import Tensor
 from .errors import QCompileError
 
 ROUNDINGS = ("half_even", "half_up", "half_down", "half_away_from_zero", "floor", "toward_zero")
-MODES = ("fixed_point", "shift", "float")
+MODES = ("float", "fixed_point", "shift")
 # Largest right shift applied to an int64 product (shifting by 64 or more is undefined).
 MAX_SHIFT = 62
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from qcompiler.formats import GRANULARITIES, MINIFLOATS, SCALE_KINDS
+from qcompiler.observers import OBSERVER_NAMES as OBSERVERS
 from qcompiler.opkinds import ALL_OP_KINDS
+from qcompiler.requant import MODES as REQUANT_MODES
+from qcompiler.requant import ROUNDINGS
 
 from .formulas import FUNCTIONS, VARIABLES
 
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "histogram")
-REQUANT_MODES = ("float", "fixed_point", "shift")
-ROUNDINGS = ("half_even", "half_up", "half_down", "half_away_from_zero", "floor", "toward_zero")
 UNSUPPORTED_ACTIONS = ("host", "refuse")
 MIN_BITS_WHERE = ("first", "last")
 MIN_BITS_TENSORS = ("all", "weights", "activations")

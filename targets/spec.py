@@ -187,8 +187,8 @@ class TargetSpec:
         """One node's cost for `metric`, given the per-node variables of `formulas.VARIABLES`.
 
         For a node that runs on the host (`on_host`), `[unsupported.host_cost]` decides if it
-        names the metric; otherwise the `[cost]` formula is evaluated with float32 widths
-        (weights, if any, inputs and outputs at 32 bits, no stored scales).
+        names the metric; otherwise the `[cost]` formula is evaluated as float32 runs it: inputs
+        and outputs at 32 bits, weights at 32 bits if the node has parameters, no stored scales.
         """
         if metric not in self.cost:
             raise SpecError(f"{self.source}: target {self.name!r} has no cost metric {metric!r}"
@@ -198,7 +198,7 @@ class TargetSpec:
             if metric in self.unsupported.host_cost:
                 return self.unsupported.host_cost[metric].evaluate(**values)
             values = {**values, "a_bits": 32, "out_bits": 32, "w_scales": 0,
-                      "w_bits": 32 if values.get("w_bits") else 0}
+                      "w_bits": 32 if values.get("params") else 0}
         return self.cost[metric].evaluate(**values)
 
 

@@ -19,10 +19,10 @@ from torch import fx, nn
 
 import qcompiler
 from qcompiler import ArtifactError
-from qcompiler.api import DEFAULT_PASSES, CompiledModel
-from qcompiler.artifact import (
-    META_KEYS, MODEL_FILE, TENSOR_FILE, decode_value, encode_value, function_name, resolve_function,
-)
+from qcompiler.api import DEFAULT_PASSES
+from qcompiler.compiled import CompiledModel
+from qcompiler.artifact import META_KEYS, MODEL_FILE, TENSOR_FILE
+from qcompiler.graph_codec import decode_value, encode_value, function_name, resolve_function
 from qcompiler.layers import Affine
 from qcompiler.plan import Plan
 from qcompiler.targets.spec import load_target
@@ -430,7 +430,7 @@ def test_unreadable_tensor_file_with_matching_checksum(small_save, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("truncate", "not valid JSON"),
     ("{", "not valid JSON"),
-    ("[1, 2]", "not a qcompiler saved model"),
+    ("[1, 2]", "not a saved model of qcompiler"),
     ('{"format": "qcompiler-compiled-model", "format_version": 1, "x": NaN}', "not valid JSON"),
 ])
 def test_corrupted_model_json(small_save, tmp_path, content, message):

@@ -329,4 +329,4 @@ def test_qcompile_demo_checks_the_output_directory_before_loading(tmp_path, monk
     (tmp_path / "file").write_text("x")
     code, _, stderr = _main(["demo", "--targets", "npu-int8", "--out", str(tmp_path / "file" / "out")])
     assert code == 2
-    assert "cannot write the demo output to" in stderr and "Not a directory" in stderr
+    assert "the demo output directory" in stderr and "cannot be written: Not a directory" in stderr

@@ -1,4 +1,4 @@
-"""Tests of the ONNX export (qcompiler/onnx_export.py): ONNX Runtime runs every export, its
+"""Tests of the ONNX export (qcompiler/backends/onnx.py): ONNX Runtime runs every export, its
 outputs match the simulation, cpu-x86-int8 runs on ONNX Runtime's integer kernels, formats ONNX
 cannot express are handled (note or strict error), and the file stores integer codes.
 
@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 
 import qcompiler
-import qcompiler.onnx_export
+import qcompiler.backends.onnx
 from qcompiler import OnnxExportError, qcompile
 from qcompiler.formats import IntFormat
 from qcompiler.quantizers import FakeQuantize
@@ -204,7 +204,7 @@ def test_with_biases_on_the_accumulator_grid_the_codes_are_identical(target, tmp
 
 def test_bias_is_int32_on_the_accumulator_grid_and_weights_are_codes(tmp_path):
     compiled = _tiny("npu-int8")
-    model, notes = qcompiler.onnx_export.build_onnx_model(compiled)
+    model, notes = qcompiler.backends.onnx.build_onnx_model(compiled.simulated, compiled.plan)
     inits = {t.name: t for t in model.graph.initializer}
     gm = compiled.simulated
     stem = gm.get_submodule("stem.0")
@@ -242,7 +242,7 @@ def test_a_bias_beyond_int32_raises_its_channels_weight_scale():
     # The compiled model already raised channel 0's weight scale (model_requant), so the export
     # sees the true bias and needs no fix of its own.
     assert [f.channels for f in compiled.report().bias_fits] == [(0,)]
-    model, notes = qcompiler.onnx_export.build_onnx_model(compiled)
+    model, notes = qcompiler.backends.onnx.build_onnx_model(compiled.simulated, compiled.plan)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     codes = next(v for k, v in inits.items() if k.startswith("conv_bias_codes"))
     assert np.abs(codes.astype(np.int64)).max() < 2**31 - 1

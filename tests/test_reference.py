@@ -12,7 +12,7 @@ from torch import nn
 import qcompiler
 from qcompiler.errors import QCompileError
 from qcompiler.exact import ExactConv2d, KernelRequantize
-from qcompiler.reference import Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, Quantize
+from qcompiler.backends.reference import Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, Quantize
 
 TARGETS = ("npu-int8", "npu-int4", "dsp-fixed-point", "cpu-x86-int8")
 

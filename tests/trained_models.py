@@ -152,7 +152,7 @@ def calib_offset_codes(trained: TrainedDigits, compiled) -> float:
     """The largest systematic error of one logit on the calibration samples bias correction fits
     (AdaRound's first `max_samples`): max over classes of |mean over samples of (q - f)|, in steps
     of the output quantizer (its scale)."""
-    from qcompiler.passes.optimize_rounding import AdaRoundConfig
+    from qcompiler.adaround import AdaRoundConfig
 
     x = trained.calib[:AdaRoundConfig().max_samples]
     diff = run(compiled, x).double() - run(trained.model, x).double()

@@ -14,7 +14,7 @@ from mp_models import calib_batches, npu_a4_spec, small_net
 from qcompiler import BudgetError, qcompile
 from qcompiler.cost import metric_total
 from qcompiler.pass_manager import PassManager
-from qcompiler.passes.allocate_bits import (
+from qcompiler.allocation import (
     AllocationProblem, BitTie, CostTable, build_problem, minimum_cost, parse_budget_value, solve_allocation,
 )
 from qcompiler.quantizers import weight_qparams, weight_axis
@@ -119,9 +119,10 @@ def a4_run(tmp_path_factory):
     batches = calib_batches()
     model = small_net()
     from qcompiler.context import CompileContext
+    from qcompiler.options import CompileOptions
 
     ctx = CompileContext(model=model, example_inputs=(batches[0][:1],), target=spec, calib_data=batches,
-                         progress=False)
+                         options=CompileOptions(progress=False))
     run = PassManager(PREFIX).run(model, ctx=ctx)
     return spec, model, batches, run
 
@@ -130,7 +131,7 @@ def test_linearised_costs_equal_the_cost_model(a4_run):
     """Every plan's cost from the problem's tables equals cost.metric_total under that plan."""
     spec, _, _, run = a4_run
     ctx, gm = run.ctx, run.gm
-    problem = build_problem(gm, ctx, list(spec.cost))
+    problem = build_problem(gm, spec, ctx.groups, ctx.ties, ctx.sensitivity, list(spec.cost))
     assert any(len(gids) > 1 for gids in problem.costs["bops"].factors)  # products are really there
     groups = {g.id: g for g in ctx.groups}
     rng = random.Random(0)
@@ -156,7 +157,8 @@ def test_linearised_costs_equal_the_cost_model(a4_run):
 
 def test_graph_problem_equals_brute_force_and_ties_hold(a4_run):
     spec, _, _, run = a4_run
-    problem = build_problem(run.gm, run.ctx, ["weight_memory", "bops"])
+    problem = build_problem(run.gm, run.ctx.target, run.ctx.groups, run.ctx.ties, run.ctx.sensitivity,
+                            ["weight_memory", "bops"])
     assert 5 <= len(problem.candidates) <= 12
     assert any(t.kind == "requires" for t in problem.ties)
     default = {g: problem.defaults[g] for g in problem.candidates}
@@ -262,7 +264,7 @@ def test_host_fallback_is_one_more_candidate_with_its_host_cost(budgeted):
     assert plain.weight_memory_bytes < compiled.weight_memory_bytes <= 1.5 * plain.weight_memory_bytes
     assert compiled.report().totals["float_fallbacks"] == len(hosted)
     # the problem's tables price the host kernel exactly as the compiled model's cost figures do
-    result = compiled._run.ctx.extra["allocation"]
+    result = compiled._run.ctx.allocation_result
     assert result.costs["weight_memory"] == pytest.approx(compiled.weight_memory_bytes, rel=1e-12)
-    best = brute_force(compiled._run.ctx.extra["allocation_problem"], result.budgets)
+    best = brute_force(compiled._run.ctx.allocation_problem, result.budgets)
     assert result.objective == pytest.approx(best[0], rel=1e-6)

@@ -18,8 +18,9 @@ from mp_models import calib_batches, small_net  # noqa: E402
 
 import qcompiler  # noqa: E402
 from qcompiler import CalibrationError, CompileContext, PassManager  # noqa: E402
-from qcompiler.pass_manager import snapshot  # noqa: E402
-from qcompiler.passes.calibrate import calibrate, calibration_batches  # noqa: E402
+from qcompiler.fx_util import snapshot  # noqa: E402
+from qcompiler.calibration import calibration_batches  # noqa: E402
+from qcompiler.passes.calibrate import calibrate  # noqa: E402
 
 GROUPED = ["capture", "canonicalize", "fold_bn", "fuse", "group_quantizers"]
 

@@ -20,7 +20,7 @@ from mp_models import calib_batches, small_net  # noqa: E402
 import qcompiler  # noqa: E402
 from qcompiler import PassManager, QCompileError  # noqa: E402
 from qcompiler.formats import HostFloat  # noqa: E402
-from qcompiler.pass_manager import snapshot  # noqa: E402
+from qcompiler.fx_util import snapshot  # noqa: E402
 from qcompiler.passes.convert import convert  # noqa: E402
 from qcompiler.quantizers import FakeQuantize, ObserverStub  # noqa: E402
 
@@ -107,7 +107,7 @@ def test_weights_are_decoded_codes_of_the_hand_computed_per_channel_scales():
         assert torch.equal(q, expected), g.owner
         assert (q != w).any()   # the weights did change
         # The float kernel is kept for later passes, its weights untouched; the graph holds a copy.
-        assert run.ctx.extra["float_kernels"][g.owner] is before[g.owner] is not gm.get_submodule(g.owner)
+        assert run.ctx.float_kernels[g.owner] is before[g.owner] is not gm.get_submodule(g.owner)
         assert torch.equal(before[g.owner].weight, w)
         assert gm.graph.find_nodes(op="call_module", target=g.owner)[0].meta["weight_format"] == "int8_narrow_pc"
 

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 import qcompiler
 from qcompiler import PassManager
-from qcompiler.pass_manager import snapshot
+from qcompiler.fx_util import snapshot
 from qcompiler.passes.correct_bias import MAX_SAMPLES, correct_bias
 
 CONVERTED = ["capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
@@ -128,7 +128,7 @@ def test_the_shift_is_on_the_bias_alone_and_no_users_tensor_changes():
         assert m.weight is weights[t]
         assert m.bias is not None and m.bias is not old_bias[t] and not m.bias.requires_grad
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in user.items())
-    assert all(torch.equal(float_gm.get_submodule(t).weight, ctx.extra["float_kernels"][t].weight) for t in KERNELS)
+    assert all(torch.equal(float_gm.get_submodule(t).weight, ctx.float_kernels[t].weight) for t in KERNELS)
 
 
 def test_a_kernel_left_in_float_is_not_corrected():
@@ -136,7 +136,7 @@ def test_a_kernel_left_in_float_is_not_corrected():
     # npu-int4 may run a kernel on the host: c3 keeps float weights and needs no correction.
     _, _, gm, ctx = _converted(batches, allocation_of=lambda groups: {
         next(g.id for g in groups if g.owner == "c3"): "float"})
-    assert "c3" not in ctx.extra["float_kernels"]
+    assert "c3" not in ctx.float_kernels
     gm = correct_bias(gm, ctx)
     assert gm.get_submodule("c3").bias is None
     assert ctx.notes["correct_bias"] == ["corrected the biases of 3 kernels on 16 samples"]

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 import qcompiler
 from qcompiler import CompileContext, GroupingError, PassManager
-from qcompiler.pass_manager import snapshot
+from qcompiler.fx_util import snapshot
 from qcompiler.passes.fuse import fuse
 from qcompiler.passes.group_quantizers import group_quantizers
 from qcompiler.targets import loads_target

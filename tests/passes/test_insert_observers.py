@@ -13,9 +13,9 @@ import torchvision
 from torch import fx, nn
 
 import qcompiler
-from qcompiler import CompileContext, PassManager, QCompileError
+from qcompiler import CompileContext, CompileOptions, PassManager, QCompileError
 from qcompiler.observers import HistogramObserver, MinMaxObserver, MSEObserver, PercentileObserver
-from qcompiler.pass_manager import snapshot
+from qcompiler.fx_util import snapshot
 from qcompiler.passes.insert_observers import insert_observers
 from qcompiler.quantizers import ObserverStub
 from qcompiler.targets.spec import BUILTIN_DIR, loads_target
@@ -36,7 +36,7 @@ def _grouped_resnet18() -> tuple[fx.GraphModule, CompileContext, torch.Tensor]:
 def _observe(gm: fx.GraphModule, ctx: CompileContext, observer=None) -> tuple[fx.GraphModule, CompileContext]:
     """insert_observers on a copy, so the cached grouped graph stays as it was."""
     ctx = CompileContext(model=ctx.model, example_inputs=ctx.example_inputs, target=ctx.target,
-                         groups=ctx.groups, observer=observer)
+                         groups=ctx.groups, options=CompileOptions(observer=observer))
     return insert_observers(snapshot(gm), ctx), ctx
 
 

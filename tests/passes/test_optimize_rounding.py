@@ -19,8 +19,9 @@ import qcompiler
 from qcompiler import PassManager
 from qcompiler.api import DEFAULT_PASSES
 from qcompiler.formats import IntFormat, qparams_from_tensor
-from qcompiler.passes import optimize_rounding as orr
-from qcompiler.passes.optimize_rounding import AdaRoundConfig, optimize_rounding
+from qcompiler import adaround as orr
+from qcompiler.adaround import AdaRoundConfig
+from qcompiler.passes.optimize_rounding import optimize_rounding
 from qcompiler.quantizers import FakeQuantize
 
 KERNELS = ("stem", "dw", "pw", "fc")
@@ -117,7 +118,7 @@ def _compiled(objective: str, correct_bias: bool):
 def test_layer_reconstruction_no_worse_than_nearest(objective):
     compiled = _compiled(objective, False)
     ctx = compiled._run.ctx
-    float_kernels = ctx.extra["float_kernels"]
+    float_kernels = ctx.float_kernels
     batches = calib_batches()
     x_q = kernel_io(compiled.simulated, float_kernels, batches, simulated=True)
     x_f = kernel_io(compiled.simulated, float_kernels, batches, simulated=False)
@@ -134,7 +135,7 @@ def test_layer_reconstruction_no_worse_than_nearest(objective):
         assert err_rounded <= err_nearest * (1 + 1e-5), (name, err_rounded, err_nearest)
         improved += err_rounded < 0.99 * err_nearest
         # The pass's own bookkeeping agrees in direction with the independent measurement.
-        record = ctx.extra["optimize_rounding"][name]
+        record = ctx.rounding[name]
         assert record.rounded_error <= record.nearest_error
     # (With a regulariser too weak to make the soft rounding binary, 3 of these 4 kept nearest.)
     assert improved >= 3, "AdaRound should beat round-to-nearest by at least 1 % on most layers"
@@ -142,7 +143,7 @@ def test_layer_reconstruction_no_worse_than_nearest(objective):
 
 def test_codes_stay_on_grid_and_within_one_of_nearest():
     compiled = _compiled("asymmetric", True)
-    float_kernels = compiled._run.ctx.extra["float_kernels"]
+    float_kernels = compiled._run.ctx.float_kernels
     changed = 0
     for name in KERNELS:
         plan = weight_plan(compiled, name)
@@ -163,7 +164,7 @@ def test_codes_stay_on_grid_and_within_one_of_nearest():
 
 def test_bias_correction_matches_float_means():
     compiled = _compiled("asymmetric", True)
-    float_kernels = compiled._run.ctx.extra["float_kernels"]
+    float_kernels = compiled._run.ctx.float_kernels
     batches = calib_batches()
     x_q = kernel_io(compiled.simulated, float_kernels, batches, simulated=True)
     x_f = kernel_io(compiled.simulated, float_kernels, batches, simulated=False)
@@ -193,7 +194,7 @@ def test_without_calibration_data_weights_keep_nearest():
     for name in KERNELS:
         assert out.get_submodule(name).weight is before[name]
         plan = weight_plan(compiled, name)
-        nearest = plan.format.fake_quant(ctx.extra["float_kernels"][name].weight.detach(), plan.params)
+        nearest = plan.format.fake_quant(ctx.float_kernels[name].weight.detach(), plan.params)
         assert torch.equal(out.get_submodule(name).weight.detach(), nearest)
     assert any("no calibration data" in n for n in ctx.notes["optimize_rounding"])
 
@@ -205,7 +206,7 @@ def test_thin_data_keeps_nearest_and_says_so():
     before = gm.get_submodule("fc").weight
     optimize_rounding(gm, ctx, AdaRoundConfig(steps=10, max_samples=1))
     assert gm.get_submodule("fc").weight is before
-    assert "fc" not in ctx.extra["optimize_rounding"]
+    assert "fc" not in ctx.rounding
     assert any("fc" in n and "fewer calibration rows" in n for n in ctx.notes["optimize_rounding"])
 
 

@@ -12,8 +12,9 @@ from torch.func import functional_call
 
 from mp_models import calib_batches, npu_a4_spec, small_net
 from qcompiler.context import CompileContext
+from qcompiler.options import CompileOptions
 from qcompiler.pass_manager import PassManager
-from qcompiler.passes.sensitivity import hutchinson_traces, quantized_weights
+from qcompiler.sensitivity import hutchinson_traces, quantized_weights
 from qcompiler.quantizers import FakeQuantize, ObserverStub
 
 PREFIX = ["capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers", "calibrate"]
@@ -23,8 +24,7 @@ def _run(spec, method):
     batches = calib_batches()
     model = small_net()
     ctx = CompileContext(model=model, example_inputs=(batches[0][:1],), target=spec, calib_data=batches,
-                         progress=False)
-    ctx.extra["sensitivity_method"] = method
+                         options=CompileOptions(progress=False, sensitivity=method))
     return PassManager(PREFIX + ["sensitivity"]).run(model, ctx=ctx)
 
 
@@ -66,7 +66,7 @@ def _direct_noise(gm: fx.GraphModule, group, fmt_name: str, observers, batches) 
 
 def test_sqnr_equals_direct_single_group_measurement(runs):
     run = runs["sqnr"]
-    table = run.ctx.extra["sensitivity"]
+    table = run.ctx.sensitivity
     assert table.method == "sqnr" and table.samples == 8
     groups = [g for g in run.ctx.groups if g.id in table.measured]
     kinds = {g.kind for g in groups}
@@ -82,7 +82,7 @@ def test_sqnr_equals_direct_single_group_measurement(runs):
 
 def test_fewer_bits_more_noise(runs):
     for method, run in runs.items():
-        table = run.ctx.extra["sensitivity"]
+        table = run.ctx.sensitivity
         for g in run.ctx.groups:
             if g.id in table.measured:
                 by_bits = sorted(g.candidates, key=lambda c: g.formats[c].bits)
@@ -91,7 +91,7 @@ def test_fewer_bits_more_noise(runs):
 
 def test_hessian_ranks_groups_like_the_measurement(runs):
     """Spearman correlation of the 4-bit sensitivities of the two methods is clearly positive."""
-    sq, he = runs["sqnr"].ctx.extra["sensitivity"], runs["hessian"].ctx.extra["sensitivity"]
+    sq, he = runs["sqnr"].ctx.sensitivity, runs["hessian"].ctx.sensitivity
     keys = [(g.id, min(g.candidates, key=lambda c: g.formats[c].bits)) for g in runs["sqnr"].ctx.groups
             if g.id in sq.measured]
     a = torch.tensor([sq.of(*k) for k in keys]).argsort().argsort().float()

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .errors import OnnxExportError
-from .formats import FloatFormat, HostFloat, IntFormat, QParams
-from .layers import Affine
-from .exact import ExactAdd, ExactGlobalAvgPool
-from .quantizers import FakeQuantize
-from .requant import bias_fit_weight_scale
+from ..errors import OnnxExportError
+from ..formats import FloatFormat, HostFloat, IntFormat, QParams
+from ..layers import Affine
+from ..exact import ExactAdd, ExactGlobalAvgPool
+from ..quantizers import FakeQuantize
+from ..plan import Plan
+from ..requant import bias_fit_weight_scale
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -629,13 +631,13 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return _slice(b, node)
     raise OnnxExportError(
         f"node {node.name} (op kind {kind!r}, {node.op} {getattr(node.target, '__name__', node.target)}){_source(node)} "
-        "has no ONNX translation yet; run it outside the compiled part of the model or extend qcompiler.onnx_export"
+        "has no ONNX translation yet; run it outside the compiled part of the model or extend qcompiler.backends.onnx"
     )
 
 
 def _source(node: fx.Node) -> str:
     """' at file:line: code' of the user's code that created the node, or ''."""
-    from .passes.capture import source_line
+    from ..tracing import source_line
 
     where = source_line(node)
     return "" if where.startswith("<unknown") else f" at {where}"
@@ -671,13 +673,14 @@ def _slice(b: _Builder, node: fx.Node) -> str:
     return x
 
 
-def build_onnx_model(compiled: Any, *, opset: int = DEFAULT_OPSET, strict: bool = False,
+def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFAULT_OPSET, strict: bool = False,
                      dynamic_batch: bool = True) -> tuple[Any, list[str]]:
-    """The ONNX ModelProto of a compiled model and the export's notes (see `export_onnx`)."""
+    """The ONNX ModelProto of a compiled model's simulated graph and plan, and the export's notes
+    (see `export_onnx`)."""
     if opset < 19:
         raise OnnxExportError(f"opset {opset} is too old: QDQ with FP8 and per-axis int types needs opset >= 19 (21 for INT4)")
-    gm: fx.GraphModule = compiled.simulated
-    b = _Builder(gm, compiled.plan, opset, strict)
+    gm = simulated
+    b = _Builder(gm, plan, opset, strict)
     onnx, TP, helper, _ = b.onnx, b.TP, b.helper, b.numpy_helper
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -702,11 +705,11 @@ def build_onnx_model(compiled: Any, *, opset: int = DEFAULT_OPSET, strict: bool 
         else:
             b.names[node] = _export_node(b, node)
     b.prune()
-    graph = helper.make_graph(b.nodes, f"{compiled.plan.target}_qdq", b.inputs, b.outputs, b.initializers)
+    graph = helper.make_graph(b.nodes, f"{plan.target}_qdq", b.inputs, b.outputs, b.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="qcompiler", producer_version=_version())
+                              producer_name="qcompiler", producer_version=__version__)
     model.ir_version = min(model.ir_version, 10)
-    meta = {"target": compiled.plan.target, "target_version": compiled.plan.target_version}
+    meta = {"target": plan.target, "target_version": plan.target_version}
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, str(v)
@@ -717,14 +720,8 @@ def build_onnx_model(compiled: Any, *, opset: int = DEFAULT_OPSET, strict: bool 
     return model, b.notes
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def export_onnx(compiled: Any, path: str | Path, *, opset: int = DEFAULT_OPSET, strict: bool = False,
-                dynamic_batch: bool = True) -> ExportResult:
+def export_onnx(simulated: fx.GraphModule, plan: Plan, target: Any, path: str | Path, *, opset: int = DEFAULT_OPSET,
+                strict: bool = False, dynamic_batch: bool = True) -> ExportResult:
     """Write the compiled model as a QDQ ONNX file that ONNX Runtime runs.
 
     opset: 21 by default (INT4/UINT4 and blocked DequantizeLinear need it; FP8 needs 19).
@@ -732,7 +729,7 @@ def export_onnx(compiled: Any, path: str | Path, *, opset: int = DEFAULT_OPSET, 
     dynamic_batch: the first dimension of inputs and outputs is the symbolic `batch`.
     Returns the path and the notes (what was stored as float and why).
     """
-    model, notes = build_onnx_model(compiled, opset=opset, strict=strict, dynamic_batch=dynamic_batch)
+    model, notes = build_onnx_model(simulated, plan, opset=opset, strict=strict, dynamic_batch=dynamic_batch)
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise OnnxExportError(f"cannot write {path}: directory {path.parent} does not exist")

@@ -5,26 +5,28 @@ multipliers and shifts, accumulator widths, the target's name and version) and
 `tensors.safetensors` (integer weights, int32 biases, requantization constants, quantizer
 parameters), described in docs/qpack.md. `load_qpack` rebuilds the reference backend from it
 without the model's Python code: ops come from a fixed vocabulary (integer kernels, quantize,
-dequantize) or from the same allowlists as saved models (`qcompiler.artifact`).
+dequantize) or from the same allowlists as saved models (`qcompiler.graph_codec`), and the
+directory is read with the same checks (`graph_codec.ContainerReader`).
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import fx, nn
 
-from . import artifact as art
-from .errors import ArtifactError
-from .formats import QParams
-from .reference import Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, OnCodes, Quantize, ReferenceModule
+from .. import graph_codec as codec
+from ..errors import ArtifactError
+from ..formats import QParams
+from ..fx_util import fetch_attr
+from ..plan import Plan
+from .reference import (
+    Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, OnCodes, Quantize, ReferenceModule, build_reference,
+)
 
 FORMAT_NAME = "qpack"
 FORMAT_VERSION = 1
@@ -44,7 +46,7 @@ def _shapes(ref: ReferenceModule, example: tuple[torch.Tensor, ...]) -> dict[str
         def run_node(self, n: fx.Node) -> Any:
             value = super().run_node(n)
             if isinstance(value, torch.Tensor):
-                out[n.name] = {"shape": list(value.shape), "dtype": art._torch_enum_name(value.dtype)}
+                out[n.name] = {"shape": list(value.shape), "dtype": codec.torch_enum_name(value.dtype)}
             return value
 
     with torch.no_grad():
@@ -55,7 +57,7 @@ def _shapes(ref: ReferenceModule, example: tuple[torch.Tensor, ...]) -> dict[str
 def _tensor(tensors: dict[str, torch.Tensor], index: dict[str, Any], key: str, t: torch.Tensor) -> str:
     t = t.detach().clone().contiguous()     # clones: safetensors refuses shared storage
     tensors[key] = t
-    index[key] = art._tensor_info(t)
+    index[key] = codec.tensor_info(t)
     return key
 
 
@@ -63,7 +65,7 @@ def _quantizer_record(node: fx.Node, module: Quantize, tensors: dict, index: dic
     p = module.params
     record: dict[str, Any] = {
         "op": "dequantize" if isinstance(module, Dequantize) else "quantize",
-        "group": module.group, "format": art._encode_format(module.fmt),
+        "group": module.group, "format": codec.encode_format(module.fmt),
         "axis": None if p is None else p.axis, "tensors": {},
     }
     if p is not None:
@@ -74,11 +76,11 @@ def _quantizer_record(node: fx.Node, module: Quantize, tensors: dict, index: dic
     return record
 
 
-def export_qpack(compiled: Any, path: str | os.PathLike[str]) -> str:
-    """Write `compiled`'s reference backend as a qpack directory; returns its path."""
-    path = Path(path)
-    ref = compiled.lower("reference")
-    placeholders = [n for n in compiled.simulated.graph.nodes if n.op == "placeholder"]
+def export_qpack(simulated: fx.GraphModule, plan: Plan, target: Any, path: str | os.PathLike[str]) -> str:
+    """Write the reference backend of a compiled model as a qpack directory; returns its path."""
+    path, spec = Path(path), target
+    ref = build_reference(simulated, plan, target)
+    placeholders = [n for n in simulated.graph.nodes if n.op == "placeholder"]
     example = []
     for n in placeholders:
         shape = n.meta.get("shape")
@@ -98,7 +100,7 @@ def export_qpack(compiled: Any, path: str | os.PathLike[str]) -> str:
             continue
         elif node.op == "get_attr":
             record.update(op="constant", tensor=_tensor(tensors, index, f"{node.name}.value",
-                                                        art._fetch_attr(ref, node.target)))
+                                                        fetch_attr(ref, node.target)))
         elif node.op == "call_module":
             module = ref.get_submodule(node.target)
             if isinstance(module, Quantize):
@@ -119,105 +121,68 @@ def export_qpack(compiled: Any, path: str | os.PathLike[str]) -> str:
             else:
                 on_codes = isinstance(module, OnCodes)
                 inner = module.inner if on_codes else module
-                class_name = art._CLASS_NAMES.get(type(inner))
+                class_name = codec.CLASS_NAMES.get(type(inner))
                 if class_name is None or isinstance(inner, (Quantize, IntegerKernel)):
                     raise ArtifactError(f"cannot export: {where} runs a {type(inner).__name__}, which a qpack "
                                         "cannot describe")
-                args = art.MODULE_CLASSES[class_name][1](inner)
+                args = codec.MODULE_CLASSES[class_name][1](inner)
                 record.update(op="module", on_codes=on_codes, **{"class": class_name},
-                              module_args={k: art.encode_value(v, where, nodes_ok=False) for k, v in args.items()},
+                              module_args={k: codec.encode_value(v, where, nodes_ok=False) for k, v in args.items()},
                               tensors={name: _tensor(tensors, index, f"{node.name}.{name}", t)
-                                       for name, (_, t) in sorted(art._state(inner).items())})
+                                       for name, (_, t) in sorted(codec.module_state(inner).items())})
         elif node.op == "call_function":
-            target = art.function_name(node.target)
-            if target is None or (target == "builtins.getattr" and not art._getattr_allowed(node.args)):
+            function = codec.function_name(node.target)
+            if function is None or (function == "builtins.getattr" and not codec.getattr_allowed(node.args)):
                 raise ArtifactError(f"cannot export: {where} calls {node.target!r}, outside the allowlist")
-            record.update(op="function", target=target)
+            record.update(op="function", target=function)
         else:
-            if not art._method_allowed(node.target):
+            if not codec.method_allowed(node.target):
                 raise ArtifactError(f"cannot export: {where} calls method {node.target!r}")
             record.update(op="method", target=node.target)
-        record["args"] = [art.encode_value(a, where) for a in node.args]
-        record["kwargs"] = [[k, art.encode_value(v, where)] for k, v in node.kwargs.items()]
+        record["args"] = [codec.encode_value(a, where) for a in node.args]
+        record["kwargs"] = [[k, codec.encode_value(v, where)] for k, v in node.kwargs.items()]
         if node.name in shapes:
             record["out"] = shapes[node.name]
         nodes.append(record)
     float_out = next(n for n in ref.graph.nodes if n.op == "output").args[0]
     codes_out = next(n for n in ref.code_graph.graph.nodes if n.op == "output").args[0]
     blob = st_save(tensors) if tensors else st_save({"_empty": torch.zeros(0)})
-    spec = compiled.target
     document = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "target": {"name": spec.name, "version": str(spec.version),
                    "requant": {"mode": spec.requant.mode, "rounding": spec.requant.rounding,
                                "multiplier_bits": spec.requant.multiplier_bits}},
         "nodes": nodes,
-        "outputs": {"float": art.encode_value(float_out, "output"), "codes": art.encode_value(codes_out, "output")},
-        "tensors": {"file": TENSOR_FILE, "sha256": hashlib.sha256(blob).hexdigest(), "index": index},
+        "outputs": {"float": codec.encode_value(float_out, "output"), "codes": codec.encode_value(codes_out, "output")},
+        "tensors": codec.blob_record(blob, file=TENSOR_FILE, index=index),
     }
-    text = json.dumps(document, sort_keys=True, indent=1, allow_nan=False) + "\n"
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{path}: exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
-    art._write_atomically(path / TENSOR_FILE, blob)
-    art._write_atomically(path / GRAPH_FILE, text.encode("utf-8"))
+    codec.write_container(path, GRAPH_FILE, document, TENSOR_FILE, blob)
     return str(path)
 
 
-class _QpackLoader:
+class _QpackLoader(codec.ContainerReader):
     def __init__(self, path: Path):
-        self.path, self.graph_path, self.tensor_path = path, path / GRAPH_FILE, path / TENSOR_FILE
-        self.tensors: dict[str, torch.Tensor] = {}
+        super().__init__(path, GRAPH_FILE, TENSOR_FILE, format_name=FORMAT_NAME, format_version=FORMAT_VERSION,
+                         kind="qpack", redo="export the model again")
         self.index: dict[str, Any] = {}
 
-    def error(self, where: str, message: str) -> ArtifactError:
-        return ArtifactError(f"{self.graph_path}: {where}: {message}")
-
     def document(self) -> dict[str, Any]:
-        if not self.path.is_dir():
-            raise ArtifactError(f"{self.path}: no qpack here (not a directory); give the directory that "
-                                "export(path, format='qpack') wrote")
-        for f in (self.graph_path, self.tensor_path):
-            if not f.is_file():
-                raise ArtifactError(f"{f}: missing; a qpack is a directory with {GRAPH_FILE} and {TENSOR_FILE}")
-        try:
-            doc = json.loads(self.graph_path.read_bytes().decode("utf-8"), parse_constant=art._reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ArtifactError(f"{self.graph_path}: not valid JSON ({exc}); the file is corrupted or "
-                                "truncated, export the model again") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise ArtifactError(f"{self.graph_path}: not a qpack (its 'format' is not {FORMAT_NAME!r})")
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{self.graph_path}: format_version is {doc.get('format_version')!r} but this "
-                                f"qcompiler reads qpack version {FORMAT_VERSION}; export the model again")
+        doc = self.read_document()
         info = doc.get("tensors")
         if not isinstance(info, dict) or not isinstance(info.get("index"), dict):
             raise self.error("tensors", "missing the tensor index")
-        blob = self.tensor_path.read_bytes()
-        if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
-            raise ArtifactError(f"{self.tensor_path}: its contents do not match the SHA-256 in {GRAPH_FILE}; "
-                                "the file is corrupted or belongs to another export")
-        try:
-            self.tensors = st_load(blob)
-        except Exception as exc:  # safetensors raises its own error types
-            raise ArtifactError(f"{self.tensor_path}: not a readable safetensors file ({exc})") from None
+        self.read_tensors(info)
         self.index = info["index"]
         return doc
 
-    def tensor(self, key: Any, where: str) -> torch.Tensor:
+    def indexed(self, key: Any, where: str) -> torch.Tensor:
+        """A tensor the node records name, checked against the tensor index."""
         if not isinstance(key, str) or key not in self.index:
             raise self.error(where, f"names tensor {key!r}, which the tensor index does not list")
-        t = self.tensors.get(key)
-        if t is None:
-            raise ArtifactError(f"{self.tensor_path}: tensor {key!r} ({where}) is missing")
-        info = self.index[key]
-        if not isinstance(info, dict) or list(t.shape) != info.get("shape"):
-            raise ArtifactError(f"{self.tensor_path}: tensor {key!r} ({where}) has shape {tuple(t.shape)}, "
-                                f"but {GRAPH_FILE} records {info.get('shape') if isinstance(info, dict) else info}")
-        if art._torch_enum_name(t.dtype) != info.get("dtype"):
-            raise ArtifactError(f"{self.tensor_path}: tensor {key!r} ({where}) is {t.dtype}, but {GRAPH_FILE} "
-                                f"records {info.get('dtype')}")
-        return t
+        return self.tensor(key, self.index[key], where)
 
     def module(self, record: dict[str, Any], where: str) -> nn.Module:
         op = record["op"]
@@ -225,13 +190,13 @@ class _QpackLoader:
         if not isinstance(tensors, dict):
             raise ValueError("'tensors' must be an object")
         if op in ("quantize", "dequantize"):
-            fmt = art._decode_format(record["format"])
+            fmt = codec.decode_format(record["format"])
             params = None
             if "scale" in tensors:
-                params = QParams(scale=self.tensor(tensors["scale"], where),
-                                 zero_point=self.tensor(tensors["zero_point"], where) if "zero_point" in tensors else None,
+                params = QParams(scale=self.indexed(tensors["scale"], where),
+                                 zero_point=self.indexed(tensors["zero_point"], where) if "zero_point" in tensors else None,
                                  axis=record.get("axis"),
-                                 codebook=self.tensor(tensors["codebook"], where) if "codebook" in tensors else None)
+                                 codebook=self.indexed(tensors["codebook"], where) if "codebook" in tensors else None)
             cls = Dequantize if op == "dequantize" else Quantize
             return cls(int(record["group"]), fmt, params)
         if op in ("conv2d_int", "linear_int"):
@@ -244,30 +209,30 @@ class _QpackLoader:
             if not isinstance(conv, dict):
                 raise ValueError("'conv' must be an object")
             return IntegerKernel(op.removesuffix("_int"), conv, **attrs,
-                                 tensors={k: self.tensor(v, where) for k, v in tensors.items()})
+                                 tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "add_int":
             attrs = record["attrs"]
             if not isinstance(attrs, dict) or set(attrs) != set(ADD_ATTRS) or set(tensors) != set(IntegerAdd.TENSORS):
                 raise ValueError(f"an add_int has attrs {', '.join(ADD_ATTRS)} and tensors {', '.join(IntegerAdd.TENSORS)}")
-            return IntegerAdd(**attrs, tensors={k: self.tensor(v, where) for k, v in tensors.items()})
+            return IntegerAdd(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "global_avg_pool_int":
             attrs = record["attrs"]
             if not isinstance(attrs, dict) or set(attrs) != set(POOL_ATTRS) or set(tensors) != set(IntegerGlobalAvgPool.TENSORS):
                 raise ValueError(f"a global_avg_pool_int has attrs {', '.join(POOL_ATTRS)} and tensors "
                                  f"{', '.join(IntegerGlobalAvgPool.TENSORS)}")
-            return IntegerGlobalAvgPool(**attrs, tensors={k: self.tensor(v, where) for k, v in tensors.items()})
+            return IntegerGlobalAvgPool(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "module":
             class_name = record.get("class")
-            if class_name not in art.MODULE_CLASSES or class_name.startswith("qcompiler.quantizers") \
+            if class_name not in codec.MODULE_CLASSES or class_name.startswith("qcompiler.quantizers") \
                     or class_name.startswith("qcompiler.exact"):
                 raise ValueError(f"module class {class_name!r} is not one a qpack may contain")
-            kwargs = {k: art.decode_value(v, None) for k, v in record["module_args"].items()}
-            module = art._construct(class_name, kwargs, None)
-            fresh = art._state(module)
+            kwargs = {k: codec.decode_value(v, None) for k, v in record["module_args"].items()}
+            module = codec.construct_module(class_name, kwargs, None)
+            fresh = codec.module_state(module)
             if set(fresh) != set(tensors):
                 raise ValueError(f"a {class_name} has tensors {sorted(fresh)}, the record lists {sorted(tensors)}")
             for name, (kind, t) in fresh.items():
-                value = self.tensor(tensors[name], where)
+                value = self.indexed(tensors[name], where)
                 if tuple(value.shape) != tuple(t.shape):
                     raise ValueError(f"tensor {name} has shape {tuple(value.shape)}, a {class_name} with these "
                                      f"arguments needs {tuple(t.shape)}")
@@ -293,24 +258,24 @@ class _QpackLoader:
                 where = f"nodes[{i}] ({name})"
                 if not isinstance(name, str) or not name.isidentifier() or name in nodes or hasattr(root, name):
                     raise ValueError(f"node name {name!r} is not a fresh identifier")
-                args = tuple(art.decode_value(a, nodes) for a in record.get("args", []))
+                args = tuple(codec.decode_value(a, nodes) for a in record.get("args", []))
                 kwargs = {}
                 for pair in record.get("kwargs", []):
                     if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
                         raise ValueError(f"a keyword argument is a [name, value] pair, got {pair!r:.80}")
-                    kwargs[pair[0]] = art.decode_value(pair[1], nodes)
+                    kwargs[pair[0]] = codec.decode_value(pair[1], nodes)
                 if op == "input":
                     fx_op, target = "placeholder", name
                 elif op == "constant":
-                    root.register_buffer(name, self.tensor(record["tensor"], where))
+                    root.register_buffer(name, self.indexed(record["tensor"], where))
                     fx_op, target = "get_attr", name
                 elif op == "function":
-                    fx_op, target = "call_function", art.resolve_function(record["target"])
-                    if target is getattr and not art._getattr_allowed(args):
+                    fx_op, target = "call_function", codec.resolve_function(record["target"])
+                    if target is getattr and not codec.getattr_allowed(args):
                         raise ValueError("getattr reads only public attributes")
                 elif op == "method":
                     fx_op, target = "call_method", record["target"]
-                    if not art._method_allowed(target):
+                    if not codec.method_allowed(target):
                         raise ValueError(f"method {target!r} is not an allowed tensor method")
                 else:
                     root.add_module(name, self.module(record, where))
@@ -329,8 +294,8 @@ class _QpackLoader:
         if not isinstance(outputs, dict) or set(outputs) != {"float", "codes"}:
             raise self.error("outputs", "must give the 'float' and 'codes' outputs")
         try:
-            float_out = art.decode_value(outputs["float"], nodes)
-            codes_out = art.decode_value(outputs["codes"], nodes)
+            float_out = codec.decode_value(outputs["float"], nodes)
+            codes_out = codec.decode_value(outputs["codes"], nodes)
         except ValueError as exc:
             raise self.error("outputs", str(exc)) from None
         code_graph = copy.deepcopy(graph)

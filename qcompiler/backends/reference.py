@@ -33,14 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .errors import QCompileError
-from .exact import (
+from ..errors import QCompileError
+from ..exact import (
     FLOAT64_EXACT, ExactAdd, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
-from .formats import Format, HostFloat, IntFormat, QParams
-from .quantizers import FakeQuantize
-from .requant import requantize
+from ..formats import Format, HostFloat, IntFormat, QParams
+from ..fx_util import fetch_attr
+from ..quantizers import FakeQuantize
+from ..requant import requantize
 
 
 class Quantize(nn.Module):
@@ -289,13 +290,6 @@ class ReferenceModule(fx.GraphModule):
         return self.code_graph(*args)
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _install(root: nn.Module, name: str, module: nn.Module) -> str:
     base, i = name.replace(".", "_"), 0
     candidate = base
@@ -415,7 +409,7 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
                 target = _install(root, n.target, copy.deepcopy(gm.get_submodule(n.target)))
                 env[n.name] = graph.call_module(target, args, kwargs)
             elif n.op == "get_attr":
-                value = _fetch(gm, n.target)
+                value = fetch_attr(gm, n.target)
                 target = n.target.replace(".", "_")
                 if isinstance(value, nn.Parameter):
                     root.register_parameter(target, nn.Parameter(value.detach().clone(), requires_grad=False))
@@ -435,8 +429,9 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
     return graph
 
 
-def build_reference(simulated: fx.GraphModule) -> ReferenceModule:
-    """The reference backend of a simulated model (after model_requant)."""
+def build_reference(simulated: fx.GraphModule, plan: Any = None, target: Any = None) -> ReferenceModule:
+    """The reference backend of a simulated model (after model_requant); everything it needs is
+    in the graph's modules, so the plan and target are not read."""
     root = nn.Module()
     graph = build_graph(simulated, root, return_codes=False)
     module = ReferenceModule(root, graph, class_name="ReferenceModule")

@@ -1,0 +1,458 @@
+"""Bit allocation: one format per quantizer group under the target's budgets, as an integer program.
+
+`build_problem` turns a calibrated graph whose groups have sensitivities into an
+`AllocationProblem` (plain data: candidates, bits, sensitivities, one cost table per metric,
+ties); `solve_allocation` solves it exactly; `parse_budget_value` reads budget values.
+
+The program (OR-Tools CP-SAT, exact):
+- one boolean x[g, c] per group g with more than one candidate and candidate c; exactly one per g;
+- the spec's couplings: equal_bits ties (the bit width of each tied group is equal),
+  requires ties (weights of at most k bits force the kernel's inputs to b bits); min_bits has
+  already narrowed candidates in `group_quantizers`;
+- one linear constraint per budget: the target's cost formula summed over the graph. A node's
+  cost depends on the formats of up to three groups (weights, input, output). When it depends on
+  one group with a choice it is linear in that group's x. When it depends on several (bops =
+  macs * w_bits * a_bits with both weights and inputs free) the product is exact through one
+  boolean per combination of their candidates, tied to the x by marginal equalities
+  (sum over the other groups' candidates of y = x), so no approximation is made;
+- minimise the sum of sensitivities of the chosen (group, candidate) pairs.
+
+With `host_fallback` (qcompile's option, `ctx.options.host_fallback`) and a spec whose
+`[unsupported]` action is "host", every weight group gets one more candidate, "float": its kernel
+runs on the host in float, costed by `[unsupported.host_cost]`, with no weight error.
+
+CP-SAT needs integer coefficients: a metric is scaled by a power of two and every coefficient
+rounded up, the budget down, so a plan the solver accepts always meets the exact budget. Budget
+values: a number or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB) is absolute; a number in
+(0, 1] or a string "60%" is a fraction of the metric's value with every group at its spec default.
+An infeasible budget raises `BudgetError` with the smallest value that metric can reach.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from torch import fx
+
+from .cost import FLOAT_BITS, batch_size, costed_nodes, node_cost
+from .errors import BudgetError
+from .groups import HOST_FLOAT, QuantizerGroup, Tie
+from .quantizers import weight_qparams, weight_axis
+from .sensitivity import SensitivityTable
+from .targets.spec import TargetSpec
+
+BYTE_UNITS: dict[str, float] = {"b": 1, "kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30}
+_VALUE = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z%]*)\s*")
+# Integer coefficients of a metric stay below this after scaling (CP-SAT works in int64).
+_INT_RANGE = 2.0 ** 40
+DEFAULT_TIME_LIMIT = 60.0
+
+Key = tuple[int, str]  # (group id, candidate name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The problem as data: what the solver sees, independent of any graph
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CostTable:
+    """One metric's cost: a constant plus, per set of free groups, a value per joint choice."""
+
+    constant: float
+    factors: dict[tuple[int, ...], dict[tuple[str, ...], float]]
+
+    def value(self, choice: Mapping[int, str]) -> float:
+        return self.constant + sum(t[tuple(choice[g] for g in gids)] for gids, t in self.factors.items())
+
+
+@dataclass(frozen=True)
+class BitTie:
+    """A spec coupling on groups' bit widths; `fixed` gives bits of groups without a choice."""
+
+    kind: str                     # "equal_bits" | "requires"
+    groups: tuple[int, ...]
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+
+
+@dataclass(frozen=True)
+class AllocationProblem:
+    candidates: dict[int, tuple[str, ...]]       # free groups only (more than one candidate)
+    bits: dict[int, dict[str, int]]              # every group's bits per candidate (fixed: one entry)
+    sensitivity: dict[int, dict[str, float]]
+    costs: dict[str, CostTable]
+    defaults: dict[int, str]
+    ties: tuple[BitTie, ...] = ()
+
+    def cost(self, metric: str, choice: Mapping[int, str]) -> float:
+        return self.costs[metric].value(choice)
+
+    def objective(self, choice: Mapping[int, str]) -> float:
+        return sum(self.sensitivity.get(g, {}).get(c, 0.0) for g, c in choice.items())
+
+    def feasible_ties(self, choice: Mapping[int, str]) -> bool:
+        def bits(g: int) -> int:
+            b = self.bits[g]
+            return b[choice[g]] if g in choice else next(iter(b.values()))
+        for t in self.ties:
+            if t.kind == "equal_bits" and len({bits(g) for g in t.groups}) > 1:
+                return False
+            if t.kind == "requires" and bits(t.groups[0]) <= t.weight_bits and \
+                    any(bits(g) != t.activation_bits for g in t.groups[1:]):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class AllocationResult:
+    choice: dict[int, str]
+    status: str
+    objective: float
+    best_bound: float
+    seconds: float
+    budgets: dict[str, float]            # absolute budget values
+    costs: dict[str, float]              # the chosen plan's cost per budgeted metric
+    defaults: dict[str, float]           # the spec-default plan's cost per budgeted metric
+    variables: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def summary(self) -> str:
+        parts = [f"CP-SAT {self.status}, objective {self.objective:.4g}, {self.seconds:.3f} s, {self.variables} booleans"]
+        for m, b in self.budgets.items():
+            parts.append(f"{m} {self.costs[m]:,.6g} <= {b:,.6g} ({self.costs[m] / self.defaults[m]:.1%} of default)"
+                         if self.defaults.get(m) else f"{m} {self.costs[m]:,.6g} <= {b:,.6g}")
+        return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget values
+# ---------------------------------------------------------------------------------------------
+
+def read_budget_value(metric: str, value: Any) -> tuple[float, str]:
+    """(number, unit) of a budget value: unit "" (a count, or a fraction in (0, 1]), "%" or a byte
+    unit in lower case. The one reader of budget syntax, for the API and the command line."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BudgetError(f"budget {metric!r}: {value!r} is not a number or a string such as '1.5 MiB' or '60%'")
+    if isinstance(value, str):
+        m = _VALUE.fullmatch(value)
+        if m is None:
+            raise BudgetError(f"budget {metric!r}: cannot read {value!r}; give e.g. '1.5 MiB', '60%', 0.5 or 123456")
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit and unit != "%" and unit not in BYTE_UNITS:
+            raise BudgetError(f"budget {metric!r}: unknown unit {m.group(2)!r} in {value!r}; use B, KB, KiB, "
+                              "MB, MiB, GB, GiB, % or no unit")
+    else:
+        number, unit = float(value), ""
+    if not math.isfinite(number) or number <= 0:
+        raise BudgetError(f"budget {metric!r}: {value!r} must be a positive finite value")
+    return number, unit
+
+
+def parse_budget_value(metric: str, value: Any, default_value: float) -> float:
+    """An absolute budget from a number, a fraction (0, 1], "60%" or "1.5 MiB"; fractions and
+    percentages are of `default_value` (the metric with every group at the spec default)."""
+    number, unit = read_budget_value(metric, value)
+    if unit == "%":
+        result = number / 100 * default_value
+    elif unit:
+        result = number * BYTE_UNITS[unit]
+    else:
+        result = number * default_value if number <= 1 else number
+    if not math.isfinite(result) or result <= 0:
+        raise BudgetError(f"budget {metric!r}: {value!r} must be a positive finite value")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the problem from the graph
+# ---------------------------------------------------------------------------------------------
+
+def _scale_count(params: Any) -> int:
+    if params is None:
+        return 0
+    return int(params.codebook.numel() if params.codebook is not None else params.scale.numel())
+
+
+def build_problem(gm: fx.GraphModule, spec: TargetSpec, groups: Sequence[QuantizerGroup], ties: Sequence[Tie],
+                  table: SensitivityTable | None, metrics: list[str], host_fallback: bool = False) -> AllocationProblem:
+    """The allocation problem of a calibrated graph: candidates, bits, costs per metric, ties.
+
+    `table` gives the sensitivities (all 0 without one); with `host_fallback` (and a spec whose
+    unsupported ops run on the host) every weight group may also choose float on the host.
+    """
+    host = host_fallback and spec.unsupported.action == "host"
+    extra = {g.id: (HOST_FLOAT,) for g in groups if host and g.kind == "weight" and not g.fallback}
+    free = {g.id: tuple(g.candidates) + extra.get(g.id, ()) for g in groups
+            if not g.fallback and len(g.candidates) + len(extra.get(g.id, ())) > 1}
+    bits = {g.id: ({"float": FLOAT_BITS} if g.fallback else {c: g.formats[c].bits for c in g.candidates})
+            for g in groups}
+    for gid in extra:
+        bits[gid][HOST_FLOAT] = FLOAT_BITS
+    defaults = {g.id: ("float" if g.fallback else g.default) for g in groups}
+    uses_scales = any("w_scales" in spec.cost[m].variables for m in metrics) or any(
+        "w_scales" in f.variables for m, f in spec.unsupported.host_cost.items() if m in metrics)
+    scales: dict[int, dict[str, int]] = {}
+    if uses_scales:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for g in groups:
+            if g.kind != "weight" or g.fallback:
+                continue
+            module = gm.get_submodule(nodes[g.owner].target)
+            w = gm.get_parameter(g.weights[0])
+            scales[g.id] = {c: _scale_count(weight_qparams(g.formats[c], w, weight_axis(module))) for c in g.candidates}
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    batch = batch_size(gm)
+    kernels = costed_nodes(gm)
+    costs: dict[str, CostTable] = {}
+    for metric in metrics:
+        constant = 0.0
+        factors: dict[tuple[int, ...], dict[tuple[str, ...], float]] = {}
+        for n in kernels:
+            touched: set[int] = set()
+
+            def probe_bits(gid: int) -> int:
+                touched.add(gid)
+                return next(iter(bits[gid].values()))
+
+            node_cost(spec, metric, gm, n, nodes, probe_bits, lambda gid: 0, batch)
+            gids = tuple(sorted(g for g in touched if g in free))
+            wg = n.meta.get("weight_group")
+            for combo in itertools.product(*(free[g] for g in gids)):
+                pick = dict(zip(gids, combo))
+
+                def bits_of(gid: int) -> int:
+                    return bits[gid][pick[gid]] if gid in pick else next(iter(bits[gid].values()))
+
+                def scales_of(gid: int) -> int:
+                    s = scales.get(gid)
+                    if not s:
+                        return 0
+                    return s.get(pick[gid], 0) if gid in pick else s[defaults[gid]]
+
+                moved = wg is not None and pick.get(wg) == HOST_FLOAT
+                value = node_cost(spec, metric, gm, n, nodes, bits_of, scales_of, batch, on_host=True if moved else None)
+                if gids:
+                    slot = factors.setdefault(gids, {})
+                    slot[combo] = slot.get(combo, 0.0) + value
+                else:
+                    constant += value
+        costs[metric] = CostTable(constant, factors)
+    bit_ties = tuple(BitTie(t.kind, tuple(t.groups), t.weight_bits, t.activation_bits) for t in ties)
+    # A kernel on the host keeps float weights: no weight error (its activations stay quantized).
+    sens = {gid: {c: (table.of(gid, c) if table is not None and c != HOST_FLOAT else 0.0) for c in free[gid]}
+            for gid in free}
+    return AllocationProblem(candidates=free, bits=bits, sensitivity=sens, costs=costs, defaults=defaults, ties=bit_ties)
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving
+# ---------------------------------------------------------------------------------------------
+
+def _int_scale(table: CostTable) -> float:
+    """A power of two that brings the metric's largest possible total near _INT_RANGE."""
+    top = abs(table.constant) + sum(max(abs(v) for v in t.values()) for t in table.factors.values())
+    if top <= 0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(_INT_RANGE / top))
+
+
+class _Model:
+    """The CP-SAT model of a problem: x per (group, candidate), y per factor combination."""
+
+    def __init__(self, problem: AllocationProblem, metrics: list[str]):
+        from ortools.sat.python import cp_model
+
+        self.cp = cp_model
+        self.p = problem
+        self.m = cp_model.CpModel()
+        self.infeasible = False
+        self.x: dict[Key, Any] = {}
+        for g, cands in problem.candidates.items():
+            for c in cands:
+                self.x[(g, c)] = self.m.new_bool_var(f"x_{g}_{c}")
+            self.m.add_exactly_one([self.x[(g, c)] for c in cands])
+        self._add_ties()
+        self.scale = {m: _int_scale(problem.costs[m]) for m in metrics}
+        self.expr = {m: self._cost_expr(m) for m in metrics}
+
+    def bits_is(self, g: int, b: int) -> Any:
+        if g in self.p.candidates:
+            return sum(self.x[(g, c)] for c in self.p.candidates[g] if self.p.bits[g][c] == b)
+        return int(next(iter(self.p.bits[g].values())) == b)
+
+    def _add_ties(self) -> None:
+        for t in self.p.ties:
+            if t.kind == "equal_bits":
+                widths = sorted({b for g in t.groups for b in self.p.bits[g].values()})
+                first = t.groups[0]
+                for g in t.groups[1:]:
+                    for b in widths:
+                        self.m.add(self.bits_is(first, b) == self.bits_is(g, b))
+            elif t.kind == "requires":
+                w = t.groups[0]
+                low = [b for b in set(self.p.bits[w].values()) if b <= t.weight_bits]
+                for g in t.groups[1:]:
+                    for b in low:
+                        self.m.add(self.bits_is(w, b) <= self.bits_is(g, t.activation_bits))
+
+    def _cost_expr(self, metric: str) -> tuple[list[Any], list[int], int]:
+        """(variables, integer coefficients, integer constant) of the scaled metric."""
+        table, s = self.p.costs[metric], self.scale[metric]
+        variables, coefs = [], []
+        const = math.ceil(table.constant * s)
+        for gids, values in table.factors.items():
+            if len(gids) == 1:
+                for (c,), v in values.items():
+                    variables.append(self.x[(gids[0], c)])
+                    coefs.append(math.ceil(v * s))
+                continue
+            ys = {}
+            for combo in values:
+                ys[combo] = self.m.new_bool_var(f"y_{'_'.join(map(str, gids))}_{'_'.join(combo)}")
+            self.m.add_exactly_one(list(ys.values()))
+            for i, g in enumerate(gids):
+                for c in self.p.candidates[g]:
+                    self.m.add(sum(y for combo, y in ys.items() if combo[i] == c) == self.x[(g, c)])
+            for combo, v in values.items():
+                variables.append(ys[combo])
+                coefs.append(math.ceil(v * s))
+        return variables, coefs, const
+
+    def scaled_value(self, metric: str, choice: Mapping[int, str]) -> float:
+        """The metric of a plan as the integer model counts it (rounded up), back in its unit."""
+        table, s = self.p.costs[metric], self.scale[metric]
+        total = math.ceil(table.constant * s)
+        for gids, values in table.factors.items():
+            total += math.ceil(values[tuple(choice[g] for g in gids)] * s)
+        return total / s
+
+    def linear(self, metric: str) -> Any:
+        variables, coefs, const = self.expr[metric]
+        return self.cp.LinearExpr.weighted_sum(variables, coefs) + const
+
+    def add_budget(self, metric: str, value: float) -> None:
+        variables, _, const = self.expr[metric]
+        limit = math.floor(value * self.scale[metric])
+        if not variables:  # nothing to choose: the metric is what it is
+            self.infeasible |= const > limit
+            return
+        self.m.add(self.linear(metric) <= limit)
+
+    def solve(self, objective: Any, time_limit: float, workers: int) -> tuple[str, dict[int, str], float, float, float]:
+        if self.infeasible:
+            return "INFEASIBLE", {}, math.nan, math.nan, 0.0
+        self.m.minimize(objective)
+        solver = self.cp.CpSolver()
+        solver.parameters.max_time_in_seconds = time_limit
+        solver.parameters.num_workers = workers
+        status = solver.solve(self.m)
+        name = solver.status_name(status)
+        choice = {}
+        if status in (self.cp.OPTIMAL, self.cp.FEASIBLE):
+            for (g, c), var in self.x.items():
+                if solver.boolean_value(var):
+                    choice[g] = c
+        return name, choice, solver.objective_value, solver.best_objective_bound, solver.wall_time
+
+
+def _objective_expr(model: _Model) -> tuple[Any, float]:
+    p = model.p
+    top = sum(max(v.values(), default=0.0) for v in p.sensitivity.values())
+    scale = 1e9 / top if top > 0 else 1.0  # finer scales slow CP-SAT down for no change in plan
+    keys = list(model.x)
+    coefs = [int(round(p.sensitivity.get(g, {}).get(c, 0.0) * scale)) for g, c in keys]
+    return model.cp.LinearExpr.weighted_sum([model.x[k] for k in keys], coefs), scale
+
+
+def minimum_cost(problem: AllocationProblem, metric: str, budgets: Mapping[str, float] | None = None,
+                 time_limit: float = DEFAULT_TIME_LIMIT, workers: int = 1) -> float | None:
+    """The smallest value `metric` can take under the ties (and the other `budgets`); None if none.
+
+    The value is the metric as the integer program counts it (coefficients rounded up), so a
+    budget of exactly this value is feasible.
+    """
+    others = {m: v for m, v in (budgets or {}).items() if m != metric}
+    model = _Model(problem, [metric, *others])
+    for m, v in others.items():
+        model.add_budget(m, v)
+    status, choice, *_ = model.solve(model.linear(metric), time_limit, workers)
+    if status not in ("OPTIMAL", "FEASIBLE") or len(choice) != len(problem.candidates):
+        return None
+    return model.scaled_value(metric, choice)
+
+
+def solve_allocation(problem: AllocationProblem, budgets: Mapping[str, float],
+                     time_limit: float = DEFAULT_TIME_LIMIT, workers: int = 1) -> AllocationResult:
+    """Minimise total sensitivity subject to the ties and every (absolute) budget."""
+    metrics = list(budgets)
+    for m in metrics:
+        if m not in problem.costs:
+            raise BudgetError(f"no cost table for budget {m!r}")
+    start = time.perf_counter()
+    model = _Model(problem, metrics)
+    for m, v in budgets.items():
+        model.add_budget(m, v)
+    objective, _ = _objective_expr(model)
+    status, choice, _, _, _ = model.solve(objective, time_limit, workers)
+    seconds = time.perf_counter() - start
+    default_costs = {m: problem.cost(m, {g: problem.defaults[g] for g in problem.candidates}) for m in metrics}
+    if status not in ("OPTIMAL", "FEASIBLE"):
+        if status == "INFEASIBLE" or status == "MODEL_INVALID":
+            raise _infeasible(problem, budgets, default_costs, time_limit, workers)
+        raise BudgetError(f"the bit-allocation program found no plan within {time_limit:.0f} s (status {status}); "
+                          "loosen the budgets or raise the time limit")
+    exact = {g: c for g, c in choice.items()}
+    true_objective = problem.objective(exact)
+    best_bound = true_objective if status == "OPTIMAL" else float("nan")
+    n_vars = len(model.m.proto.variables)
+    return AllocationResult(choice=exact, status=status, objective=true_objective, best_bound=best_bound,
+                            seconds=seconds, budgets=dict(budgets),
+                            costs={m: problem.cost(m, exact) for m in metrics}, defaults=default_costs,
+                            variables=n_vars)
+
+
+def _infeasible(problem: AllocationProblem, budgets: Mapping[str, float], default_costs: dict[str, float],
+                time_limit: float, workers: int) -> BudgetError:
+    smallest = {m: minimum_cost(problem, m, None, time_limit, workers) for m in budgets}
+    lines = []
+    for m, v in budgets.items():
+        alone = smallest[m]
+        if alone is None:
+            lines.append(f"{m}: the spec's couplings admit no plan at all")
+        elif v < alone:
+            share = f" ({alone / default_costs[m]:.1%} of the default {default_costs[m]:,.6g})" if default_costs.get(m) else ""
+            lines.append(f"{m} budget {v:,.6g} is below the smallest feasible value {alone:,.6g}{share}")
+    if not lines:  # each budget alone is reachable, not all of them together
+        for m in budgets:
+            joint = minimum_cost(problem, m, budgets, time_limit, workers)
+            smallest[m] = joint
+            lines.append(f"{m}: with the other budgets, the smallest feasible value is "
+                         + (f"{joint:,.6g}" if joint is not None else "none (they conflict)"))
+    err = BudgetError("no bit allocation meets the budget(s): " + "; ".join(lines)
+                      + ". Raise the budget to at least the smallest feasible value, or drop a budget")
+    err.smallest = smallest  # type: ignore[attr-defined]
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets of a problem
+
+# ---------------------------------------------------------------------------------------------
+
+def absolute_budgets(problem: AllocationProblem, budget: Mapping[str, Any]) -> dict[str, float]:
+    defaults = {g: problem.defaults[g] for g in problem.candidates}
+    return {m: parse_budget_value(m, v, problem.cost(m, defaults)) for m, v in budget.items()}
+
+
+def check_metrics(spec: Any, budget: Mapping[str, Any]) -> None:
+    if not isinstance(budget, Mapping) or not budget:
+        raise BudgetError(f"budget must be a non-empty dict such as {{'weight_memory': '1.5 MiB'}}, got {budget!r}")
+    unknown = [m for m in budget if m not in spec.cost]
+    if unknown:
+        raise BudgetError(f"budget {unknown[0]!r}: target {spec.name!r} has no cost metric {unknown[0]!r}; "
+                          f"its metrics are {', '.join(spec.cost) or 'none'}")

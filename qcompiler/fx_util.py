@@ -1,0 +1,43 @@
+"""Small operations on modules and graphs that several parts of qcompiler need, written once."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import fx, nn
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """The attribute a dotted `get_attr` or `call_module` target names, from `root`."""
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `target` of `root`, replacing what is there."""
+    parent, _, leaf = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def copy_sharing_tensors(module: Any) -> Any:
+    """A structural deep copy of `module` that shares its parameter and buffer tensors.
+
+    Passes never modify a tensor in place (they install new modules or parameters), so sharing
+    tensors keeps the user's model and every stage of a compile intact at the memory cost of
+    one model.
+    """
+    memo: dict[int, Any] = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a GraphModule's graph and module objects that shares every tensor (and its meta).
+
+    Leaf modules of a traced GraphModule are the user's own module objects; a pass that installs
+    into a snapshot leaves the user's model and earlier stages exactly as they were.
+    """
+    snap = copy_sharing_tensors(gm)
+    snap.meta = dict(getattr(gm, "meta", {}))
+    return snap

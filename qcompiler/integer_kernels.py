@@ -1,0 +1,215 @@
+"""Integer kernels: a converted graph's kernels swapped for what the target's hardware computes.
+
+`make_exact` swaps a conv or linear kernel's module for an `ExactConv2d` / `ExactLinear` holding
+the integer weight codes and the bias rounded to the accumulator grid, and its output
+quantizer for a `KernelRequantize` with the spec's requantization constants (see
+`qcompiler.exact`); `make_exact_pool` and `make_exact_add` do the same for global average pools
+and adds of two quantized tensors. Each raises `NotExact` (with the reason) where a node has no
+integer form here, and changes nothing then.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import fx, nn
+
+from .errors import QCompileError
+from .exact import (
+    ADD_LEFT_SHIFT, ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    quantizer_of,
+)
+from .formats import IntFormat
+from .fx_util import set_submodule
+from .plan import GroupPlan, Plan
+from .requant import bias_fit_weight_scale, requant_constants
+
+
+def _exact_module(module: nn.Module, accumulator_bits: int) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        return ExactConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                           module.padding, module.dilation, module.groups, module.bias is not None,
+                           module.padding_mode, accumulator_bits=accumulator_bits)
+    return ExactLinear(module.in_features, module.out_features, module.bias is not None,
+                       accumulator_bits=accumulator_bits)
+
+
+def _weight_codes(plan_group, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer codes as float32, per-output-channel scale float64) of a weight on its grid."""
+    fmt, params = plan_group.format, plan_group.params
+    if not isinstance(fmt, IntFormat) or fmt.granularity not in ("per_tensor", "per_channel") or params is None:
+        raise NotExact(f"weights in {fmt.name} have no integer kernel here")
+    if params.zero_point is not None and bool((params.zero_point != 0).any()):
+        raise NotExact(f"weights in {fmt.name} have a zero point")
+    if fmt.granularity == "per_channel" and params.axis not in (0, -weight.ndim):
+        raise NotExact("per-channel weight scales along an axis other than 0")
+    codes = fmt.quantize(weight.detach().float(), params).to(torch.float32)
+    scale = params.scale.reshape(-1).to(torch.float64)
+    if scale.numel() == 1:
+        scale = scale.expand(weight.shape[0]).clone()
+    return codes, scale
+
+
+def fit_bias(group: GroupPlan, bias: torch.Tensor | None, s_in: float, bias_bits: int) -> tuple[GroupPlan, dict | None]:
+    """The weight group with its scale raised where a bias does not fit `bias_bits` (see
+    `qcompiler.requant.bias_fit_weight_scale`), and a record of what changed (None: nothing)."""
+    params = group.params
+    if bias is None or params is None:
+        return group, None
+    old = params.scale
+    new = bias_fit_weight_scale(bias, s_in, old, bias_bits, pow2=getattr(group.format, "scale_kind", "") == "pow2")
+    if torch.equal(new, old):
+        return group, None
+    acc_scale = s_in * old.double().reshape(-1)
+    overflow = (bias.detach().double().abs() / acc_scale) > 2.0 ** (bias_bits - 1) - 1
+    channels = [int(c) for c in torch.nonzero(overflow).reshape(-1)]
+    ratio = (new.double() / old.double()).reshape(-1)
+    record = {"bias_bits": bias_bits, "channels": channels,
+              "scale_factor": float(ratio.max()), "bias_max": float(bias.detach().abs()[overflow].max())}
+    return dataclasses.replace(group, params=dataclasses.replace(params, scale=new)), record
+
+
+def make_exact(gm: fx.GraphModule, chain: KernelChain, plan: Plan, spec) -> dict:
+    """Swap the chain's kernel and output quantizer for their integer forms.
+
+    Returns what changed: the kernel's name, whether it accumulates in float32, and the weight
+    group (`"group"`) when a bias did not fit and the group's scale was raised.
+    """
+    anchor = chain.anchor
+    original = gm.get_submodule(anchor.target)
+    kind = anchor.meta["op_kind"]
+    rule = spec.op_rule(kind)
+    acc_bits = rule.accumulator_bits if rule is not None else 32
+    bias_bits = rule.bias_bits if rule is not None else min(32, acc_bits)
+    mode, rounding, mbits = spec.requant.mode, spec.requant.rounding, spec.requant.multiplier_bits
+    if mode == "fixed_point" and acc_bits + (mbits or 32) > 64:
+        raise QCompileError(
+            f"{anchor.name}: a {acc_bits}-bit accumulator times a {mbits}-bit multiplier does not fit "
+            f"64 bits; lower [ops.{kind}] accumulator_bits or [requant] multiplier_bits in the spec")
+    in_q, out_q = chain.in_quant, chain.out_quant
+    s_in = in_q.params.scale.reshape(()).to(torch.float32)
+    wgroup, bias_fit = fit_bias(plan.group(anchor.meta["weight_group"]), original.bias, float(s_in), bias_bits)
+    codes, w_scale = _weight_codes(wgroup, original.weight)
+    acc_scale = s_in.double() * w_scale                    # exact: a product of two float32
+    exact = _exact_module(original, acc_bits)
+    exact.train(original.training)
+    fmt_in = in_q.fmt
+    zp_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
+    with torch.no_grad():
+        # The decoded weight, as convert stores it (unchanged when the weight was on its grid).
+        decoded = wgroup.format.dequantize(codes.to(torch.int32), wgroup.params).to(original.weight.dtype)
+        exact.weight = nn.Parameter(decoded, requires_grad=False)
+        exact.in_scale.copy_(s_in)
+        exact.in_code_bound.fill_(float(max(abs(fmt_in.qmin - zp_in), abs(fmt_in.qmax - zp_in))))
+        exact.weight_codes.copy_(codes)
+        exact.acc_scale.copy_(acc_scale)
+        if original.bias is not None:
+            # Exact: fit_bias made every code fit the bias width.
+            bias_codes = torch.round(original.bias.detach().double() / acc_scale).to(torch.int64)
+            exact.bias_codes.copy_(bias_codes)
+            exact.bias = nn.Parameter((bias_codes.double() * acc_scale).to(original.bias.dtype), requires_grad=False)
+    try:
+        fp32 = exact.exact_in_float32()
+    except ValueError as why:         # partial sums beyond float64's integers: stays float
+        raise NotExact(f"{anchor.name}: {why}") from None
+    set_submodule(gm, anchor.target, exact)
+    if bias_fit is not None:
+        anchor.meta["bias_fit"] = bias_fit
+
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    real = acc_scale / s_out
+    if mode == "float":
+        # ONNX Runtime's per-channel output scale: (s_in * s_w) / s_out in float32.
+        real = (s_in * w_scale.to(torch.float32) / s_out.to(torch.float32)).double()
+    multiplier, shift, float_multiplier = requant_constants(real, mode, mbits)
+    requant = KernelRequantize(out_q.group, out_q.fmt, out_q.params, channels=acc_scale.numel(),
+                               channel_dim=exact.channel_dim, mode=mode, rounding=rounding)
+    requant.acc_scale.copy_(acc_scale)
+    requant.multiplier.copy_(multiplier)
+    requant.shift.copy_(shift)
+    requant.float_multiplier.copy_(float_multiplier)
+    set_submodule(gm, chain.output.target, requant)
+    return {"kernel": anchor.name, "fp32_exact": fp32, "group": wgroup if bias_fit is not None else None}
+
+
+POOL_KINDS = ("adaptive_avg_pool", "mean")
+
+
+def make_exact_pool(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """A global average pool -> ExactGlobalAvgPool + KernelRequantize (sum, then one multiplier)."""
+    if node.meta.get("role") != "chip" or node.meta.get("kernel", node.name) != node.name or not node.args:
+        raise NotExact(f"{node.name}: not a pooling kernel of its own")
+    keepdim = global_pool_keepdim(gm, node)
+    src = node.args[0]
+    in_q = quantizer_of(gm, src)
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    out_q = quantizer_of(gm, users[0])
+    shape = src.meta.get("shape")
+    if not isinstance(shape, tuple) or len(shape) != 4:
+        raise NotExact(f"{node.name}: input shape unknown")
+    channels, window = int(shape[1]), int(shape[2] * shape[3])
+    s_in = in_q.params.scale.reshape(()).to(torch.float32)
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    acc_scale = torch.full((channels,), float(s_in) / window, dtype=torch.float64)
+    real = acc_scale / s_out
+    mode, rounding = spec.requant.mode, spec.requant.rounding
+    if mode == "shift" and window & (window - 1):
+        raise NotExact(f"{node.name}: a shift-only target cannot average {window} positions")
+    if mode == "float":
+        real = (s_in / (window * s_out.to(torch.float32))).double().expand(channels).clone()
+    multiplier, shift, float_multiplier = requant_constants(real, mode, spec.requant.multiplier_bits)
+    pool = ExactGlobalAvgPool(channels, window, keepdim)
+    pool.in_scale.copy_(s_in)
+    pool.acc_scale.copy_(acc_scale)
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, pool)
+    # The node becomes a call of the new module in place: its name and meta stay, which the
+    # report, the cost model and the float graph's per-node comparison rely on.
+    node.op, node.target = "call_module", target
+    node.args, node.kwargs = (src,), {}
+    requant = KernelRequantize(out_q.group, out_q.fmt, out_q.params, channels=channels, channel_dim=1,
+                               mode=mode, rounding=rounding)
+    requant.acc_scale.copy_(acc_scale)
+    requant.multiplier.copy_(multiplier)
+    requant.shift.copy_(shift)
+    requant.float_multiplier.copy_(float_multiplier)
+    set_submodule(gm, users[0].target, requant)
+
+
+def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """An add of two quantized tensors -> ExactAdd (integer rescale of each input, sum, requant).
+
+    Float-requant targets keep the float add: ONNX Runtime's QLinearAdd computes in float, which
+    the fake-quant add is already.
+    """
+    mode, rounding = spec.requant.mode, spec.requant.rounding
+    if mode == "float":
+        raise NotExact(f"{node.name}: float requantization adds in float")
+    if node.meta.get("role") != "chip" or node.meta.get("kernel", node.name) != node.name:
+        raise NotExact(f"{node.name}: not an add kernel of its own")
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        raise NotExact(f"{node.name}: not an add of two tensors")
+    q1, q2 = (quantizer_of(gm, a) for a in node.args)
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    out_q = quantizer_of(gm, users[0])
+    shapes = [a.meta.get("shape") for a in node.args]
+    if shapes[0] != shapes[1]:
+        raise NotExact(f"{node.name}: broadcasting add")
+    s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    twice_max = 2 * torch.maximum(s1, s2)
+    real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** ADD_LEFT_SHIFT * s_out)])
+    multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
+    zps = tuple(0 if q.params.zero_point is None else int(q.params.zero_point.reshape(-1)[0]) for q in (q1, q2, out_q))
+    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding)
+    add.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
+    add.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    add.multiplier.copy_(multiplier)
+    add.shift.copy_(shift)
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, add)
+    node.op, node.target = "call_module", target

@@ -1,0 +1,52 @@
+"""The settings of one compile: what the user asked for, frozen once the compile starts.
+
+Passes read them from `ctx.options`; they never change during a run. A sweep that compiles
+one model many ways (budgets, sensitivity methods) forks a run and gives the fork new options
+with `dataclasses.replace`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import QCompileError
+
+# How `sensitivity` measures each (group, format); see qcompiler.sensitivity.
+SENSITIVITY_METHODS: tuple[str, ...] = ("sqnr", "hessian")
+DEFAULT_SENSITIVITY = "hessian"
+DEFAULT_ALLOCATION_TIME_LIMIT = 60.0
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Every setting of `qcompile` that passes read.
+
+    observer: an observer name for every activation, or a dict keyed by node name, op kind or
+        "default" (see `passes/insert_observers.py`); None: the target's default.
+    budget: limits on the target's cost metrics, e.g. {"weight_memory": "1.5 MiB"}; None: the
+        spec's default format everywhere.
+    sensitivity: "hessian" or "sqnr" (`qcompiler.sensitivity`).
+    host_fallback: with a budget, a kernel may run in float on the host where the spec allows.
+    allocation_time_limit: seconds the bit-allocation solver may take.
+    leaf_modules, concrete_args: how `capture` traces (see `qcompiler.tracing.trace`).
+    progress: show progress bars.
+    seed: every random choice of the compile (probes, sampled rows) derives from it.
+    """
+
+    observer: str | Mapping[str, str] | None = None
+    budget: Mapping[str, Any] | None = None
+    sensitivity: str = DEFAULT_SENSITIVITY
+    host_fallback: bool = False
+    allocation_time_limit: float = DEFAULT_ALLOCATION_TIME_LIMIT
+    leaf_modules: tuple[Any, ...] = ()
+    concrete_args: Mapping[str, Any] | None = field(default=None, compare=False)
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise QCompileError(f"sensitivity={self.sensitivity!r} is not a method; choose one of "
+                                f"{', '.join(SENSITIVITY_METHODS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise QCompileError(f"seed must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
