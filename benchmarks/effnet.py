@@ -94,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{calib.describe}; measured on {held.describe}." + (" AdaRound cut to 2 steps (--quick)."
                                                              if args.quick else ""), "", SPLIT_NOTE, "",
         f"\"Confident\": crops whose float max-softmax is at least {CONFIDENT_SOFTMAX}. Every group at the "
-        "target's default format (no budget)."])]
+        "target's default format (no budget). Bias-fitted: channels whose bias did not fit the spec's bias "
+        "width at s_in * s_w, so their weight scale was raised until it did (listed in `compiled.report()`)."])]
     lines += ["## Per target", "",
               "| target | top-1 agreement [95 % CI] | top-5 agreement | confident top-1 (n) | logits SQNR dB "
-              "| weight memory | compile s |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "| weight memory | bias-fitted channels (kernels) | compile s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     clustering = []
     w8a8 = None
     for target in args.targets.split(","):
@@ -107,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         if target == "npu-int8":
             w8a8 = res
         clustering.append((target, res))
+        fits = compiled.report().bias_fits
         lines.append(f"| {target} | {res.cell()} | {100 * stats.top5:.1f} % | {100 * stats.confident_top1:.1f} % "
                      f"({stats.confident_count}) | {stats.sqnr_db:.2f} | "
-                     f"{compiled.weight_memory_bytes / 2**20:.2f} MiB | {seconds:.0f} |")
+                     f"{compiled.weight_memory_bytes / 2**20:.2f} MiB | {sum(len(f.channels) for f in fits)} "
+                     f"({len(fits)}) | {seconds:.0f} |")
 
     if not args.skip_limits:
         lines += ["", "## What limits npu-int8", "",
