@@ -35,14 +35,16 @@ SOURCE_DIRS = ("qcompiler", "passes", "targets", "benchmarks")
 
 def git_revision(repo: Path = REPO) -> str:
     """`git rev-parse --short HEAD`, plus "-dirty" when tracked files differ from it or code
-    directories hold files git does not track yet."""
+    directories hold files git does not track yet. Markdown (the README, the benchmarks' own
+    outputs) does not count: it cannot change a figure."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                               text=True, check=True).stdout.strip()
         # Tracked files anywhere, and new files where code lives (a benchmark not yet committed).
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        dirty += subprocess.run(["git", "status", "--porcelain", "--", *SOURCE_DIRS], cwd=repo,
+        not_markdown = ":(exclude,glob)**/*.md"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", not_markdown],
+                               cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty += subprocess.run(["git", "status", "--porcelain", "--", *SOURCE_DIRS, not_markdown], cwd=repo,
                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
