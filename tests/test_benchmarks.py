@@ -33,12 +33,17 @@ def test_git_revision_marks_a_dirty_tree(tmp_path):
     _git(tmp_path, "config", "user.name", "bench")
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "a.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "a.md").write_text("# old table\n")
+    (tmp_path / "README.md").write_text("# readme\n")
     _git(tmp_path, "add", ".")
     _git(tmp_path, "commit", "-qm", "one")
     head = _git(tmp_path, "rev-parse", "--short", "HEAD")
     assert common.git_revision(tmp_path) == head
     (tmp_path / "notes.txt").write_text("untracked, outside the code directories")
     assert common.git_revision(tmp_path) == head
+    (tmp_path / "benchmarks" / "a.md").write_text("# a benchmark's fresh output\n")
+    (tmp_path / "README.md").write_text("# readme quoting it\n")
+    assert common.git_revision(tmp_path) == head                     # Markdown cannot change a figure
     (tmp_path / "benchmarks" / "new.py").write_text("y = 2\n")       # an uncommitted benchmark
     assert common.git_revision(tmp_path) == head + "-dirty"
     (tmp_path / "benchmarks" / "new.py").unlink()
