@@ -61,7 +61,8 @@ class AdaRoundConfig:
     steps, lr: Adam iterations and learning rate per kernel.
     warmup: the fraction of steps without the rounding regulariser.
     reg_weight: weight of the regulariser against the reconstruction error, which is normalised
-        so that round-to-nearest scores 1.
+        so that round-to-nearest scores 1 (10, chosen on the validation split among 0.01, 0.3, 3
+        and 10: benchmarks/defaults.md).
     beta: start and end of the regulariser's annealed exponent.
     max_samples: calibration samples the graph is run over (memory grows with it).
     max_rows: input rows (patches) the second moments are estimated from, per kernel.
@@ -80,7 +81,7 @@ class AdaRoundConfig:
     steps: int = 300
     lr: float = 1e-2
     warmup: float = 0.2
-    reg_weight: float = 3.0
+    reg_weight: float = 10.0
     beta: tuple[float, float] = (20.0, 2.0)
     max_samples: int = 128
     max_rows: int = 16384
