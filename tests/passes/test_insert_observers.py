@@ -138,10 +138,10 @@ def test_observer_choice_by_name_node_kind_default_and_spec():
     assert relu_groups and all(kinds[gid] is MSEObserver for gid in relu_groups)
     rest = set(kinds) - relu_groups - {by_tensor["x"].id}
     assert rest and all(kinds[gid] is MinMaxObserver for gid in rest)
-    # No choice: the spec's observer (npu-int8 says mse).
-    assert ctx.target.observer == "mse"
+    # No choice: the spec's observer (npu-int8 says minmax).
+    assert ctx.target.observer == "minmax"
     _, octx = _observe(gm, ctx)
-    assert all(type(o) is MSEObserver for o in octx.observers.values())
+    assert all(type(o) is MinMaxObserver for o in octx.observers.values())
 
 
 @pytest.mark.parametrize("choice,message", [
