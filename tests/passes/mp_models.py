@@ -1,4 +1,5 @@
-"""Small models and a target with free activation widths, shared by the mixed-precision tests."""
+"""Small models shared by several pass tests, and a target with free activation widths for the
+mixed-precision tests."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,3 +55,17 @@ def npu_a4_spec(tmp_path: Path):
     path = tmp_path / "npu-a4.toml"
     path.write_text(text)
     return load_target(str(path))
+
+
+class Branches(nn.Module):
+    """conv-ReLU branches joined by a shared-scale concat and a pass-through max-pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.head(nn.functional.max_pool2d(y, 2))

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mp_models import calib_batches, small_net  # noqa: E402
+from mp_models import Branches, calib_batches, small_net  # noqa: E402
 
 import qcompiler  # noqa: E402
 from qcompiler import CalibrationError, CompileContext, PassManager  # noqa: E402
@@ -23,20 +23,6 @@ from qcompiler.calibration import calibration_batches  # noqa: E402
 from qcompiler.passes.calibrate import calibrate  # noqa: E402
 
 GROUPED = ["capture", "canonicalize", "fold_bn", "fuse", "group_quantizers"]
-
-
-class Branches(nn.Module):
-    """conv-ReLU branches joined by a shared-scale concat and a pass-through max-pool."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(3, 4, 1)
-        self.head = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
-        return self.head(nn.functional.max_pool2d(y, 2))
 
 
 def _observed(model: nn.Module, batches, target: str = "npu-int8", observer="minmax"):

@@ -6,6 +6,8 @@ kernel on npu-int8), not only against `ctx.groups`.
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from qcompiler.fx_util import snapshot
 from qcompiler.passes.insert_observers import insert_observers
 from qcompiler.quantizers import ObserverStub
 from qcompiler.targets.spec import BUILTIN_DIR, loads_target
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mp_models import Branches  # noqa: E402
 
 GROUPED = ["capture", "canonicalize", "fold_bn", "fuse", "group_quantizers"]
 
@@ -43,20 +48,6 @@ def _observe(gm: fx.GraphModule, ctx: CompileContext, observer=None) -> tuple[fx
 def _stubs(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ObserverStub)]
-
-
-class Branches(nn.Module):
-    """Two conv-ReLU branches joined by a concat (shared scale) and a max-pool (pass-through)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(3, 4, 1)
-        self.head = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
-        return self.head(nn.functional.max_pool2d(y, 2))
 
 
 def test_resnet18_stubs_sit_after_every_tensor_that_leaves_a_kernel():
