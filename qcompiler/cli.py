@@ -452,7 +452,7 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                    help="a cost budget such as weight_memory=1.5MiB or bops=0.5 (a number in (0, 1] is a "
                         "fraction of the spec-default model's value); repeatable or comma-separated")
     p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS,
-                   help="how mixed precision measures each group's sensitivity (default hessian)")
+                   help="how mixed precision measures each group's sensitivity (default sqnr)")
     p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
                                       "percentile, mse, histogram); the target's default otherwise")
     p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")
@@ -615,7 +615,7 @@ def add_pareto(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", required=True, metavar="B1,B2,...",
                    help="budgets of --metric: fractions of the spec-default model (0.75, 60%%) or values with units (1.5MiB)")
     p.add_argument("--metric", default="weight_memory", help="the budgeted cost metric (default weight_memory)")
-    p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS, help="sensitivity method (default hessian)")
+    p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS, help="sensitivity method (default sqnr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")

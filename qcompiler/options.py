@@ -13,7 +13,8 @@ from .errors import QCompileError
 
 # How `sensitivity` measures each (group, format); see qcompiler.sensitivity.
 SENSITIVITY_METHODS: tuple[str, ...] = ("sqnr", "hessian")
-DEFAULT_SENSITIVITY = "hessian"
+# Chosen on validation crops by the rule of benchmarks/defaults.py (benchmarks/defaults.md).
+DEFAULT_SENSITIVITY = "sqnr"
 DEFAULT_ALLOCATION_TIME_LIMIT = 60.0
 
 
@@ -25,7 +26,7 @@ class CompileOptions:
         "default" (see `passes/insert_observers.py`); None: the target's default.
     budget: limits on the target's cost metrics, e.g. {"weight_memory": "1.5 MiB"}; None: the
         spec's default format everywhere.
-    sensitivity: "hessian" or "sqnr" (`qcompiler.sensitivity`).
+    sensitivity: "sqnr" (default) or "hessian" (`qcompiler.sensitivity`).
     host_fallback: with a budget, a kernel may run in float on the host where the spec allows.
     allocation_time_limit: seconds the bit-allocation solver may take.
     leaf_modules, concrete_args: how `capture` traces (see `qcompiler.tracing.trace`).

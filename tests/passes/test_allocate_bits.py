@@ -13,6 +13,7 @@ import torch
 from mp_models import calib_batches, npu_a4_spec, small_net
 from qcompiler import BudgetError, qcompile
 from qcompiler.cost import metric_total
+from qcompiler.options import DEFAULT_SENSITIVITY
 from qcompiler.pass_manager import PassManager
 from qcompiler.allocation import (
     AllocationProblem, BitTie, CostTable, build_problem, minimum_cost, parse_budget_value, solve_allocation,
@@ -188,7 +189,7 @@ def test_compiled_model_meets_every_budget(budgeted):
     assert compiled.weight_memory_bytes < plain.weight_memory_bytes
     report = compiled.report()
     assert "OPTIMAL" in report.totals["bit allocation"]
-    assert "hessian" in report.totals["sensitivity"]
+    assert DEFAULT_SENSITIVITY in report.totals["sensitivity"]
 
 
 def test_plan_keeps_the_spec_ties(budgeted):
