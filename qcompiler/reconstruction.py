@@ -115,7 +115,7 @@ class BlockResult:
     block: str
     kernels: tuple[str, ...]
     steps: int
-    nearest_loss: float       # the objective with round-to-nearest and the calibrated steps
+    nearest_loss: float       # the objective with round-to-nearest and the calibrated steps (1 per term)
     loss: float               # the objective of the hard result
     kept_nearest: bool        # the result was no better, so the block was left as it was
     undecided: int            # rounding variables still strictly between 0 and 1 at the end
@@ -123,6 +123,19 @@ class BlockResult:
     weights: int              # rounding variables
     steps_learned: int        # activation quantizers whose step was fitted
     seconds: float
+
+
+def reconstruction_summary(results: list[BlockResult]) -> str:
+    """One line: blocks, kernels, steps, the objective against round-to-nearest, what was kept."""
+    done = [r for r in results if not r.kept_nearest]
+    ratios = sorted(r.loss / r.nearest_loss for r in done if r.nearest_loss > 0)
+    kept = len(results) - len(done)
+    return (f"{len(results)} blocks, {sum(len(r.kernels) for r in results)} kernels, {results[0].steps} steps each; "
+            + (f"median objective vs round-to-nearest {ratios[len(ratios) // 2]:.3f}; " if ratios else "")
+            + f"{sum(r.changed for r in results)} of {sum(r.weights for r in results)} codes changed, "
+            f"{sum(r.steps_learned for r in results)} activation steps learned"
+            + (f"; {kept} blocks kept round-to-nearest" if kept else "")
+            + f"; {sum(r.seconds for r in results):.1f} s")
 
 
 class SoftKernel(nn.Module):
