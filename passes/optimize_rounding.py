@@ -19,12 +19,16 @@ from tqdm.auto import tqdm
 from ..adaround import AdaRoundConfig, activation_slope, roundable_kernels, round_kernel
 from ..calibration import batch_samples, first_samples
 from ..context import CompileContext
+from ..reconstruction import ReconstructionConfig, reconstruct
 from ..replay import PairedReplay, correct_channel_bias, is_weighted_kernel
 
 STAGE = "optimize_rounding"
 
 
 def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundConfig | None = None) -> fx.GraphModule:
+    choice = ctx.options.reconstruction
+    if config is None and choice != "layer":
+        return _reconstruct(gm, ctx, choice)
     cfg = config or AdaRoundConfig()
     kernels, skipped = roundable_kernels(gm, ctx.plan, ctx.float_kernels)
     for why in skipped:
@@ -69,4 +73,33 @@ def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundC
                     f"({cfg.objective} objective, bias {'corrected' if cfg.correct_bias else 'kept'}); "
                     f"{sum(r.kept_nearest for r in results.values())} kept round-to-nearest"
                     + (f"; median objective vs nearest {gain[len(gain) // 2]:.3f}" if gain else ""))
+    return gm
+
+
+def _reconstruct(gm: fx.GraphModule, ctx: CompileContext, choice) -> fx.GraphModule:
+    """Block or whole-model reconstruction (`qcompiler.reconstruction`)."""
+    cfg = ReconstructionConfig(granularity=choice) if isinstance(choice, str) else choice
+    kernels, skipped = roundable_kernels(gm, ctx.plan, ctx.float_kernels)
+    for why in skipped:
+        ctx.note(STAGE, f"kept round-to-nearest for {why}")
+    if not kernels:
+        ctx.note(STAGE, "no kernel with integer weights to optimise")
+        return gm
+    if not ctx.calib_batches:
+        ctx.note(STAGE, "no calibration data: every weight keeps round-to-nearest")
+        return gm
+    results = reconstruct(gm, ctx, cfg)
+    ctx.reconstruction = results
+    kept = [r.block for r in results if r.kept_nearest]
+    gain = sorted(r.loss / r.nearest_loss for r in results if not r.kept_nearest and r.nearest_loss > 0)
+    ctx.note(STAGE, f"{cfg.granularity} reconstruction of {sum(len(r.kernels) for r in results)} kernels in "
+                    f"{len(results)} blocks ({cfg.steps} steps each, {cfg.loss} loss, "
+                    f"{sum(r.steps_learned for r in results)} activation steps learned)"
+                    + (f"; median loss vs nearest {gain[len(gain) // 2]:.3f}" if gain else "")
+                    + (f"; kept round-to-nearest in {', '.join(kept)}" if kept else ""))
+    undecided = sum(r.undecided for r in results)
+    if undecided:
+        ctx.note(STAGE, f"{undecided} of {sum(r.weights for r in results)} rounding variables were still soft "
+                        "at the end and were rounded at 1/2; more steps or a larger reg_weight harden them")
+    gm.recompile()
     return gm

@@ -78,7 +78,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              budget: dict[str, Any] | None = None, observer: Any = None,
              passes: Sequence[Any] | PassManager | None = None, progress: bool = True, seed: int = 0,
              leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
-             sensitivity: str | None = None, host_fallback: bool = False) -> CompiledModel:
+             sensitivity: str | None = None, host_fallback: bool = False,
+             reconstruction: Any = None) -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -95,11 +96,15 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
     sensitivity: how `sensitivity` measures each (group, format): "sqnr" (default) or "hessian".
     host_fallback: with a budget, a kernel may also run in float on the host where the target's
         `[unsupported]` action is "host" (one more candidate, costed by `[unsupported.host_cost]`).
+    reconstruction: how `optimize_rounding` fits the integer weights to float: "layer" (default,
+        per-kernel AdaRound), "block" (each residual block jointly, with learned activation steps)
+        or "model" (EPTQ's whole-model Hessian-weighted distillation); or a ReconstructionConfig.
     """
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
-                             seed=seed, **({"sensitivity": sensitivity} if sensitivity is not None else {}))
+                             seed=seed, **({"sensitivity": sensitivity} if sensitivity is not None else {}),
+                             **({"reconstruction": reconstruction} if reconstruction is not None else {}))
     manager = pipeline(passes, budget=budget is not None)
     run = start_run(manager, model, example_inputs, target, calib_data, options)
     return CompiledModel.from_run(run)

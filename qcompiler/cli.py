@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import BudgetError, CalibrationError, QCompileError
-from .options import SENSITIVITY_METHODS
+from .options import RECONSTRUCTIONS, SENSITIVITY_METHODS
 from .outputs import prepare_output_dir, write_text
 
 
@@ -410,7 +410,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
                         observer=args.observer, progress=not args.no_progress, seed=args.seed,
-                        sensitivity=args.sensitivity)
+                        sensitivity=args.sensitivity, reconstruction=args.reconstruction)
     written, drawing_note = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
@@ -453,6 +453,8 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                         "fraction of the spec-default model's value); repeatable or comma-separated")
     p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS,
                    help="how mixed precision measures each group's sensitivity (default sqnr)")
+    p.add_argument("--reconstruction", choices=RECONSTRUCTIONS,
+                   help="fit the rounding per layer (default), per block, or over the whole model")
     p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
                                       "percentile, mse, histogram); the target's default otherwise")
     p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")

@@ -19,6 +19,7 @@ from .artifact import save_compiled
 from .cost import batch_size, costed_nodes, metric_total, node_variables
 from .errors import QCompileError
 from .pass_manager import PassRun
+from .reconstruction import reconstruction_summary
 from .report import BiasFit, Report, ReportRow, node_sqnr
 
 
@@ -179,6 +180,8 @@ def build_report(compiled: CompiledModel) -> Report:
                                  f"{table.samples} samples, {table.seconds:.1f} s")
     if ctx is not None and ctx.allocation_result is not None:
         totals["bit allocation"] = ctx.allocation_result.summary()
+    if ctx is not None and ctx.reconstruction:
+        totals["reconstruction"] = reconstruction_summary(ctx.reconstruction)
     fits = tuple(BiasFit(node=n.name, channels=tuple(n.meta["bias_fit"]["channels"]),
                          bias_bits=int(n.meta["bias_fit"]["bias_bits"]),
                          scale_factor=float(n.meta["bias_fit"]["scale_factor"]),

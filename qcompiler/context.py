@@ -57,6 +57,8 @@ class CompileContext:
     of every replay (`optimize_rounding`, `correct_bias`)."""
     rounding: dict[str, LayerRounding] = field(default_factory=dict)
     """Module target -> what AdaRound did to that kernel (`optimize_rounding`)."""
+    reconstruction: list[Any] = field(default_factory=list)
+    """What block or model reconstruction did to each block (`optimize_rounding`)."""
     plan: Plan | None = None
     """Every group's frozen format and parameters (`convert`; `model_requant` may raise scales)."""
     notes: dict[str, list[str]] = field(default_factory=dict)
@@ -72,6 +74,7 @@ class CompileContext:
         out.groups, out.ties = list(self.groups), list(self.ties)
         out.observers, out.allocation = dict(self.observers), dict(self.allocation)
         out.float_kernels, out.rounding = dict(self.float_kernels), dict(self.rounding)
+        out.reconstruction = list(self.reconstruction)
         out.notes = {k: list(v) for k, v in self.notes.items()}
         return out
 

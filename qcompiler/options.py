@@ -16,6 +16,9 @@ SENSITIVITY_METHODS: tuple[str, ...] = ("sqnr", "hessian")
 # Chosen on validation crops by the rule of benchmarks/defaults.py (benchmarks/defaults.md).
 DEFAULT_SENSITIVITY = "sqnr"
 DEFAULT_ALLOCATION_TIME_LIMIT = 60.0
+# How `optimize_rounding` fits the rounding: per "layer" (AdaRound), per "block" or the whole "model".
+RECONSTRUCTIONS: tuple[str, ...] = ("layer", "block", "model")
+DEFAULT_RECONSTRUCTION = "layer"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class CompileOptions:
     budget: limits on the target's cost metrics, e.g. {"weight_memory": "1.5 MiB"}; None: the
         spec's default format everywhere.
     sensitivity: "sqnr" (default) or "hessian" (`qcompiler.sensitivity`).
+    reconstruction: "layer" (per-kernel AdaRound), "block" or "model" (`qcompiler.reconstruction`),
+        or a ReconstructionConfig.
     host_fallback: with a budget, a kernel may run in float on the host where the spec allows.
     allocation_time_limit: seconds the bit-allocation solver may take.
     leaf_modules, concrete_args: how `capture` traces (see `qcompiler.tracing.trace`).
@@ -37,6 +42,7 @@ class CompileOptions:
     observer: str | Mapping[str, str] | None = None
     budget: Mapping[str, Any] | None = None
     sensitivity: str = DEFAULT_SENSITIVITY
+    reconstruction: Any = DEFAULT_RECONSTRUCTION
     host_fallback: bool = False
     allocation_time_limit: float = DEFAULT_ALLOCATION_TIME_LIMIT
     leaf_modules: tuple[Any, ...] = ()
@@ -48,6 +54,12 @@ class CompileOptions:
         if self.sensitivity not in SENSITIVITY_METHODS:
             raise QCompileError(f"sensitivity={self.sensitivity!r} is not a method; choose one of "
                                 f"{', '.join(SENSITIVITY_METHODS)}")
+        if isinstance(self.reconstruction, str) and self.reconstruction not in RECONSTRUCTIONS:
+            raise QCompileError(f"reconstruction={self.reconstruction!r} is not a granularity; choose one of "
+                                f"{', '.join(RECONSTRUCTIONS)} or give a ReconstructionConfig")
+        if not isinstance(self.reconstruction, str) and not hasattr(self.reconstruction, "granularity"):
+            raise QCompileError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)} or a "
+                                f"ReconstructionConfig, got {type(self.reconstruction).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise QCompileError(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))

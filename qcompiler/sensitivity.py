@@ -263,6 +263,24 @@ def hutchinson_traces(gm: fx.GraphModule, args: tuple[Any, ...], nodes: list[fx.
     return traces, values, tree_map_detach(out)
 
 
+def hessian_weights(gm: fx.GraphModule, names: list[str], batches: list[tuple[Any, ...]],
+                    probes: int = HESSIAN_PROBES) -> dict[str, float]:
+    """Node name -> tr(J^T J) / numel over the batches: the per-element weight of a squared
+    error at that node in the output's noise (the factor `hessian_sensitivity` multiplies each
+    candidate's error by). `gm` computes in float; probes and sub-batches as there."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    nodes = [by_name[x] for x in names if x in by_name]
+    generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+    trace = {n: 0.0 for n in nodes}
+    numel = {n: 0 for n in nodes}
+    for args in sub_batches(batches, SUB_BATCH):
+        tr, values, _ = hutchinson_traces(gm, args, nodes, probes, generator)
+        for n in nodes:
+            trace[n] += tr[n]
+            numel[n] += values[n].numel() if isinstance(values.get(n), torch.Tensor) else 0
+    return {n.name: trace[n] / numel[n] for n in nodes if numel[n]}
+
+
 def tree_map_detach(value: Any) -> Any:
     from torch.utils._pytree import tree_map
 

@@ -167,6 +167,24 @@ def test_compile_without_calib_uses_seeded_random_data_and_warns(tmp_path, on_pa
         assert torch.equal(qcompiler.load(out / "model")(x), fresh(x))
 
 
+def test_compile_with_block_reconstruction_matches_qcompile(tmp_path, on_path, capsys):
+    calib = _calib(16)
+    torch.save(calib, tmp_path / "calib.pt")
+    out = tmp_path / "out"
+    code = main(["compile", "test_cli:tiny_model", "--target", "npu-int4", "--calib", str(tmp_path / "calib.pt"),
+                 "--reconstruction", "block", "--seed", "2", "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    fresh = qcompile(tiny_model(), calib[:1], target="npu-int4", calib_data=list(calib.split(32)), seed=2,
+                     progress=False, reconstruction="block")
+    layer = qcompile(tiny_model(), calib[:1], target="npu-int4", calib_data=list(calib.split(32)), seed=2,
+                     progress=False)
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(qcompiler.load(out / "model")(x), fresh(x))
+        assert not torch.equal(fresh(x), layer(x))
+    assert "reconstruction: 3 blocks, 3 kernels" in (out / "report.md").read_text()
+
+
 def test_report_prints_the_table(compile_run, capsys):
     assert main(["report", str(compile_run["out"])]) == 0
     text = capsys.readouterr().out

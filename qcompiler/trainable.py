@@ -1,0 +1,138 @@
+"""Trainable quantizers: the learned pieces of reconstruction and quantization-aware training.
+
+Each one stands in for a frozen quantizer of the simulated model while something is optimised,
+and `convert`s back to the plain integer plan (codes on the same grid, a scale in `QParams`),
+so the reference backend sees nothing but ordinary integer weights and scales afterwards.
+
+- `SoftRoundedWeight`: a kernel's integer weights with a learnable rounding direction (AdaRound's
+  rectified sigmoid, Nagel et al. 2020). Every code stays floor(w / s) or floor(w / s) + 1, inside
+  [qmin, qmax]; `regularizer(beta)` pushes each direction to a hard 0 or 1 as beta anneals.
+- `LearnedStep`: an activation quantizer whose step size is learned (LSQ, Esser et al. 2020):
+  round and clamp pass the gradient straight through, the step gets its gradient from both.
+  The step is held as its logarithm, so it stays positive; on power-of-two targets the forward
+  uses 2^round(log2 step), straight through. `drop` is QDrop's probability (Wei et al. 2022) of
+  letting an element pass unquantized while training.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .formats import IntFormat, QParams, SCALE_EPS
+
+# The rectified sigmoid h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1) reaches exactly
+# 0 and 1 at finite V, so a weight can settle on a rounding direction.
+ZETA, GAMMA = 1.1, -0.1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def weight_grid(fmt: IntFormat, params: QParams, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of a weight shaped to broadcast against it (output channels on dim 0)."""
+    shape = (-1,) + (1,) * (like.dim() - 1) if fmt.granularity == "per_channel" else (1,) * like.dim()
+    scale = params.scale.float().reshape(shape)
+    zp = params.zero_point.float().reshape(shape) if params.zero_point is not None else torch.zeros_like(scale)
+    return scale, zp
+
+
+class SoftRoundedWeight(nn.Module):
+    """w_soft = s * (clamp(floor(w / s) + zp + h(V), qmin, qmax) - zp), V learnable.
+
+    Starts where h(V) equals the fractional part of w / s, so the soft weight is the float one.
+    """
+
+    def __init__(self, w: Tensor, fmt: IntFormat, params: QParams):
+        super().__init__()
+        if not isinstance(fmt, IntFormat):
+            raise TypeError(f"soft rounding needs an integer format, got {type(fmt).__name__}")
+        self.fmt, self.params = fmt, params
+        scale, zp = weight_grid(fmt, params, w)
+        scaled = w.detach().float() / scale
+        self.register_buffer("scale", scale)
+        self.register_buffer("zp", zp)
+        self.register_buffer("floor", torch.floor(scaled) + zp)
+        self.register_buffer("nearest", (torch.round(scaled) + zp).clamp(fmt.qmin, fmt.qmax))
+        rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0))
+        # Where floor and floor + 1 do not both fit the grid, the direction changes nothing.
+        self.register_buffer("active", (self.floor >= fmt.qmin) & (self.floor < fmt.qmax))
+
+    def h(self) -> Tensor:
+        return rectified_sigmoid(self.v)
+
+    def forward(self) -> Tensor:
+        codes = (self.floor + self.h()).clamp(self.fmt.qmin, self.fmt.qmax)
+        return (codes - self.zp) * self.scale
+
+    def regularizer(self, beta: float) -> Tensor:
+        """Sum over the active weights of 1 - |2h - 1|^beta: 0 once every direction is hard."""
+        u = (self.h() * 2.0 - 1.0)[self.active]
+        return (1.0 - u.abs().pow(beta)).sum()
+
+    def codes(self) -> Tensor:
+        """The hard codes: up where h(V) >= 1/2 (float tensor of integers in [qmin, qmax])."""
+        return (self.floor + (self.h() >= 0.5).float()).clamp(self.fmt.qmin, self.fmt.qmax).detach()
+
+    def hard_weight(self) -> Tensor:
+        return ((self.codes() - self.zp) * self.scale).detach()
+
+    def undecided(self) -> int:
+        """Active weights whose h(V) is not exactly 0 or 1 yet."""
+        h = self.h().detach()[self.active]
+        return int(((h > 0.0) & (h < 1.0)).sum())
+
+    def numel_active(self) -> int:
+        return int(self.active.sum())
+
+
+class LearnedStep(nn.Module):
+    """A per-tensor integer activation quantizer with a learned step (see the module docstring)."""
+
+    def __init__(self, group: int, fmt: IntFormat, params: QParams, drop: float = 0.0):
+        super().__init__()
+        if not isinstance(fmt, IntFormat) or fmt.granularity != "per_tensor":
+            raise TypeError(f"LearnedStep handles per-tensor integer formats, got {getattr(fmt, 'name', fmt)}")
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"drop is a probability in [0, 1), got {drop}")
+        self.group, self.fmt, self.drop = group, fmt, drop
+        self.log_scale = nn.Parameter(params.scale.detach().float().reshape(()).clamp_min(SCALE_EPS).log())
+        zp = params.zero_point.float().reshape(()) if params.zero_point is not None else torch.zeros(())
+        self.register_buffer("zp", zp)
+        self.zero_point, self.scale_shape = params.zero_point, params.scale.shape
+        self.register_buffer("initial", self.log_scale.detach().clone())
+        self.generator: torch.Generator | None = None
+
+    def reset(self) -> None:
+        """Back to the calibrated step."""
+        with torch.no_grad():
+            self.log_scale.copy_(self.initial)
+
+    def step(self) -> Tensor:
+        s = self.log_scale.exp()
+        if self.fmt.scale_kind == "pow2":
+            return torch.exp2(round_ste(torch.log2(s)))
+        return s
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.step()
+        q = round_ste(x / s) + self.zp
+        # Clamp with a straight-through gradient to x inside the range; outside, the gradient
+        # reaches only the step (LSQ).
+        q = torch.clamp(q, self.fmt.qmin, self.fmt.qmax)
+        out = (q - self.zp) * s
+        if self.training and self.drop > 0.0:
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop
+            out = torch.where(keep, x, out)
+        return out
+
+    def qparams(self) -> QParams:
+        """The learned step as frozen parameters (power-of-two targets get the power it used)."""
+        s = self.step().detach().reshape(self.scale_shape)
+        return QParams(scale=s.clone(), zero_point=self.zero_point, axis=None)
