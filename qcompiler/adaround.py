@@ -33,6 +33,7 @@ from torch import Tensor, fx, nn
 from .errors import QCompileError
 from .formats import IntFormat, QParams
 from .plan import Plan
+from .trainable import GAMMA, ZETA, rectified_sigmoid_inverse
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,6 @@ CHUNK_ELEMENTS = 1 << 22
 WEIGHTED_MAX_MACS = 4e9
 WEIGHTED_MAX_ELEMENTS = 1 << 24
 
-# The rectified sigmoid of the paper: h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
-# reaches exactly 0 and 1 at finite V, so a weight can settle on a rounding direction.
-ZETA, GAMMA = 1.1, -0.1
 
 
 @dataclass(frozen=True)
@@ -417,7 +415,7 @@ def adaround_weight(w: Tensor, fmt: IntFormat, params: QParams, moments: _Moment
     dd_dh = torch.where(active, scale * (ZETA - GAMMA), torch.zeros(()))   # dD/dh times dh/dsigmoid
     rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
     # Start where the soft rounding equals the weight's own fractional part: W_soft = W.
-    v = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+    v = rectified_sigmoid_inverse(rest)
     m1, m2 = torch.zeros_like(v), torch.zeros_like(v)
     b1, b2, eps = 0.9, 0.999, 1e-8
     warm = int(cfg.warmup * cfg.steps)

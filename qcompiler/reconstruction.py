@@ -25,7 +25,6 @@ scales in the plan, so `model_requant` and the backends see nothing new.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -36,7 +35,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .adaround import RoundableKernel, roundable_kernels
-from .blocks import GRANULARITIES, Block, block_module, find_blocks
+from .blocks import Block, block_module, find_blocks
 from .calibration import first_samples
 from .errors import QCompileError
 from .formats import IntFormat

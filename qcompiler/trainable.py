@@ -34,6 +34,11 @@ def rectified_sigmoid(v: Tensor) -> Tensor:
     return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
+def rectified_sigmoid_inverse(h: Tensor) -> Tensor:
+    """V with rectified_sigmoid(V) = h, for h strictly inside (0, 1)."""
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
+
+
 def weight_grid(fmt: IntFormat, params: QParams, like: Tensor) -> tuple[Tensor, Tensor]:
     """Scale and zero point of a weight shaped to broadcast against it (output channels on dim 0)."""
     shape = (-1,) + (1,) * (like.dim() - 1) if fmt.granularity == "per_channel" else (1,) * like.dim()
@@ -60,7 +65,7 @@ class SoftRoundedWeight(nn.Module):
         self.register_buffer("floor", torch.floor(scaled) + zp)
         self.register_buffer("nearest", (torch.round(scaled) + zp).clamp(fmt.qmin, fmt.qmax))
         rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
-        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0))
+        self.v = nn.Parameter(rectified_sigmoid_inverse(rest))
         # Where floor and floor + 1 do not both fit the grid, the direction changes nothing.
         self.register_buffer("active", (self.floor >= fmt.qmin) & (self.floor < fmt.qmax))
 
