@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, fx, nn
@@ -210,17 +210,29 @@ def float_module_of(gm: fx.GraphModule, float_kernels: dict[str, nn.Module]):
     return module_of
 
 
-def _evaluate(block_gm: fx.GraphModule, float_outs: list[list[Tensor]], inputs: list[Any], n: int,
-              objective: _Objective, batch: int) -> tuple[float, float]:
-    """The objective's two terms (outputs, taps) over all samples, unnormalised."""
+def _evaluate(block_gm: fx.GraphModule, targets: list[Any], inputs: list[Any], n: int,
+              objective: _Objective, batch: int) -> tuple[float, float, list[Any]]:
+    """The objective's two terms (outputs, taps) over all samples, unnormalised, and the block's
+    outputs over all samples."""
     out = taps = 0.0
+    outputs: list[list[Any]] = []
     with torch.no_grad():
-        for c, start in enumerate(range(0, n, batch)):
+        for start in range(0, n, batch):
             idx = slice(start, min(n, start + batch))
-            o, t = objective.terms(_tensors(block_gm(*[_rows(x, idx, n) for x in inputs])), float_outs[c])
+            values = _tensors(block_gm(*[_rows(x, idx, n) for x in inputs]))
+            o, t = objective.terms(values, [_rows(f, idx, n) for f in targets])
             out += float(o) * (idx.stop - idx.start)
             taps += float(t) * (idx.stop - idx.start)
-    return out / n, taps / n
+            outputs.append(values[:objective.n_outputs])
+    return out / n, taps / n, [_concat([chunk[j] for chunk in outputs]) for j in range(objective.n_outputs)]
+
+
+def _run(block_gm: fx.GraphModule, inputs: list[Any], n: int, batch: int) -> list[Any]:
+    """The block's values (outputs and taps) over all samples, without gradients."""
+    with torch.no_grad():
+        chunks = [_tensors(block_gm(*[_rows(x, slice(s, min(n, s + batch)), n) for x in inputs]))
+                  for s in range(0, n, batch)]
+    return [_concat([c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
 def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
@@ -267,10 +279,10 @@ def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
         float_gm = block_module(gm, block, module_float, taps)
         nearest_gm = block_module(gm, block, gm.get_submodule, taps)
         eval_batch = max(cfg.batch_size, 16)
-        with torch.no_grad():
-            float_outs = [_tensors(float_gm(*[_rows(x, slice(s, min(n, s + eval_batch)), n) for x in inputs_f]))
-                          for s in range(0, n, eval_batch)]
-        objective.normalise(*_evaluate(nearest_gm, float_outs, inputs_q, n, objective, eval_batch))
+        # The float side's values, once: the targets of every step and what later blocks receive.
+        targets = _run(float_gm, inputs_f, n, eval_batch)
+        o, t, nearest_outputs = _evaluate(nearest_gm, targets, inputs_q, n, objective, eval_batch)
+        objective.normalise(o, t)
         nearest = 1.0 + objective.tap_weight
 
         # The trainable stand-ins of this block.
@@ -311,10 +323,8 @@ def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
                 order_idx, pos = torch.randperm(n, generator=gen), 0
             idx = order_idx[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
-            with torch.no_grad():
-                target = _tensors(float_gm(*[_rows(x, idx, n) for x in inputs_f]))
             outs = _tensors(sim_gm(*[_rows(x, idx, n) for x in inputs_q]))
-            loss = objective(outs, target)
+            loss = objective(outs, [_rows(f, idx, n) for f in targets])
             if it >= warm:
                 # beta anneals until the last `harden` steps; over those the regulariser's weight
                 # grows a hundredfold, so that no rounding variable is left between 0 and 1.
@@ -330,14 +340,18 @@ def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
         for k in soft.values():
             k.hard = True
         undecided = sum(k.soft.undecided() for k in soft.values())
-        o, t = _evaluate(sim_gm, float_outs, inputs_q, n, objective, eval_batch)
+        # The hard result is judged as installed (integer codes, frozen steps), so what is kept
+        # is exactly what was measured; it goes back out if it does not beat round-to-nearest.
+        undo = _install(gm, ctx, soft, owned, quant_nodes)
+        o, t, outputs = _evaluate(block_module(gm, block, gm.get_submodule, taps), targets, inputs_q, n,
+                                  objective, eval_batch)
         final = o * objective.scale[0] + objective.tap_weight * t * objective.scale[1]
         kept = not final < nearest
         if kept:
+            undo()
+            outputs = nearest_outputs
             for s in owned.values():
                 s.reset()
-        else:
-            _install(gm, ctx, soft, owned, quant_nodes)
         changed = sum(int((k.soft.codes() != k.soft.nearest).sum()) for k in soft.values()) if not kept else 0
         # Freeze the steps this block fitted: later blocks see them as they are now.
         for s in owned.values():
@@ -348,14 +362,9 @@ def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
             weights=sum(k.soft.numel_active() for k in soft.values()), steps_learned=len(owned),
             seconds=time.perf_counter() - start))
         # What later blocks receive: this block's outputs as installed, and the float model's.
-        installed = block_module(gm, block, gm.get_submodule)
-        floated = block_module(gm, block, module_float)
-        with torch.no_grad():
-            for env, mod, ins in ((env_q, installed, inputs_q), (env_f, floated, inputs_f)):
-                outs = [_tensors(mod(*[_rows(x, slice(s, min(n, s + eval_batch)), n) for x in ins]))
-                        for s in range(0, n, eval_batch)]
-                for j, o in enumerate(block.outputs):
-                    env[o] = _concat([chunk[j] for chunk in outs])
+        for j, x in enumerate(block.outputs):
+            env_q[x] = outputs[j]
+            env_f[x] = targets[j]
         last = max(order[x] for x in block.nodes)
         for env in (env_q, env_f):
             for x in [x for x in env if all(order[u] <= last for u in x.users)]:
@@ -374,20 +383,35 @@ def float_graph(gm: fx.GraphModule, float_kernels: dict[str, nn.Module]) -> fx.G
 
 
 def _install(gm: fx.GraphModule, ctx: Any, soft: dict[str, SoftKernel], steps: dict[int, LearnedStep],
-             quant_nodes: list[fx.Node]) -> None:
-    """Write a block's hard result into the graph and the plan (every quantizer of a fitted group)."""
+             quant_nodes: list[fx.Node]) -> Callable[[], None]:
+    """Write a block's hard result into the graph and the plan (every quantizer of a fitted group);
+    returns what puts the previous state back."""
+    saved_modules: dict[str, nn.Module] = {}
+    saved_params: dict[str, tuple[Any, Any]] = {}
     for target, k in soft.items():
         module = gm.get_submodule(target)
+        saved_params[target] = (module.weight, module.bias)
         # New Parameters: convert's module copy may share tensors with the user's model.
         module.weight = nn.Parameter(k.soft.hard_weight().to(module.weight.dtype), requires_grad=False)
         if k.bias is not None:
             module.bias = nn.Parameter(k.bias.detach().clone(), requires_grad=False)
-    plan: Plan = ctx.plan
+    saved_plan: Plan = ctx.plan
     by_group = {s.group: s.qparams() for s in steps.values()}
     for x in quant_nodes:
         fq = gm.get_submodule(x.target)
         if fq.group in by_group:
+            saved_modules[x.target] = fq
             set_submodule(gm, x.target, FakeQuantize(fq.group, fq.fmt, by_group[fq.group]))
+    plan = saved_plan
     for gid, params in by_group.items():
         plan = plan.with_group(replace(plan.group(gid), params=params))
     ctx.plan = plan
+
+    def undo() -> None:
+        for target, (weight, bias) in saved_params.items():
+            module = gm.get_submodule(target)
+            module.weight, module.bias = weight, bias
+        for target, fq in saved_modules.items():
+            set_submodule(gm, target, fq)
+        ctx.plan = saved_plan
+    return undo

@@ -25,9 +25,49 @@ from .formats import IntFormat, QParams, SCALE_EPS
 ZETA, GAMMA = 1.1, -0.1
 
 
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
 def round_ste(x: Tensor) -> Tensor:
-    """round(x) forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+    """round(x) forward (exactly: no x + (round(x) - x) float error), identity backward."""
+    return _RoundSTE.apply(x)
+
+
+class _LearnedStepQuant(torch.autograd.Function):
+    """s * (clamp(round(x / s) + zp, qmin, qmax) - zp) with LSQ's gradients, in one node.
+
+    d/dx: 1 inside the range, 0 outside (straight through the rounding). d/ds: round(x/s) - x/s
+    inside, the clamped code minus zp outside. Only a mask and that derivative are kept for the
+    backward pass, instead of the intermediate tensors of the composed expression.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:
+        xs = x / s
+        q = torch.round(xs).add_(zp)
+        inside = (q >= qmin) & (q <= qmax)
+        q = q.clamp_(qmin, qmax).sub_(zp)
+        out = q * s
+        ctx.s_shape = s.shape
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(inside, q.sub_(xs.mul_(inside)))
+        else:
+            ctx.save_for_backward(inside, None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inside, ds = ctx.saved_tensors
+        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gs = (grad * ds).sum().reshape(ctx.s_shape) if ds is not None else None
+        return gx, gs, None, None, None
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -126,12 +166,9 @@ class LearnedStep(nn.Module):
         return s
 
     def forward(self, x: Tensor) -> Tensor:
-        s = self.step()
-        q = round_ste(x / s) + self.zp
-        # Clamp with a straight-through gradient to x inside the range; outside, the gradient
-        # reaches only the step (LSQ).
-        q = torch.clamp(q, self.fmt.qmin, self.fmt.qmax)
-        out = (q - self.zp) * s
+        # Inside the range the gradient passes straight through to x; outside it reaches only
+        # the step (LSQ).
+        out = _LearnedStepQuant.apply(x, self.step(), self.zp, self.fmt.qmin, self.fmt.qmax)
         if self.training and self.drop > 0.0:
             keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop
             out = torch.where(keep, x, out)
