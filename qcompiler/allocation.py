@@ -125,6 +125,8 @@ class AllocationResult:
         for m, b in self.budgets.items():
             parts.append(f"{m} {self.costs[m]:,.6g} <= {b:,.6g} ({self.costs[m] / self.defaults[m]:.1%} of default)"
                          if self.defaults.get(m) else f"{m} {self.costs[m]:,.6g} <= {b:,.6g}")
+        if "plan_check" in self.extra:
+            parts.append(f"plan check: {self.extra['plan_check']}")
         return "; ".join(parts)
 
 

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from .allocation import check_metrics
+from .calibration import calibration_batches
 from .compiled import CompiledModel
 from .context import CompileContext, as_input_tuple
 from .errors import QCompileError
 from .options import CompileOptions
 from .pass_manager import PassManager, PassRun
+from .plan_check import check_plan
 from .targets.spec import TargetSpec, load_target
 
 DEFAULT_PASSES = (
@@ -79,7 +81,7 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              passes: Sequence[Any] | PassManager | None = None, progress: bool = True, seed: int = 0,
              leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
              sensitivity: str | None = None, host_fallback: bool = False,
-             reconstruction: Any = None) -> CompiledModel:
+             reconstruction: Any = None, plan_check: bool = True, validation_data: Any = None) -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -99,6 +101,11 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
     reconstruction: how `optimize_rounding` fits the integer weights to float: "layer" (default,
         per-kernel AdaRound), "block" (each residual block jointly, with learned activation steps)
         or "model" (EPTQ's whole-model Hessian-weighted distillation); or a ReconstructionConfig.
+    plan_check: with a budget, also finish the compile with the widest uniform plan that fits and
+        keep whichever plan's output is closer to float (`qcompiler.plan_check`); this runs the
+        passes after `convert` twice when the two plans differ.
+    validation_data: batches the plan check compares on (like calib_data); the calibration data
+        if None.
     """
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
@@ -106,5 +113,14 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
                              seed=seed, **({"sensitivity": sensitivity} if sensitivity is not None else {}),
                              **({"reconstruction": reconstruction} if reconstruction is not None else {}))
     manager = pipeline(passes, budget=budget is not None)
-    run = start_run(manager, model, example_inputs, target, calib_data, options)
-    return CompiledModel.from_run(run)
+    if budget is None or not plan_check or manager.names.index("allocate_bits") + 1 == len(manager.names):
+        return CompiledModel.from_run(start_run(manager, model, example_inputs, target, calib_data, options))
+    run = start_run(manager, model, example_inputs, target, calib_data, options, stop="allocate_bits")
+    batches = run.ctx.calib_batches if validation_data is None else calibration_batches(
+        validation_data, run.ctx.example_inputs, [n.target for n in run.gm.graph.nodes if n.op == "placeholder"])
+    if not batches:
+        raise QCompileError("plan_check needs validation data (or calibration data) to compare plans on; "
+                            "give validation_data or pass plan_check=False")
+    finished = check_plan(run, lambda r: resume(manager, run=r, start=manager.names[manager.names.index("allocate_bits") + 1]),
+                          run.float_graph or model, batches)
+    return CompiledModel.from_run(finished)

@@ -410,7 +410,8 @@ def _compile(args: argparse.Namespace) -> int:
 
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
                         observer=args.observer, progress=not args.no_progress, seed=args.seed,
-                        sensitivity=args.sensitivity, reconstruction=args.reconstruction)
+                        sensitivity=args.sensitivity, reconstruction=args.reconstruction,
+                        plan_check=not args.no_plan_check)
     written, drawing_note = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
@@ -451,6 +452,9 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", action="append", metavar="METRIC=VALUE",
                    help="a cost budget such as weight_memory=1.5MiB or bops=0.5 (a number in (0, 1] is a "
                         "fraction of the spec-default model's value); repeatable or comma-separated")
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="with a budget, keep the bit-allocation program's plan without comparing it to the "
+                        "widest uniform plan that fits")
     p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS,
                    help="how mixed precision measures each group's sensitivity (default sqnr)")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS,
@@ -617,6 +621,9 @@ def add_pareto(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", required=True, metavar="B1,B2,...",
                    help="budgets of --metric: fractions of the spec-default model (0.75, 60%%) or values with units (1.5MiB)")
     p.add_argument("--metric", default="weight_memory", help="the budgeted cost metric (default weight_memory)")
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="with a budget, keep the bit-allocation program's plan without comparing it to the "
+                        "widest uniform plan that fits")
     p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS, help="sensitivity method (default sqnr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

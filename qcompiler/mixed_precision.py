@@ -23,6 +23,7 @@ from .calibration import calibration_batches
 from .compiled import CompiledModel
 from .errors import BudgetError
 from .options import CompileOptions
+from .plan_check import logits as _logits, output_sqnr_db
 
 
 @dataclass(frozen=True)
@@ -79,20 +80,6 @@ class ParetoResult:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
-
-
-def _logits(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> torch.Tensor:
-    with torch.no_grad():
-        outs = []
-        for args in batches:
-            out = model(*args)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return torch.cat([o.reshape(o.shape[0], -1).float() for o in outs])
-
-
-def output_sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = float((out - ref).pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float(ref.pow(2).sum()) / noise)
 
 
 class MixedPrecisionSession:
