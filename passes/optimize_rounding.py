@@ -88,6 +88,8 @@ def _reconstruct(gm: fx.GraphModule, ctx: CompileContext, choice) -> fx.GraphMod
     if not ctx.calib_batches:
         ctx.note(STAGE, "no calibration data: every weight keeps round-to-nearest")
         return gm
+    if cfg.start == "layer":
+        optimize_rounding(gm, ctx, AdaRoundConfig())
     results = reconstruct(gm, ctx, cfg)
     ctx.reconstruction = results
     kept = [r.block for r in results if r.kept_nearest]

@@ -95,7 +95,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         (a number in (0, 1] or "60%" is a fraction of the value with every group at the spec's
         default format), several at once. Mixed precision: the `sensitivity` and `allocate_bits`
         passes run before `convert` and pick the format of every group that has a choice.
-    sensitivity: how `sensitivity` measures each (group, format): "sqnr" (default) or "hessian".
+    sensitivity: how `sensitivity` measures each (group, format): "sqnr" (default), "hessian", or
+        "adaround" (sqnr after a short AdaRound of each weight candidate).
     host_fallback: with a budget, a kernel may also run in float on the host where the target's
         `[unsupported]` action is "host" (one more candidate, costed by `[unsupported.host_cost]`).
     reconstruction: how `optimize_rounding` fits the integer weights to float: "layer" (default,

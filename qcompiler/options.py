@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from .errors import QCompileError
 
 # How `sensitivity` measures each (group, format); see qcompiler.sensitivity.
-SENSITIVITY_METHODS: tuple[str, ...] = ("sqnr", "hessian")
+SENSITIVITY_METHODS: tuple[str, ...] = ("sqnr", "hessian", "adaround")
 # Chosen on validation crops by the rule of benchmarks/defaults.py (benchmarks/defaults.md).
 DEFAULT_SENSITIVITY = "sqnr"
 DEFAULT_ALLOCATION_TIME_LIMIT = 60.0
@@ -29,7 +29,7 @@ class CompileOptions:
         "default" (see `passes/insert_observers.py`); None: the target's default.
     budget: limits on the target's cost metrics, e.g. {"weight_memory": "1.5 MiB"}; None: the
         spec's default format everywhere.
-    sensitivity: "sqnr" (default) or "hessian" (`qcompiler.sensitivity`).
+    sensitivity: "sqnr" (default), "hessian" or "adaround" (`qcompiler.sensitivity`).
     reconstruction: "layer" (per-kernel AdaRound), "block" or "model" (`qcompiler.reconstruction`),
         or a ReconstructionConfig.
     host_fallback: with a budget, a kernel may run in float on the host where the spec allows.

@@ -67,6 +67,10 @@ class ReconstructionConfig:
         round-to-nearest scores 1; "mse": the outputs' term alone.
     probes, hessian_samples: Hutchinson probes per sub-batch, and samples, of the Hessian weights.
     max_samples: calibration samples used.
+    start: "nearest": the rounding starts from the float weights, a block is judged against
+        round-to-nearest; "layer": per-kernel AdaRound with bias correction runs first, each
+        block's rounding starts from its decisions (h at 1 - start_margin or start_margin), and
+        a block is kept only if it beats that result.
     """
 
     granularity: Literal["block", "model"] = "block"
@@ -87,6 +91,8 @@ class ReconstructionConfig:
     probes: int = 8
     hessian_samples: int = 32
     max_samples: int = 128
+    start: Literal["nearest", "layer"] = "nearest"
+    start_margin: float = 0.25
 
     def __post_init__(self) -> None:
         if self.granularity not in ("block", "model"):
@@ -101,6 +107,10 @@ class ReconstructionConfig:
             raise QCompileError(f"ReconstructionConfig.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0.0 <= self.qdrop < 1.0:
             raise QCompileError(f"ReconstructionConfig.qdrop is a probability in [0, 1), got {self.qdrop}")
+        if self.start not in ("nearest", "layer"):
+            raise QCompileError(f"ReconstructionConfig.start must be 'nearest' or 'layer', got {self.start!r}")
+        if not 0.0 < self.start_margin < 0.5:
+            raise QCompileError(f"ReconstructionConfig.start_margin is in (0, 0.5), got {self.start_margin}")
         if self.loss not in ("hessian", "mse"):
             raise QCompileError(f"ReconstructionConfig.loss must be 'hessian' or 'mse', got {self.loss!r}")
         if len(self.beta) != 2 or min(self.beta) < 2.0:
@@ -140,10 +150,14 @@ def reconstruction_summary(results: list[BlockResult]) -> str:
 class SoftKernel(nn.Module):
     """A conv or linear whose weight is a `SoftRoundedWeight` and whose bias may be learned."""
 
-    def __init__(self, module: nn.Module, float_module: nn.Module, kernel: RoundableKernel, learn_bias: bool):
+    def __init__(self, module: nn.Module, float_module: nn.Module, kernel: RoundableKernel, learn_bias: bool,
+                 start_margin: float | None = None):
         super().__init__()
         self.module = module
         self.soft = SoftRoundedWeight(float_module.weight.detach(), kernel.fmt, kernel.params)
+        if start_margin is not None:
+            # Start from the rounding the module holds now (per-layer AdaRound's).
+            self.soft.start_from(module.weight.detach(), start_margin)
         bias = module.bias.detach().clone() if module.bias is not None else None
         self.bias = nn.Parameter(bias, requires_grad=bool(learn_bias)) if bias is not None else None
         self.hard = False
@@ -291,7 +305,8 @@ def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
         for x in block.nodes:
             if x.name in kernels:
                 soft[x.target] = SoftKernel(gm.get_submodule(x.target), ctx.float_kernels[x.target],
-                                            kernels[x.name], cfg.learn_bias)
+                                            kernels[x.name], cfg.learn_bias,
+                                            cfg.start_margin if cfg.start == "layer" else None)
             elif x in quant_nodes and cfg.learn_scales:
                 fq = gm.get_submodule(x.target)
                 if isinstance(fq.fmt, IntFormat) and fq.fmt.granularity == "per_tensor" and fq.params is not None:

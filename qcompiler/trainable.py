@@ -109,6 +109,14 @@ class SoftRoundedWeight(nn.Module):
         # Where floor and floor + 1 do not both fit the grid, the direction changes nothing.
         self.register_buffer("active", (self.floor >= fmt.qmin) & (self.floor < fmt.qmax))
 
+    def start_from(self, w: Tensor, margin: float) -> None:
+        """Start from the hard rounding of `w` (a weight on this grid): h(V) = 1 - margin where it
+        rounds up from floor, margin where it rounds down, so the direction can still change."""
+        codes = torch.round(w.detach().float() / self.scale) + self.zp
+        up = (codes - self.floor) > 0.5
+        with torch.no_grad():
+            self.v.copy_(rectified_sigmoid_inverse(torch.where(up, torch.tensor(1.0 - margin), torch.tensor(margin))))
+
     def h(self) -> Tensor:
         return rectified_sigmoid(self.v)
 

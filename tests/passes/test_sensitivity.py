@@ -14,7 +14,7 @@ from mp_models import calib_batches, npu_a4_spec, small_net
 from qcompiler.context import CompileContext
 from qcompiler.options import CompileOptions
 from qcompiler.pass_manager import PassManager
-from qcompiler.sensitivity import hutchinson_traces, quantized_weights
+from qcompiler.sensitivity import hutchinson_traces, quantized_weights, rounded_weights
 from qcompiler.quantizers import FakeQuantize, ObserverStub
 
 PREFIX = ["capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers", "calibrate"]
@@ -31,10 +31,10 @@ def _run(spec, method):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     spec = npu_a4_spec(tmp_path_factory.mktemp("spec"))
-    return {m: _run(spec, m) for m in ("sqnr", "hessian")}
+    return {m: _run(spec, m) for m in ("sqnr", "hessian", "adaround")}
 
 
-def _direct_noise(gm: fx.GraphModule, group, fmt_name: str, observers, batches) -> float:
+def _direct_noise(gm: fx.GraphModule, group, fmt_name: str, observers, batches, weights=None) -> float:
     """Quantize one group in a copy of the graph and run it whole: noise power / output power."""
     import copy
 
@@ -46,7 +46,7 @@ def _direct_noise(gm: fx.GraphModule, group, fmt_name: str, observers, batches) 
     if group.kind == "weight":
         node = next(n for n in q.graph.nodes if n.name == group.owner)
         module = q.get_submodule(node.target)
-        for local, w in quantized_weights(gm, group, fmt).items():
+        for local, w in (weights or quantized_weights(gm, group, fmt)).items():
             owner, _, leaf = local.rpartition(".")
             setattr(module.get_submodule(owner) if owner else module, leaf, nn.Parameter(w))
     else:
@@ -87,6 +87,65 @@ def test_fewer_bits_more_noise(runs):
             if g.id in table.measured:
                 by_bits = sorted(g.candidates, key=lambda c: g.formats[c].bits)
                 assert table.of(g.id, by_bits[0]) > table.of(g.id, by_bits[-1]) > 0, (method, g.id)
+
+
+def test_adaround_candidates_stay_on_their_grid_and_fit_their_layer_no_worse_than_nearest(runs):
+    from qcompiler.quantizers import weight_qparams
+
+    run = runs["adaround"]
+    gm, batches = run.gm, run.ctx.calib_batches
+    groups = [g for g in run.ctx.groups if g.id in run.ctx.sensitivity.measured and g.kind == "weight"]
+    rounded = rounded_weights(gm, groups, batches)
+    assert {k for k in rounded} == {(g.id, c) for g in groups for c in g.candidates}
+    changed = 0
+    for g in groups:
+        node = next(n for n in gm.graph.nodes if n.name == g.owner)
+        module = gm.get_submodule(node.target)
+        w = module.weight.detach()
+        # The kernel's float inputs on the samples the rounding was fitted to.
+        inputs = []
+        hook = module.register_forward_hook(lambda m, a, o: inputs.append(a[0].detach()))
+        stubs = [m for m in gm.modules() if isinstance(m, ObserverStub)]
+        for m in stubs:
+            m.enabled = False   # the observers must not see these batches twice
+        with torch.no_grad():
+            for (x,) in batches:
+                gm(x)
+        for m in stubs:
+            m.enabled = True
+        hook.remove()
+        for c in g.candidates:
+            fmt = g.formats[c]
+            params = weight_qparams(fmt, w, 0)
+            shape = (-1,) + (1,) * (w.dim() - 1) if fmt.granularity == "per_channel" else ()
+            scale = params.scale.reshape(shape)
+            zp = params.zero_point.reshape(shape).float() if params.zero_point is not None else 0.0
+            codes = rounded[(g.id, c)]["weight"] / scale + zp
+            assert torch.allclose(codes, codes.round(), atol=1e-3), (g.id, c)
+            assert codes.round().min() >= fmt.qmin and codes.round().max() <= fmt.qmax
+            exact = w / scale + zp
+            assert bool(((codes.round() - torch.floor(exact)).abs() <= 1).all())   # floor or floor + 1
+            nearest = quantized_weights(gm, g, fmt)["weight"]
+            changed += int((nearest != rounded[(g.id, c)]["weight"]).sum())
+
+            def err(q):
+                with torch.no_grad():
+                    return sum(float((functional_call(module, {"weight": q}, (x,)) - module(x)).pow(2).sum())
+                               for x in inputs)
+            assert err(rounded[(g.id, c)]["weight"]) <= err(nearest) * (1 + 1e-4), (g.id, c)
+    assert changed > 0   # the rounding did something
+
+
+def test_adaround_sensitivity_is_the_measured_noise_of_the_rounded_candidates(runs):
+    run = runs["adaround"]
+    table = run.ctx.sensitivity
+    assert table.method == "adaround"
+    groups = [g for g in run.ctx.groups if g.id in table.measured]
+    rounded = rounded_weights(run.gm, [g for g in groups if g.kind == "weight"], run.ctx.calib_batches)
+    for g in groups:
+        for c in g.candidates:
+            direct = _direct_noise(run.gm, g, c, run.ctx.observers, run.ctx.calib_batches, rounded.get((g.id, c)))
+            assert table.of(g.id, c) == pytest.approx(direct, rel=1e-4, abs=1e-12), (g.id, c)
 
 
 def test_hessian_ranks_groups_like_the_measurement(runs):
@@ -139,6 +198,6 @@ def test_hutchinson_trace_matches_exact_jacobian_norm():
 def test_unknown_method_is_refused(runs, tmp_path):
     from qcompiler import QCompileError, qcompile
 
-    with pytest.raises(QCompileError, match="choose one of sqnr, hessian"):
+    with pytest.raises(QCompileError, match="choose one of sqnr, hessian, adaround"):
         qcompile(small_net(), torch.randn(1, 3, 16, 16), target="npu-int4", budget={"weight_memory": 0.9},
                  sensitivity="fisher", progress=False)
