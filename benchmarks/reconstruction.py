@@ -41,7 +41,7 @@ ROWS = {
     "w8a8": ("W8A8 (npu-int8)", "npu-int8", None),
 }
 OVERRIDES = ("steps", "batch_size", "lr", "scale_lr", "bias_lr", "reg_weight", "tap_weight", "qdrop", "loss",
-             "learn_scales", "learn_bias", "max_samples", "start")
+             "learn_scales", "learn_weight_scales", "learn_bias", "max_samples", "start")
 
 
 def four_bit_memory(model: torch.nn.Module) -> float:

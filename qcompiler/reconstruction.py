@@ -60,7 +60,8 @@ class ReconstructionConfig:
     reg_weight: the regulariser's weight per rounding variable, against the reconstruction loss
         normalised so that round-to-nearest scores 1.
     beta: start and end of the regulariser's annealed exponent.
-    learn_scales, learn_bias: fit the activation steps, the biases.
+    learn_scales, learn_weight_scales, learn_bias: fit the activation steps, the integer weights'
+        scales (a gain per channel at `scale_lr`; not on power-of-two formats), the biases.
     qdrop: probability that an activation element skips its quantizer while fitting.
     loss: "hessian": the squared error of the block's outputs plus `tap_weight` times EPTQ's
         Hessian-weighted squared error of its quantized activations, each term normalised so that
@@ -84,6 +85,7 @@ class ReconstructionConfig:
     reg_weight: float = 30.0
     beta: tuple[float, float] = (20.0, 2.0)
     learn_scales: bool = True
+    learn_weight_scales: bool = False
     learn_bias: bool = True
     qdrop: float = 0.0
     loss: Literal["hessian", "mse"] = "hessian"
@@ -151,10 +153,13 @@ class SoftKernel(nn.Module):
     """A conv or linear whose weight is a `SoftRoundedWeight` and whose bias may be learned."""
 
     def __init__(self, module: nn.Module, float_module: nn.Module, kernel: RoundableKernel, learn_bias: bool,
-                 start_margin: float | None = None):
+                 start_margin: float | None = None, learn_scale: bool = False, group: int | None = None):
         super().__init__()
         self.module = module
+        self.group = group
         self.soft = SoftRoundedWeight(float_module.weight.detach(), kernel.fmt, kernel.params)
+        if learn_scale and kernel.fmt.scale_kind != "pow2" and group is not None:
+            self.soft.learn_scale()
         if start_margin is not None:
             # Start from the rounding the module holds now (per-layer AdaRound's).
             self.soft.start_from(module.weight.detach(), start_margin)
@@ -306,7 +311,8 @@ def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
             if x.name in kernels:
                 soft[x.target] = SoftKernel(gm.get_submodule(x.target), ctx.float_kernels[x.target],
                                             kernels[x.name], cfg.learn_bias,
-                                            cfg.start_margin if cfg.start == "layer" else None)
+                                            cfg.start_margin if cfg.start == "layer" else None,
+                                            cfg.learn_weight_scales, x.meta.get("weight_group"))
             elif x in quant_nodes and cfg.learn_scales:
                 fq = gm.get_submodule(x.target)
                 if isinstance(fq.fmt, IntFormat) and fq.fmt.granularity == "per_tensor" and fq.params is not None:
@@ -321,8 +327,9 @@ def reconstruct(gm: fx.GraphModule, ctx: Any, cfg: ReconstructionConfig,
 
         sim_gm = block_module(gm, block, module_of, taps)
         groups = [{"params": [k.soft.v for k in soft.values()], "lr": cfg.lr}]
-        if owned:
-            groups.append({"params": [s.log_scale for s in owned.values()], "lr": cfg.scale_lr})
+        gains = [k.soft.log_gain for k in soft.values() if k.soft.log_gain is not None]
+        if owned or gains:
+            groups.append({"params": [s.log_scale for s in owned.values()] + gains, "lr": cfg.scale_lr})
         biases = [k.bias for k in soft.values() if k.bias is not None and k.bias.requires_grad]
         if biases:
             groups.append({"params": biases, "lr": cfg.bias_lr})
@@ -412,13 +419,14 @@ def _install(gm: fx.GraphModule, ctx: Any, soft: dict[str, SoftKernel], steps: d
             module.bias = nn.Parameter(k.bias.detach().clone(), requires_grad=False)
     saved_plan: Plan = ctx.plan
     by_group = {s.group: s.qparams() for s in steps.values()}
+    weight_params = {k.group: k.soft.qparams() for k in soft.values() if k.soft.log_gain is not None}
     for x in quant_nodes:
         fq = gm.get_submodule(x.target)
         if fq.group in by_group:
             saved_modules[x.target] = fq
             set_submodule(gm, x.target, FakeQuantize(fq.group, fq.fmt, by_group[fq.group]))
     plan = saved_plan
-    for gid, params in by_group.items():
+    for gid, params in list(by_group.items()) + list(weight_params.items()):
         plan = plan.with_group(replace(plan.group(gid), params=params))
     ctx.plan = plan
 

@@ -108,6 +108,18 @@ class SoftRoundedWeight(nn.Module):
         self.v = nn.Parameter(rectified_sigmoid_inverse(rest))
         # Where floor and floor + 1 do not both fit the grid, the direction changes nothing.
         self.register_buffer("active", (self.floor >= fmt.qmin) & (self.floor < fmt.qmax))
+        # A learned gain on the scale (LSQ on the weights): the codes keep their grid, their
+        # value per code moves. Never on power-of-two scales.
+        self.log_gain: nn.Parameter | None = None
+
+    def learn_scale(self) -> None:
+        """Learn the weight scale too, as a gain exp(g) per channel starting at 1."""
+        if self.fmt.scale_kind == "pow2":
+            raise TypeError("power-of-two weight scales are not learned")
+        self.log_gain = nn.Parameter(torch.zeros_like(self.scale))
+
+    def current_scale(self) -> Tensor:
+        return self.scale if self.log_gain is None else self.scale * self.log_gain.exp()
 
     def start_from(self, w: Tensor, margin: float) -> None:
         """Start from the hard rounding of `w` (a weight on this grid): h(V) = 1 - margin where it
@@ -122,7 +134,7 @@ class SoftRoundedWeight(nn.Module):
 
     def forward(self) -> Tensor:
         codes = (self.floor + self.h()).clamp(self.fmt.qmin, self.fmt.qmax)
-        return (codes - self.zp) * self.scale
+        return (codes - self.zp) * self.current_scale()
 
     def regularizer(self, beta: float) -> Tensor:
         """Sum over the active weights of 1 - |2h - 1|^beta: 0 once every direction is hard."""
@@ -134,7 +146,12 @@ class SoftRoundedWeight(nn.Module):
         return (self.floor + (self.h() >= 0.5).float()).clamp(self.fmt.qmin, self.fmt.qmax).detach()
 
     def hard_weight(self) -> Tensor:
-        return ((self.codes() - self.zp) * self.scale).detach()
+        return ((self.codes() - self.zp) * self.current_scale()).detach()
+
+    def qparams(self) -> QParams:
+        """The weight's parameters with the learned scale (the codes of hard_weight on them)."""
+        return QParams(scale=self.current_scale().detach().reshape(self.params.scale.shape).clone(),
+                       zero_point=self.params.zero_point, axis=self.params.axis)
 
     def undecided(self) -> int:
         """Active weights whose h(V) is not exactly 0 or 1 yet."""

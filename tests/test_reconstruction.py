@@ -244,3 +244,31 @@ def test_pow2_targets_keep_power_of_two_steps(digits):
         if g.kind == "activation" and g.params is not None:
             s = g.params.scale.reshape(-1)
             assert torch.equal(torch.exp2(torch.round(torch.log2(s))), s), g.id
+
+
+def test_learned_weight_scales_and_a_layer_start_lower_bit_exact_and_never_lose_to_layer(digits):
+    """start="layer": per-layer AdaRound first, blocks refine it and are kept only where they beat
+    it; learned weight scales move into the plan so every weight stays a code times its scale."""
+    cfg = ReconstructionConfig(granularity="block", steps=100, start="layer", learn_weight_scales=True)
+    layer, refined = _compile(digits, "layer"), _compile(digits, cfg)
+    results = refined._run.ctx.reconstruction
+    # "nearest" is the layer result here: a block is installed only where it beats it.
+    assert all(r.loss < r.nearest_loss for r in results if not r.kept_nearest)
+    assert all(r.changed == 0 for r in results if r.kept_nearest)
+    before = {g.id: g.params.scale for g in layer.plan.groups if g.kind == "weight" and g.params is not None}
+    moved = [g.id for g in refined.plan.groups if g.id in before and not torch.equal(g.params.scale, before[g.id])]
+    kept = [r for r in results if not r.kept_nearest]
+    assert bool(moved) == bool(kept)
+    for g in refined.plan.groups:
+        if g.id in before:
+            node = next(n for n in refined.simulated.graph.nodes if n.meta.get("weight_group") == g.id)
+            w = refined.simulated.get_submodule(node.target).weight.detach()
+            shape = (-1,) + (1,) * (w.dim() - 1) if g.params.scale.dim() else ()
+            codes = w / g.params.scale.reshape(shape)
+            assert torch.allclose(codes, codes.round(), atol=1e-4), g.id
+    ref = refined.lower("reference")
+    x = digits.heldout[:64]
+    out_q = next(n for n in refined.simulated.graph.nodes if n.op == "output").args[0]
+    q = refined.simulated.get_submodule(out_q.target)
+    with torch.no_grad():
+        assert torch.equal(ref.codes(x), q.fmt.quantize(refined(x), q.params))
