@@ -442,6 +442,21 @@ def adaround_weight(w: Tensor, fmt: IntFormat, params: QParams, moments: _Moment
     return codes, nearest, rounded_error, nearest_error
 
 
+def round_alone(module: nn.Module, inputs: list[Tensor], fmt: IntFormat, params: QParams, cfg: AdaRoundConfig,
+                gen: torch.Generator) -> Tensor | None:
+    """`module`'s weight on `fmt`'s grid, rounded by AdaRound on the module's own float `inputs`
+    (nearest where that fits them better); None for a module that is not a Linear or Conv."""
+    geo = _geometry(module)
+    if geo is None:
+        return None
+    w_float = module.weight.detach().float()
+    w = weight_rows(w_float, geo.groups)
+    moments = _moments(inputs, inputs, geo, w, cfg, gen)
+    codes, nearest, err, err_nearest = adaround_weight(w, fmt, params, moments, cfg)
+    scale, zp = _grid(fmt, params, geo.groups)
+    return weight_from_rows(((codes if err < err_nearest else nearest) - zp) * scale, w_float).to(module.weight.dtype)
+
+
 # -- running the graph: simulated and float side by side ----------------------------------------
 
 

@@ -40,10 +40,12 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
+from .adaround import AdaRoundConfig, round_alone
 from .calibration import batch_samples, sub_batches
 from .errors import QCompileError
+from .formats import IntFormat
 from .groups import QuantizerGroup
-from .quantizers import ObserverStub, quantize_weight, weight_axis
+from .quantizers import ObserverStub, quantize_weight, weight_axis, weight_qparams
 
 # Samples per forward pass: bounds the memory of the cached float activations of one batch.
 SUB_BATCH = 16
@@ -207,10 +209,6 @@ def rounded_weights(gm: fx.GraphModule, groups: list[Any], batches: list[tuple[A
     """Each integer weight candidate of a conv or linear, rounded by AdaRound of its kernel alone
     (`steps` iterations) on the kernel's float inputs over the first `samples` samples (see
     "adaround"); keyed like `_candidates`' quantized weights."""
-    from .adaround import AdaRoundConfig, _geometry, _grid, _moments, adaround_weight, weight_from_rows, weight_rows
-    from .formats import IntFormat
-    from .quantizers import weight_qparams
-
     cfg = AdaRoundConfig(objective="symmetric", correct_bias=False, steps=steps)
     runner = _Runner(gm)
     subs = list(sub_batches(batches, SUB_BATCH))
@@ -233,21 +231,16 @@ def rounded_weights(gm: fx.GraphModule, groups: list[Any], batches: list[tuple[A
         if g.id not in kernels or not inputs[g.id]:
             continue
         module = gm.get_submodule(kernels[g.id].target)
-        geo = _geometry(module)
-        if geo is None or list(g.weights) != [f"{kernels[g.id].target}.weight"]:
+        if list(g.weights) != [f"{kernels[g.id].target}.weight"]:
             continue
-        w_float = module.weight.detach().float()
-        w = weight_rows(w_float, geo.groups)
-        moments = _moments(inputs[g.id], inputs[g.id], geo, w, cfg, gen)
         for c in g.candidates:
             fmt = g.formats[c]
             if not isinstance(fmt, IntFormat) or fmt.granularity not in ("per_tensor", "per_channel"):
                 continue
-            params = weight_qparams(fmt, w_float, weight_axis(module))
-            codes, nearest, err, err_nearest = adaround_weight(w, fmt, params, moments, cfg)
-            codes = codes if err < err_nearest else nearest
-            scale, zp = _grid(fmt, params, geo.groups)
-            out[(g.id, c)] = {"weight": weight_from_rows((codes - zp) * scale, w_float).to(module.weight.dtype)}
+            params = weight_qparams(fmt, module.weight.detach(), weight_axis(module))
+            w = round_alone(module, inputs[g.id], fmt, params, cfg, gen)
+            if w is not None:
+                out[(g.id, c)] = {"weight": w}
         inputs[g.id] = []
     return out
 
