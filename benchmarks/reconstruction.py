@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {label} | {gran} | {res.cell()} | {res.sqnr_db:.2f} | "
                          f"{compiled.weight_memory_bytes / 2**20:.2f} MiB | {seconds:.0f} |")
             say(lines[-1])
-    emit("\n".join(lines), out_path(__file__, args))
+            # Written after every row, so that a long run that is stopped keeps what it measured.
+            emit("\n".join(lines), out_path(__file__, args))
     return 0
 
 
