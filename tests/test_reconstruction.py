@@ -201,6 +201,15 @@ def _compile(trained, reconstruction, target=W4_SPEC, passes=None):
                                   reconstruction=reconstruction, passes=passes)
 
 
+def _assert_reference_is_bit_exact(compiled, x) -> None:
+    """The reference backend's output codes equal the simulation's on `x`."""
+    ref = compiled.lower("reference")
+    out_q = next(n for n in compiled.simulated.graph.nodes if n.op == "output").args[0]
+    q = compiled.simulated.get_submodule(out_q.target)
+    with torch.no_grad():
+        assert torch.equal(ref.codes(x), q.fmt.quantize(compiled(x), q.params))
+
+
 # Everything learned, from round-to-nearest: rounding, activation steps, biases, EPTQ's loss.
 LEARNED = dict(start="nearest", steps=600, loss="hessian", learn_scales=True, learn_bias=True)
 
@@ -226,12 +235,7 @@ def test_reconstructed_rounding_ends_hard_and_lowers_bit_exact(digits):
     assert len(results) == 1 and results[0].weights > 5000
     assert sum(r.undecided for r in results) == 0, [(r.block, r.undecided) for r in results]
     # Every weight is on the plan's grid, and the reference backend is bit-exact with the simulation.
-    ref = compiled.lower("reference")
-    x = digits.heldout[:64]
-    out_q = next(n for n in compiled.simulated.graph.nodes if n.op == "output").args[0]
-    q = compiled.simulated.get_submodule(out_q.target)
-    with torch.no_grad():
-        assert torch.equal(ref.codes(x), q.fmt.quantize(compiled(x), q.params))
+    _assert_reference_is_bit_exact(compiled, digits.heldout[:64])
 
 
 def test_reconstruction_is_deterministic(digits):
@@ -272,9 +276,4 @@ def test_learned_weight_scales_and_a_layer_start_lower_bit_exact_and_never_lose_
             shape = (-1,) + (1,) * (w.dim() - 1) if g.params.scale.dim() else ()
             codes = w / g.params.scale.reshape(shape)
             assert torch.allclose(codes, codes.round(), atol=1e-4), g.id
-    ref = refined.lower("reference")
-    x = digits.heldout[:64]
-    out_q = next(n for n in refined.simulated.graph.nodes if n.op == "output").args[0]
-    q = refined.simulated.get_submodule(out_q.target)
-    with torch.no_grad():
-        assert torch.equal(ref.codes(x), q.fmt.quantize(refined(x), q.params))
+    _assert_reference_is_bit_exact(refined, digits.heldout[:64])
