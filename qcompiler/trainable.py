@@ -43,8 +43,10 @@ def round_ste(x: Tensor) -> Tensor:
 class _LearnedStepQuant(torch.autograd.Function):
     """s * (clamp(round(x / s) + zp, qmin, qmax) - zp) with LSQ's gradients, in one node.
 
-    d/dx: 1 inside the range, 0 outside (straight through the rounding). d/ds: round(x/s) - x/s
-    inside, the clamped code minus zp outside. Only a mask and that derivative are kept for the
+    s and zp broadcast against x (a scalar, or one value per channel). d/dx: 1 inside the range,
+    0 outside (straight through the rounding). d/ds: round(x/s) - x/s inside, the clamped code
+    minus zp outside. d/dzp: 0 inside, -s outside (LSQ+'s offset gradient, the zero point being
+    an integer rounded straight through). Only a mask and that derivative are kept for the
     backward pass, instead of the intermediate tensors of the composed expression.
     """
 
@@ -55,19 +57,18 @@ class _LearnedStepQuant(torch.autograd.Function):
         inside = (q >= qmin) & (q <= qmax)
         q = q.clamp_(qmin, qmax).sub_(zp)
         out = q * s
-        ctx.s_shape = s.shape
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(inside, q.sub_(xs.mul_(inside)))
-        else:
-            ctx.save_for_backward(inside, None)
+        ctx.s_shape, ctx.zp_shape = s.shape, zp.shape
+        ctx.save_for_backward(inside, q.sub_(xs.mul_(inside)) if ctx.needs_input_grad[1] else None,
+                              s if ctx.needs_input_grad[2] else None)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        inside, ds = ctx.saved_tensors
+        inside, ds, s = ctx.saved_tensors
         gx = grad * inside if ctx.needs_input_grad[0] else None
-        gs = (grad * ds).sum().reshape(ctx.s_shape) if ds is not None else None
-        return gx, gs, None, None, None
+        gs = (grad * ds).sum_to_size(ctx.s_shape) if ds is not None else None
+        gzp = (grad * ~inside * -s).sum_to_size(ctx.zp_shape) if s is not None else None
+        return gx, gs, gzp, None, None
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -163,20 +164,39 @@ class SoftRoundedWeight(nn.Module):
 
 
 class LearnedStep(nn.Module):
-    """A per-tensor integer activation quantizer with a learned step (see the module docstring)."""
+    """An integer quantizer whose step is learned (LSQ; see the module docstring).
 
-    def __init__(self, group: int, fmt: IntFormat, params: QParams, drop: float = 0.0):
+    Per tensor (activations), or per channel along `params.axis` of an `ndim`-dimensional tensor
+    (weights). `learn_zero_point`: the zero point of an asymmetric format is learned too (LSQ+'s
+    offset), as a float rounded straight through, so the forward always uses an integer inside
+    [qmin, qmax]. `bound`: the step stays within a factor `bound` of where it started (it can
+    neither collapse to zero nor run away; the gradient stops at the bound).
+    """
+
+    def __init__(self, group: int, fmt: IntFormat, params: QParams, drop: float = 0.0, *,
+                 ndim: int | None = None, learn_zero_point: bool = False, bound: float | None = None):
         super().__init__()
-        if not isinstance(fmt, IntFormat) or fmt.granularity != "per_tensor":
-            raise TypeError(f"LearnedStep handles per-tensor integer formats, got {getattr(fmt, 'name', fmt)}")
+        per_channel = isinstance(fmt, IntFormat) and fmt.granularity == "per_channel" and ndim is not None
+        if not isinstance(fmt, IntFormat) or not (fmt.granularity == "per_tensor" or per_channel):
+            raise TypeError(f"LearnedStep handles per-tensor (or, given ndim, per-channel) integer formats, "
+                            f"got {getattr(fmt, 'name', fmt)}")
         if not 0.0 <= drop < 1.0:
             raise ValueError(f"drop is a probability in [0, 1), got {drop}")
+        if bound is not None and bound <= 1.0:
+            raise ValueError(f"bound is a factor above 1, got {bound}")
         self.group, self.fmt, self.drop = group, fmt, drop
-        self.log_scale = nn.Parameter(params.scale.detach().float().reshape(()).clamp_min(SCALE_EPS).log())
-        zp = params.zero_point.float().reshape(()) if params.zero_point is not None else torch.zeros(())
-        self.register_buffer("zp", zp)
-        self.zero_point, self.scale_shape = params.zero_point, params.scale.shape
+        shape: tuple[int, ...] = ()
+        if per_channel:
+            shape = tuple(-1 if d == (params.axis or 0) % ndim else 1 for d in range(ndim))
+        base = params.scale.detach().float().reshape(shape).clamp_min(SCALE_EPS)
+        # The step is base * exp(log_scale - initial): exactly the calibrated step at the start.
+        self.register_buffer("base", base.clone())
+        self.log_scale = nn.Parameter(base.log())
+        zp = params.zero_point.float().reshape(shape) if params.zero_point is not None else torch.zeros(())
+        self.zp = nn.Parameter(zp.clone(), requires_grad=bool(learn_zero_point and params.zero_point is not None))
+        self.zero_point, self.scale_shape, self.axis = params.zero_point, params.scale.shape, params.axis
         self.register_buffer("initial", self.log_scale.detach().clone())
+        self.bound = None if bound is None else float(torch.log(torch.tensor(bound)))
         self.generator: torch.Generator | None = None
 
     def reset(self) -> None:
@@ -185,21 +205,34 @@ class LearnedStep(nn.Module):
             self.log_scale.copy_(self.initial)
 
     def step(self) -> Tensor:
-        s = self.log_scale.exp()
+        moved = self.log_scale - self.initial
+        if self.bound is not None:
+            moved = moved.clamp(-self.bound, self.bound)
+        s = self.base * moved.exp()
         if self.fmt.scale_kind == "pow2":
             return torch.exp2(round_ste(torch.log2(s)))
         return s
 
+    def zero(self) -> Tensor:
+        """The zero point the forward uses: an integer inside the format's range."""
+        if not self.zp.requires_grad:
+            return self.zp
+        return round_ste(self.zp).clamp(self.fmt.qmin, self.fmt.qmax)
+
     def forward(self, x: Tensor) -> Tensor:
         # Inside the range the gradient passes straight through to x; outside it reaches only
-        # the step (LSQ).
-        out = _LearnedStepQuant.apply(x, self.step(), self.zp, self.fmt.qmin, self.fmt.qmax)
+        # the step (LSQ) and the zero point (LSQ+).
+        out = _LearnedStepQuant.apply(x, self.step(), self.zero(), self.fmt.qmin, self.fmt.qmax)
         if self.training and self.drop > 0.0:
             keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop
             out = torch.where(keep, x, out)
         return out
 
     def qparams(self) -> QParams:
-        """The learned step as frozen parameters (power-of-two targets get the power it used)."""
+        """The learned step (and zero point) as frozen parameters (power-of-two targets get the
+        power it used)."""
         s = self.step().detach().reshape(self.scale_shape)
-        return QParams(scale=s.clone(), zero_point=self.zero_point, axis=None)
+        zp = self.zero_point
+        if zp is not None and self.zp.requires_grad:
+            zp = self.zero().detach().reshape(zp.shape).to(zp.dtype)
+        return QParams(scale=s.clone(), zero_point=zp, axis=self.axis)
