@@ -51,9 +51,9 @@ class _LearnedStepQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:
+    def forward(ctx, x: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int, rounding: str = "half_even") -> Tensor:
         xs = x / s
-        q = torch.round(xs).add_(zp)
+        q = round_mode(xs, rounding).add_(zp)
         inside = (q >= qmin) & (q <= qmax)
         q = q.clamp_(qmin, qmax).sub_(zp)
         out = q * s
@@ -68,7 +68,24 @@ class _LearnedStepQuant(torch.autograd.Function):
         gx = grad * inside if ctx.needs_input_grad[0] else None
         gs = (grad * ds).sum_to_size(ctx.s_shape) if ds is not None else None
         gzp = (grad * ~inside * -s).sum_to_size(ctx.zp_shape) if s is not None else None
-        return gx, gs, gzp, None, None
+        return gx, gs, gzp, None, None, None
+
+
+def round_mode(x: Tensor, rounding: str) -> Tensor:
+    """x rounded to integers with a requantizer's rounding (`qcompiler.requant.ROUNDINGS`), in x's dtype."""
+    if rounding == "half_even":
+        return torch.round(x)
+    if rounding == "half_up":
+        return torch.floor(x + 0.5)
+    if rounding == "half_down":
+        return torch.ceil(x - 0.5)
+    if rounding == "floor":
+        return torch.floor(x)
+    if rounding == "toward_zero":
+        return torch.trunc(x)
+    if rounding == "half_away_from_zero":
+        return torch.copysign(torch.floor(x.abs() + 0.5), x)
+    raise ValueError(f"unknown rounding {rounding!r}")
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -170,11 +187,13 @@ class LearnedStep(nn.Module):
     (weights). `learn_zero_point`: the zero point of an asymmetric format is learned too (LSQ+'s
     offset), as a float rounded straight through, so the forward always uses an integer inside
     [qmin, qmax]. `bound`: the step stays within a factor `bound` of where it started (it can
-    neither collapse to zero nor run away; the gradient stops at the bound).
+    neither collapse to zero nor run away; the gradient stops at the bound). `rounding`: how
+    values round to codes (a requantizer's mode; round-half-to-even by default).
     """
 
     def __init__(self, group: int, fmt: IntFormat, params: QParams, drop: float = 0.0, *,
-                 ndim: int | None = None, learn_zero_point: bool = False, bound: float | None = None):
+                 ndim: int | None = None, learn_zero_point: bool = False, bound: float | None = None,
+                 rounding: str = "half_even"):
         super().__init__()
         per_channel = isinstance(fmt, IntFormat) and fmt.granularity == "per_channel" and ndim is not None
         if not isinstance(fmt, IntFormat) or not (fmt.granularity == "per_tensor" or per_channel):
@@ -184,7 +203,7 @@ class LearnedStep(nn.Module):
             raise ValueError(f"drop is a probability in [0, 1), got {drop}")
         if bound is not None and bound <= 1.0:
             raise ValueError(f"bound is a factor above 1, got {bound}")
-        self.group, self.fmt, self.drop = group, fmt, drop
+        self.group, self.fmt, self.drop, self.rounding = group, fmt, drop, rounding
         shape: tuple[int, ...] = ()
         if per_channel:
             shape = tuple(-1 if d == (params.axis or 0) % ndim else 1 for d in range(ndim))
@@ -222,7 +241,7 @@ class LearnedStep(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Inside the range the gradient passes straight through to x; outside it reaches only
         # the step (LSQ) and the zero point (LSQ+).
-        out = _LearnedStepQuant.apply(x, self.step(), self.zero(), self.fmt.qmin, self.fmt.qmax)
+        out = _LearnedStepQuant.apply(x, self.step(), self.zero(), self.fmt.qmin, self.fmt.qmax, self.rounding)
         if self.training and self.drop > 0.0:
             keep = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop
             out = torch.where(keep, x, out)

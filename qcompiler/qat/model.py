@@ -11,9 +11,11 @@ What the forward computes:
 
 - in training mode, the fake-quant relaxation of the chip: every weight and activation is
   rounded and clamped to its group's grid in float (the method decides what is learned and how
-  gradients pass); accumulators, biases and the requantization are float. The chip differs by
-  the rounding of the bias to int32 (under half an accumulator step) and of the fixed-point
-  multiplier (a relative 2**-31): far below one output code;
+  gradients pass), kernel outputs with the target's requantization rounding; accumulators,
+  biases and the requantization's multiply are float. The chip differs by the rounding of the
+  bias to int32 (under half an accumulator step) and of the fixed-point multiplier (a relative
+  2**-31): a value within that of a rounding boundary lands one code apart, and the codes it
+  feeds carry that on (`tests/test_qat.py` measures it on every built-in target);
 - in eval mode, exactly what `convert` returns: the current parameters are converted (hard
   weight codes, frozen steps) and `model_requant` gives the integer kernels and the target's
   requantization, so evaluation and validation see the chip's numbers, bit for bit.
@@ -56,7 +58,7 @@ from ..passes.model_requant import model_requant
 from ..fx_util import set_submodule
 from ..plan import Plan
 from ..quantizers import FakeQuantize, weight_axis
-from ..trainable import LearnedStep
+from ..trainable import LearnedStep, _LearnedStepQuant
 
 METHODS = ("ste", "lsq", "lsq+", "qsin", "quant_noise")
 LEARNS_STEP = ("lsq", "lsq+", "qsin")
@@ -69,15 +71,22 @@ def _learnable(fmt: Any, per_channel_ok: bool) -> bool:
 
 
 class FixedQuant(nn.Module):
-    """A quantizer at the compiled parameters, straight-through gradient (the format's own)."""
+    """A quantizer at the compiled parameters, straight-through gradient (the format's own);
+    per-tensor integer formats round with `rounding` (the requantizer's mode)."""
 
-    def __init__(self, group: int, fmt: Any, params: QParams | None):
+    def __init__(self, group: int, fmt: Any, params: QParams | None, rounding: str = "half_even"):
         super().__init__()
-        self.group, self.fmt, self.params = group, fmt, params
+        self.group, self.fmt, self.params, self.rounding = group, fmt, params, rounding
+        if rounding != "half_even" and _learnable(fmt, False) and params is not None:
+            self.register_buffer("scale", params.scale.detach().float().reshape(()))
+            zp = params.zero_point
+            self.register_buffer("zp", zp.float().reshape(()) if zp is not None else torch.zeros(()))
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(self.fmt, HostFloat) or self.params is None:
             return x
+        if hasattr(self, "zp"):
+            return _LearnedStepQuant.apply(x, self.scale, self.zp, self.fmt.qmin, self.fmt.qmax, self.rounding)
         return self.fmt.fake_quant(x, self.params)
 
     def qparams(self) -> QParams | None:
@@ -85,10 +94,24 @@ class FixedQuant(nn.Module):
 
 
 def _quantizer(group: int, fmt: Any, params: QParams | None, learn: bool, ndim: int | None,
-               learn_zero_point: bool, bound: float) -> nn.Module:
+               learn_zero_point: bool, bound: float, rounding: str = "half_even") -> nn.Module:
     if learn and params is not None and _learnable(fmt, ndim is not None):
-        return LearnedStep(group, fmt, params, ndim=ndim, learn_zero_point=learn_zero_point, bound=bound)
-    return FixedQuant(group, fmt, params)
+        return LearnedStep(group, fmt, params, ndim=ndim, learn_zero_point=learn_zero_point, bound=bound,
+                           rounding=rounding)
+    return FixedQuant(group, fmt, params, rounding)
+
+
+def _roundings(gm: fx.GraphModule) -> dict[int, str]:
+    """Activation group -> the rounding of its requantizer, for groups the chip requantizes
+    (the others are quantized from float on the host: round half to even)."""
+    out = {m.group: m.rounding for m in gm.modules() if isinstance(m, KernelRequantize)}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ExactAdd):
+            for user in node.users:
+                q = gm.get_submodule(user.target) if user.op == "call_module" else None
+                if isinstance(q, FakeQuantize):
+                    out[q.group] = gm.get_submodule(node.target).rounding
+    return out
 
 
 class QATKernel(nn.Module):
@@ -185,6 +208,7 @@ class QATModule(nn.Module):
         plan = compiled.plan
         object.__setattr__(self, "_compiled", compiled)
         gm = copy.deepcopy(compiled.simulated)
+        roundings = _roundings(gm)
         _float_forms(gm)
         learn = method in LEARNS_STEP
         weight_quant: dict[int, nn.Module] = {}
@@ -199,7 +223,8 @@ class QATModule(nn.Module):
                 if gid not in act_quant:
                     g = plan.group(gid)
                     act_quant[gid] = _quantizer(gid, g.format, g.params, learn, None,
-                                                method == "lsq+" and not getattr(g.format, "symmetric", True), bound)
+                                                method == "lsq+" and not getattr(g.format, "symmetric", True), bound,
+                                                roundings.get(gid, "half_even"))
                 set_submodule(gm, node.target, act_quant[gid])
             elif "weight_group" in node.meta and isinstance(getattr(module, "weight", None), Tensor):
                 gid = node.meta["weight_group"]
@@ -233,12 +258,18 @@ class QATModule(nn.Module):
         return torch.stack(terms).mean()
 
     def step_parameters(self) -> list[nn.Parameter]:
-        """The learned steps and zero points (they usually want a smaller learning rate)."""
-        return [p for q in self.quantizers().values() for p in q.parameters() if p.requires_grad]
+        """The learned log steps (they usually want a larger learning rate than the weights)."""
+        return [q.log_scale for q in self.quantizers().values()
+                if isinstance(q, LearnedStep) and q.log_scale.requires_grad]
+
+    def zero_point_parameters(self) -> list[nn.Parameter]:
+        """The learned zero points (LSQ+), in codes: they move a code at a time."""
+        return [q.zp for q in self.quantizers().values() if isinstance(q, LearnedStep) and q.zp.requires_grad]
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        steps = {id(p) for p in self.step_parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in steps]
+        """Everything else that trains: the latent weights and the biases."""
+        other = {id(p) for p in self.step_parameters() + self.zero_point_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in other]
 
     # -- evaluation -------------------------------------------------------------------------
     def _fingerprint(self) -> tuple:
