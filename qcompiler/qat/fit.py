@@ -37,7 +37,8 @@ class EpochLog:
     epoch: int                 # 0: before training
     train_loss: float          # mean over the epoch's steps (nan for epoch 0)
     validation: float          # the validation metric in eval mode (lower is better)
-    seconds: float
+    seconds: float             # training and validation
+    train_seconds: float       # the training steps alone (0 for epoch 0)
 
 
 def _batches(data: Iterable[Any]) -> list[tuple[Any, ...]]:
@@ -130,7 +131,7 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
     order_gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     best = validate()
-    history = [EpochLog(0, float("nan"), best, time.perf_counter() - start)]
+    history = [EpochLog(0, float("nan"), best, time.perf_counter() - start, 0.0)]
     best_state = copy.deepcopy(qat.state_dict())
     bar = tqdm(total=total_steps, desc=f"qat ({qat.method})", unit="step", disable=not progress or rank != 0)
     for epoch in range(1, epochs + 1):
@@ -150,8 +151,9 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        trained = time.perf_counter() - t0
         score = validate()
-        history.append(EpochLog(epoch, sum(losses) / len(losses), score, time.perf_counter() - t0))
+        history.append(EpochLog(epoch, sum(losses) / len(losses), score, time.perf_counter() - t0, trained))
         if score < best or not checkpoint:
             best, best_state = score, copy.deepcopy(qat.state_dict())
     bar.close()
