@@ -15,6 +15,8 @@ Tasks (`--tasks`):
   levels; QAT with the clean patch as the label (MSE). Patches come from each photo's third
   that its split owns (`qcompiler.sample_data.region`): train on `calib`, checkpoint on
   `validation`, report PSNR and SSIM (`skimage.metrics`) on `heldout`.
+- effnet: EfficientNet-Lite0 with ImageNet weights, label-free: QAT distils the float model's
+  logits on `calib` and `validation` crops; agreement with float on `heldout` crops.
 
 Targets: w8a8 is `npu-int8`; w4a4 and w2a2 are `benchmarks/npu-w4a4.toml` and
 `benchmarks/npu-w2a2.toml`: 4-bit (2-bit) per-channel weights and asymmetric activations
@@ -309,13 +311,71 @@ def denoise_task(quick: bool) -> list[str]:
     return lines
 
 
-TASKS = {"digits": digits_task, "denoise": denoise_task}
+# -- EfficientNet-Lite0, label-free ---------------------------------------------------------------
+
+EFFNET_TARGETS = {"w4a4": str(HERE / "npu-w4a4.toml"), "w4a8": str(HERE / "npu-w4a8.toml")}
+
+
+def effnet_task(quick: bool, methods: list[str] | None = None, rows: list[str] | None = None) -> list[str]:
+    from common import SPLIT_NOTE, agreement, load_split, logits
+    from qcompiler.zoo import efficientnet_lite0
+
+    n_calib, n_train, n_val, n_test = (8, 16, 8, 22) if quick else (256, 768, 128, 500)
+    epochs = 1 if quick else 4
+    model = efficientnet_lite0().eval()
+    calib = load_split("calib", n_calib)
+    # Distillation data: calibration and validation crops only (new seeds, more of them).
+    train_crops = torch.cat([load_split("calib", n_train // 2, seed=1).crops,
+                             load_split("validation", n_train // 2, seed=1).crops])
+    val = load_split("validation", n_val)
+    test = load_split("heldout", n_test)
+    order = torch.randperm(len(train_crops), generator=torch.Generator().manual_seed(0))
+    batches = [(train_crops[order[i:i + 16]],) for i in range(0, len(train_crops), 16)]
+    ref = logits(model, test.crops)
+    float_times, float_mem = float_epoch_seconds(
+        model, [(b[0], model(b[0]).detach()) for b in batches[:4]], F.mse_loss, 1, 1e-4)
+    float_step = statistics.median(float_times) / 4
+    lines = ["## EfficientNet-Lite0 (ImageNet weights), label-free", "",
+             f"QAT distils the float model's logits (MSE) on {len(train_crops)} crops ({n_train // 2} `calib` and "
+             f"{n_train // 2} `validation` crops, seed 1), {epochs} epochs of batches of 16, Adam (weights 1e-4, steps "
+             f"1e-3; not tuned), cosine schedule; the best epoch on {val.describe} (seed 0, in the converted integer "
+             f"model) is kept. Compiled with {calib.describe}. Reported on {test.describe}. {SPLIT_NOTE}", "",
+             f"Float training step (batch 16): {float_step:.2f} s; saved for backward {float_mem:.0f} MiB per step.", ""]
+    for name in rows or list(EFFNET_TARGETS):
+        start = time.perf_counter()
+        ptq = qcompile(model, calib.crops[:1], target=EFFNET_TARGETS[name], calib_data=list(calib.crops.split(32)),
+                       progress=False)
+        ptq_seconds = time.perf_counter() - start
+        res = agreement(ref, logits(ptq, test.crops), test.photos)
+        lines += [f"### {name} (`{Path(EFFNET_TARGETS[name]).name}`)", "",
+                  "| method | top-1 agreement [95 % CI] | logits SQNR dB | s/step (× float) | saved for backward, MiB/step | seconds |",
+                  "|---|---:|---:|---:|---:|---:|",
+                  f"| PTQ (per-layer AdaRound, the default) | {res.cell()} | {res.sqnr_db:.2f} | - | - | {ptq_seconds:.0f} |"]
+        for label, method, p in METHODS:
+            if method not in (methods or ["lsq"]) or (method == "quant_noise" and p != 0.5):
+                continue
+            start = time.perf_counter()
+            t = run_fit(ptq, batches, [(val.crops,)], method=method, p=p, epochs=epochs, lr=1e-4, seed=0)
+            seconds = time.perf_counter() - start
+            res = agreement(ref, logits(t.result, test.crops), test.photos)
+            step = t.epoch_seconds / len(batches)
+            lines.append(f"| {label} | {res.cell()} | {res.sqnr_db:.2f} | {step:.2f} s ({step / float_step:.1f}×) | "
+                         f"{t.memory_mib:.0f} | {seconds:.0f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+        lines.append("")
+    return lines
+
+
+TASKS = {"digits": digits_task, "denoise": denoise_task, "effnet": effnet_task}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = parser(__file__, __doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    ap.add_argument("--effnet-methods", default="lsq", help="QAT methods of the EfficientNet task (costly: "
+                    "about an hour each on 2 cores)")
+    ap.add_argument("--effnet-rows", default="w4a4,w4a8")
     args = ap.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
@@ -328,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                          "sinusoidal regulariser instead of STE on the weights (QSin), and Quant-Noise (a "
                          "random fraction p of the weights quantized per forward)."])
     for task in tasks:
-        text += "\n" + "\n".join(TASKS[task](args.quick)) + "\n"
+        kw = {"methods": args.effnet_methods.split(","), "rows": args.effnet_rows.split(",")} if task == "effnet" else {}
+        text += "\n" + "\n".join(TASKS[task](args.quick, **kw)) + "\n"
         emit(text, path)
     return 0
 

@@ -7,11 +7,18 @@ so the reference backend sees nothing but ordinary integer weights and scales af
 - `SoftRoundedWeight`: a kernel's integer weights with a learnable rounding direction (AdaRound's
   rectified sigmoid, Nagel et al. 2020). Every code stays floor(w / s) or floor(w / s) + 1, inside
   [qmin, qmax]; `regularizer(beta)` pushes each direction to a hard 0 or 1 as beta anneals.
-- `LearnedStep`: an activation quantizer whose step size is learned (LSQ, Esser et al. 2020):
-  round and clamp pass the gradient straight through, the step gets its gradient from both.
-  The step is held as its logarithm, so it stays positive; on power-of-two targets the forward
-  uses 2^round(log2 step), straight through. `drop` is QDrop's probability (Wei et al. 2022) of
-  letting an element pass unquantized while training.
+- `LearnedStep`: an integer quantizer whose step size is learned (LSQ, Esser et al. 2020), per
+  tensor (activations) or per channel (weights): round and clamp pass the gradient straight
+  through, the step gets its gradient from both. The step is held as its logarithm (relative to
+  the calibrated step, which it reproduces exactly at the start), so it stays positive, and can
+  be bounded to a factor of the calibrated step; on power-of-two targets the forward uses
+  2^round(log2 step), straight through. It can learn an asymmetric format's zero point (LSQ+,
+  Bhalgat et al. 2020) as a float rounded straight through, and round with a requantizer's
+  rounding mode. `drop` is QDrop's probability (Wei et al. 2022) of letting an element pass
+  unquantized while training.
+
+Reconstruction (`qcompiler.reconstruction`) and quantization-aware training (`qcompiler.qat`)
+both build on these.
 """
 from __future__ import annotations
 

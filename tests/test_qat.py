@@ -126,10 +126,11 @@ def test_trained_module_equals_its_conversion_and_the_reference_backend(digits, 
     if any(isinstance(q, LearnedStep) for q in module.quantizers().values()):
         assert changed, "no learned step moved"
     q = _output_quantizer(converted)
-    if isinstance(q.fmt, IntFormat):
-        ref = converted.lower("reference")
-        with torch.no_grad():
-            assert torch.equal(ref.codes(x), q.fmt.quantize(converted(x), q.params))
+    ref = converted.lower("reference")
+    with torch.no_grad():
+        assert torch.equal(ref(x), out)
+        if isinstance(q.fmt, IntFormat):
+            assert torch.equal(ref.codes(x), q.fmt.quantize(out, q.params))
 
 
 def test_converted_model_saves_loads_and_exports(digits, labelled, tmp_path):
