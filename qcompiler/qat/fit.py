@@ -2,6 +2,11 @@
 
 Label-free (the default): the loss is the mean squared error between the quantized model's
 outputs and the float teacher's on the same inputs (knowledge distillation; no labels needed).
+With `hessian=True` it is EPTQ's Hessian-weighted distillation instead: the outputs' squared
+error plus the squared error of every quantized activation against the float model's, each
+weighted per element by tr(J^T J) / numel of the model's output with respect to it
+(`qcompiler.sensitivity.hessian_weights`, label-free), each of the two terms scaled so that the
+compiled model scores 1 on the first batch.
 Labelled: give `loss_fn(outputs, labels)` and batches of (inputs..., labels).
 
 Adam with two learning rates (latent weights and biases; learned steps and zero points), a
@@ -24,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from ..compiled import CompiledModel
@@ -67,7 +72,7 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
         validation_data: Iterable[Any] | None = None, lr: float = 1e-4, step_lr: float = 1e-3,
         zero_point_lr: float = 0.05,
         qsin_weight: float = 1.0, p: float = 0.5, seed: int = 0, progress: bool = True,
-        checkpoint: bool = True, module: QATModule | None = None,
+        hessian: bool = False, checkpoint: bool = True, module: QATModule | None = None,
         log: list[EpochLog] | None = None) -> CompiledModel:
     """Train `compiled` with QAT and return the converted `CompiledModel` (see the module docstring).
 
@@ -77,6 +82,8 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
     lr, step_lr, zero_point_lr: Adam's learning rates of the weights, the learned log steps and
         the learned zero points (in codes).
     qsin_weight: the weight of QSin's regulariser in the loss.
+    hessian: label-free only: EPTQ's Hessian-weighted distillation of the quantized activations too
+        (needs the float graph of a fresh compile as the teacher).
     checkpoint: keep the parameters that scored best on validation (False: the last ones).
     module: an already prepared module to continue training (method and p are then its own).
     log: a list that receives one `EpochLog` per evaluation.
@@ -94,8 +101,15 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
     qat = module if module is not None else prepare(compiled, method, p=p, seed=seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     model: nn.Module = qat
+    weighted: _HessianLoss | None = None
+    if hessian:
+        if loss_fn is not None or compiled._float_graph is None:
+            raise QCompileError("hessian=True is label-free distillation against the compile's own float graph: "
+                                "use it without loss_fn, on a CompiledModel fresh from qcompile")
+        weighted = _HessianLoss(qat, compiled._float_graph, batches)
+        model = weighted.student
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(qat)
+        model = nn.parallel.DistributedDataParallel(model)
 
     def split(batch: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
         return (batch[:-1], batch[-1]) if loss_fn is not None else (batch, None)
@@ -140,8 +154,10 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
         losses = []
         for i in torch.randperm(len(batches), generator=order_gen).tolist():
             inputs, labels = split(_shard(batches[i], rank, world))
-            out = model(*inputs)
-            loss = loss_of(out, inputs, labels)
+            if weighted is not None:
+                loss = weighted(model(*inputs), inputs)
+            else:
+                loss = loss_of(model(*inputs), inputs, labels)
             if qat.method == "qsin":
                 loss = loss + qsin_weight * qat.regularizer()
             opt.zero_grad(set_to_none=True)
@@ -161,3 +177,54 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
     if log is not None:
         log.extend(history)
     return convert(qat)
+
+
+def _tapped(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """`gm` (sharing its modules) returning (its output, the values of the nodes `names`)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.output((fx.node.map_arg(node.args[0], lambda a: env[a]), *[env[by_name[n]] for n in names]))
+        else:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    return fx.GraphModule(gm, graph)
+
+
+class _HessianLoss:
+    """EPTQ's label-free loss: the outputs' squared error plus the Hessian-weighted squared error
+    of every quantized activation, each term scaled so the compiled model scores 1."""
+
+    def __init__(self, qat: QATModule, teacher: fx.GraphModule, batches: list[tuple[Any, ...]],
+                 samples: int = 32, probes: int = 8):
+        from ..calibration import first_samples
+        from ..sensitivity import hessian_weights
+        from ..trainable import LearnedStep
+        from .model import FixedQuant
+
+        float_names = {n.name for n in teacher.graph.nodes}
+        taps = list(dict.fromkeys(
+            n.args[0].name for n in qat.graph.graph.nodes
+            if n.op == "call_module" and isinstance(qat.graph.get_submodule(n.target), (LearnedStep, FixedQuant))
+            and isinstance(n.args[0], fx.Node) and n.args[0].op != "placeholder" and n.args[0].name in float_names))
+        weights = hessian_weights(teacher, taps, first_samples(batches, samples), probes)
+        self.taps = [t for t in taps if weights.get(t, 0.0) > 0.0]
+        self.weights = [weights[t] for t in self.taps]
+        self.student = _tapped(qat.graph, self.taps)
+        self.teacher = _tapped(teacher, self.taps)
+        with torch.no_grad():
+            out, taps_err = self._terms(self.student.train()(*batches[0]), batches[0])
+        self.scale = (1.0 / max(float(out), 1e-30), 1.0 / max(float(taps_err), 1e-30))
+
+    def _terms(self, student: tuple[Any, ...], inputs: tuple[Any, ...]) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            teacher = self.teacher(*inputs)
+        out = torch.nn.functional.mse_loss(student[0], teacher[0])
+        taps = sum((w * (q - f).pow(2).mean() for w, q, f in zip(self.weights, student[1:], teacher[1:])),
+                   out.new_zeros(()))
+        return out, taps
+
+    def __call__(self, student: tuple[Any, ...], inputs: tuple[Any, ...]) -> Tensor:
+        out, taps = self._terms(student, inputs)
+        return out * self.scale[0] + taps * self.scale[1]
