@@ -110,6 +110,12 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
         model = weighted.student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
+    if loss_fn is None and weighted is None:
+        # Plain distillation: the teacher's outputs once, as labels (they never change).
+        with torch.no_grad():
+            batches = [(*b, teacher(*b)) for b in batches]
+            val = [(*b, teacher(*b)) for b in val]
+        loss_fn = torch.nn.functional.mse_loss
 
     def split(batch: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
         return (batch[:-1], batch[-1]) if loss_fn is not None else (batch, None)
