@@ -236,6 +236,9 @@ def _apply_min_bits(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup
     for coupling in spec.couplings:
         if coupling.kind != "min_bits":
             continue
+        if coupling.where == "output":
+            _narrow(groups, _output_groups(nodes), coupling, "the model's outputs")
+            continue
         kernel = kernels[0] if coupling.where == "first" else kernels[-1]
         touched: list[int] = []
         if coupling.tensors in ("all", "weights"):
@@ -250,19 +253,30 @@ def _apply_min_bits(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup
                 last = g.nodes[kernel.meta.get("fused_into", kernel.name)]
                 if "group" in last.meta:
                     touched.append(last.meta["group"])
-        for gid in touched:
-            grp = groups[gid]
-            if grp.fallback:
-                continue
-            kept = tuple(c for c in grp.candidates if grp.formats[c].bits >= coupling.bits)
-            if not kept:
-                raise GroupingError(
-                    f"couplings: min_bits {coupling.bits} at the {coupling.where} layer ({kernel.name}) leaves "
-                    f"group {gid} no format: its candidates are {', '.join(grp.candidates)}"
-                )
-            default = grp.default if grp.default in kept else kept[0]
-            groups[gid] = replace(grp, candidates=kept, default=default, formats={c: grp.formats[c] for c in kept},
-                                  reason=f"min_bits {coupling.bits} at the {coupling.where} layer")
+        _narrow(groups, touched, coupling, f"the {coupling.where} layer ({kernel.name})")
+
+
+def _output_groups(nodes: list[fx.Node]) -> list[int]:
+    """The activation groups of the tensors the graph returns."""
+    out = next((n for n in nodes if n.op == "output"), None)
+    return [] if out is None else sorted({s.meta["group"] for s in out.all_input_nodes if "group" in s.meta})
+
+
+def _narrow(groups: list[QuantizerGroup], touched: list[int], coupling: Any, where: str) -> None:
+    """Keep only the candidates of at least `coupling.bits` bits in the touched groups."""
+    for gid in touched:
+        grp = groups[gid]
+        if grp.fallback:
+            continue
+        kept = tuple(c for c in grp.candidates if grp.formats[c].bits >= coupling.bits)
+        if not kept:
+            raise GroupingError(
+                f"couplings: min_bits {coupling.bits} at {where} leaves "
+                f"group {gid} no format: its candidates are {', '.join(grp.candidates)}"
+            )
+        default = grp.default if grp.default in kept else kept[0]
+        groups[gid] = replace(grp, candidates=kept, default=default, formats={c: grp.formats[c] for c in kept},
+                              reason=f"min_bits {coupling.bits} at {where}")
 
 
 def _ties(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup], spec: Any) -> list[Tie]:

@@ -23,7 +23,7 @@ from qcompiler.requant import ROUNDINGS
 from .formulas import FUNCTIONS, VARIABLES
 
 UNSUPPORTED_ACTIONS = ("host", "refuse")
-MIN_BITS_WHERE = ("first", "last")
+MIN_BITS_WHERE = ("first", "last", "output")
 MIN_BITS_TENSORS = ("all", "weights", "activations")
 NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_-]*"
 TARGET_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"
@@ -214,13 +214,15 @@ COUPLING = Tagged("kind", (
            "weights only with int8 activations).")),
     ("min_bits", Table((
         Key("where", Scalar("string", choices=MIN_BITS_WHERE),
-            "the first or the last op with weights of the model, in execution order",
+            "the first or the last op with weights of the model, in execution order, or the "
+            "model's outputs (the tensors it returns; activations only)",
             required=True),
         Key("bits", Scalar("integer", minimum=2, maximum=32), "the least bit width allowed there",
             required=True),
         Key("tensors", Scalar("string", choices=MIN_BITS_TENSORS),
             "whether the bound holds for its weights, its activations, or both", default="all"),
-    ), doc="The first or last layer keeps at least `bits` bits (e.g. first and last layer 8 bit).")),
+    ), doc="The first or last layer, or the model's outputs, keep at least `bits` bits (e.g. first and "
+           "last layer 8 bit; an image-to-image network's output image 8 bit).")),
 ), doc="A bit-width coupling the hardware imposes; `kind` picks one of a closed set.")
 
 REQUANT = Table((

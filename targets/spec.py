@@ -92,9 +92,10 @@ class RequiresBits:
 
 @dataclass(frozen=True)
 class MinBits:
-    """The first or last op with weights (execution order) keeps at least `bits` bits."""
+    """The first or last op with weights (execution order), or the model's output tensors, keep
+    at least `bits` bits."""
 
-    where: str                       # "first" | "last"
+    where: str                       # "first" | "last" | "output"
     bits: int
     tensors: str = "all"             # "all" | "weights" | "activations"
     kind: ClassVar[str] = "min_bits"
@@ -450,6 +451,9 @@ class _Builder:
                 out.append(RequiresBits(t["if_weight_bits_at_most"], t["then_activation_bits"],
                                         tuple(t["ops"])))
             else:
+                if t["where"] == "output" and t["tensors"] == "weights":
+                    self.problem(path + ("tensors",), "the model's outputs are activations; "
+                                                      "`where = \"output\"` needs tensors = \"activations\" or \"all\"")
                 self.min_bits_satisfiable(path, t, ops, formats)
                 out.append(MinBits(where=t["where"], bits=t["bits"], tensors=t["tensors"]))
         return tuple(out)

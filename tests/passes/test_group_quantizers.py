@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +119,47 @@ def test_first_and_last_layers_keep_8_bits_and_int4_requires_int8_inputs():
     requires = [t for t in ctx.ties if t.kind == "requires"]
     assert requires and all(t.weight_bits == 4 and t.activation_bits == 8 for t in requires)
     assert {t.groups[0] for t in requires} == {g.id for g in weights}
+
+
+class _ResidualDenoiser(nn.Module):
+    """An image-to-image net whose output is an op after its last kernel (x - residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x):
+        return x - self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("keep_output", [False, True])
+def test_min_bits_at_the_output_keeps_the_returned_tensor_wide(keep_output):
+    text = (Path(__file__).resolve().parents[2] / "benchmarks" / "npu-w4a4.toml").read_text()
+    line = '    { kind = "min_bits", where = "output", bits = 8, tensors = "activations" },\n'
+    assert line in text
+    spec = loads_target(text if keep_output else text.replace(line, ""))
+    run = PassManager(["capture", "canonicalize", "fold_bn"]).run(_ResidualDenoiser().eval(), torch.randn(1, 1, 8, 8))
+    gm = snapshot(run.graph("fold_bn"))
+    ctx = CompileContext(model=gm, example_inputs=(), target=spec)
+    gm = group_quantizers(fuse(gm, ctx), ctx)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    group = ctx.groups[out.meta["group"]]
+    bits = [group.format(c).bits for c in group.candidates]
+    # Without the coupling the subtraction after the last kernel may take 4 bits; with it, only 8.
+    assert bits == ([8] if keep_output else [4, 8])
+    inner = ctx.groups[_nodes(gm)["relu"].meta["group"]]
+    assert 4 in [inner.format(c).bits for c in inner.candidates]
+
+
+def test_the_output_coupling_has_no_weights():
+    from qcompiler.errors import SpecError
+
+    text = (Path(__file__).resolve().parents[2] / "benchmarks" / "npu-w4a4.toml").read_text()
+    bad = text.replace('where = "output", bits = 8, tensors = "activations"', 'where = "output", bits = 8, tensors = "weights"')
+    with pytest.raises(SpecError, match="outputs are activations"):
+        loads_target(bad)
 
 
 def test_equal_bits_ties_the_inputs_of_every_add():
