@@ -50,18 +50,24 @@ def _weight_codes(plan_group, weight: torch.Tensor) -> tuple[torch.Tensor, torch
     return codes, scale
 
 
-def fit_bias(group: GroupPlan, bias: torch.Tensor | None, s_in: float, bias_bits: int) -> tuple[GroupPlan, dict | None]:
-    """The weight group with its scale raised where a bias does not fit `bias_bits` (see
-    `qcompiler.requant.bias_fit_weight_scale`), and a record of what changed (None: nothing)."""
+def fit_bias(group: GroupPlan, bias: torch.Tensor | None, s_in: float, bias_bits: int,
+             weight: torch.Tensor | None = None, in_code_bound: float = 0.0,
+             accumulator_bits: int = 32) -> tuple[GroupPlan, dict | None]:
+    """The weight group with its scale raised where a bias does not fit `bias_bits`, or would
+    push the accumulator past `accumulator_bits` (see `qcompiler.requant.bias_fit_weight_scale`),
+    and a record of what changed (None: nothing)."""
     params = group.params
     if bias is None or params is None:
         return group, None
     old = params.scale
-    new = bias_fit_weight_scale(bias, s_in, old, bias_bits, pow2=getattr(group.format, "scale_kind", "") == "pow2")
+    new = bias_fit_weight_scale(bias, s_in, old, bias_bits, pow2=getattr(group.format, "scale_kind", "") == "pow2",
+                                weight=weight, in_code_bound=in_code_bound, accumulator_bits=accumulator_bits)
     if torch.equal(new, old):
         return group, None
-    acc_scale = s_in * old.double().reshape(-1)
-    overflow = (bias.detach().double().abs() / acc_scale) > 2.0 ** (bias_bits - 1) - 1
+    # The channels that asked for it: per channel, even where one per-tensor scale rose for all.
+    per_channel = old.double().reshape(-1).expand(bias.numel())
+    overflow = bias_fit_weight_scale(bias, s_in, per_channel, bias_bits, weight=weight, in_code_bound=in_code_bound,
+                                     accumulator_bits=accumulator_bits) > per_channel
     channels = [int(c) for c in torch.nonzero(overflow).reshape(-1)]
     ratio = (new.double() / old.double()).reshape(-1)
     record = {"bias_bits": bias_bits, "channels": channels,
@@ -88,19 +94,21 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan: Plan, spec) -> dict
             f"64 bits; lower [ops.{kind}] accumulator_bits or [requant] multiplier_bits in the spec")
     in_q, out_q = chain.in_quant, chain.out_quant
     s_in = in_q.params.scale.reshape(()).to(torch.float32)
-    wgroup, bias_fit = fit_bias(plan.group(anchor.meta["weight_group"]), original.bias, float(s_in), bias_bits)
+    fmt_in = in_q.fmt
+    zp_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
+    in_bound = float(max(abs(fmt_in.qmin - zp_in), abs(fmt_in.qmax - zp_in)))
+    wgroup, bias_fit = fit_bias(plan.group(anchor.meta["weight_group"]), original.bias, float(s_in), bias_bits,
+                                weight=original.weight, in_code_bound=in_bound, accumulator_bits=acc_bits)
     codes, w_scale = _weight_codes(wgroup, original.weight)
     acc_scale = s_in.double() * w_scale                    # exact: a product of two float32
     exact = _exact_module(original, acc_bits)
     exact.train(original.training)
-    fmt_in = in_q.fmt
-    zp_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
     with torch.no_grad():
         # The decoded weight, as convert stores it (unchanged when the weight was on its grid).
         decoded = wgroup.format.dequantize(codes.to(torch.int32), wgroup.params).to(original.weight.dtype)
         exact.weight = nn.Parameter(decoded, requires_grad=False)
         exact.in_scale.copy_(s_in)
-        exact.in_code_bound.fill_(float(max(abs(fmt_in.qmin - zp_in), abs(fmt_in.qmax - zp_in))))
+        exact.in_code_bound.fill_(in_bound)
         exact.weight_codes.copy_(codes)
         exact.acc_scale.copy_(acc_scale)
         if original.bias is not None:

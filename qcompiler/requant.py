@@ -211,7 +211,8 @@ _BIAS_MARGIN = 2.0 ** -20
 
 
 def bias_fit_weight_scale(bias: Tensor, in_scale: float, weight_scale: Tensor, bias_bits: int,
-                          pow2: bool = False) -> Tensor:
+                          pow2: bool = False, weight: Tensor | None = None, in_code_bound: float = 0.0,
+                          accumulator_bits: int = 32) -> Tensor:
     """Weight scales (one per output channel) at which every bias fits a `bias_bits` integer.
 
     The bias joins the accumulator on its grid, as `round(b / (s_in * s_w))`. A channel whose
@@ -221,12 +222,28 @@ def bias_fit_weight_scale(bias: Tensor, in_scale: float, weight_scale: Tensor, b
     to almost nothing: they were negligible next to the bias. Channels whose bias fits keep their
     scale. `weight_scale` is per channel (shape [C]) or one per-tensor scale (shape [] or [1]),
     which then rises for all channels at once; `pow2` keeps scales powers of two.
+
+    With `weight` (float, output channels first) and `in_code_bound` (the largest |input code -
+    zero point|), a bias that dominates its channel must also leave the products room in the
+    `accumulator_bits` accumulator: a bias code just inside int32 plus a negative sum of products
+    wraps around on the chip (ONNX Runtime's int32 kernels do), where the emulation would not.
+    For such a channel the scale solves |b|/(s_in s) + bound * sum_k(|w_k|/s + 1/2) <= limit;
+    channels whose possible products outweigh the bias keep the bias-width rule alone.
     """
     bias = bias.detach().to(torch.float64).reshape(-1)
     scale = weight_scale.detach().to(torch.float64).reshape(-1)
     # Half a step below the largest code, so that rounding cannot reach past it either.
     limit = (2.0 ** (bias_bits - 1) - 1.0) * (1.0 - _BIAS_MARGIN) - 0.5
     need = bias.abs() / (float(in_scale) * limit)
+    if weight is not None and in_code_bound > 0:
+        w = weight.detach().to(torch.float64).reshape(bias.numel(), -1)
+        products = float(in_code_bound) * w.abs().sum(1)            # in units of s_in
+        acc_room = (2.0 ** (accumulator_bits - 1) - 1.0) * (1.0 - _BIAS_MARGIN) - 0.5
+        acc_room -= float(in_code_bound) * w.shape[1] / 2           # the weights' rounding
+        dominated = bias.abs() / float(in_scale) > products
+        if acc_room > 0:
+            acc_need = (bias.abs() / float(in_scale) + products) / acc_room
+            need = torch.where(dominated, torch.maximum(need, acc_need), need)
     if scale.numel() == 1:
         need = need.max().reshape(1)
     if pow2:

@@ -257,6 +257,44 @@ def test_a_bias_beyond_int32_raises_its_channels_weight_scale():
     assert np.abs(out[:, 0] - ref[:, 0]).max() <= step
 
 
+def test_a_raised_bias_leaves_the_products_room_in_the_int32_accumulator(tmp_path):
+    # Channel 0: small weights (3e-5) and a bias of -5. Its bias code at s_in * s_w is far beyond
+    # int32, so the weight scale rises; fitted to the bias alone, the code would sit ~2000 steps
+    # inside int32 while the weights (codes near 100 at the raised scale) add up to tens of
+    # thousands of steps: ONNX Runtime's int32 accumulator then wraps, and a -5 came out as
+    # +5 (measured on EfficientNet-Lite0's dead channels: 109 codes off). The fit leaves room.
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(16, 2, 1)
+            with torch.no_grad():
+                signs = torch.tensor([1.0, -1.0]).repeat(8)
+                self.conv.weight[0].copy_((3e-5 * signs).reshape(16, 1, 1))
+                self.conv.weight[1].copy_((0.2 * signs.roll(1)).reshape(16, 1, 1))
+                self.conv.bias.copy_(torch.tensor([-5.0, 0.1]))
+
+        def forward(self, x):
+            return self.conv(x)
+
+    def data(n, seed):
+        x = torch.rand(n, 16, 4, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        return x * torch.tensor([1.0, -1.0]).repeat(8).reshape(1, 16, 1, 1)   # products of one sign
+
+    model_float = One().eval()
+    calib = data(16, 0)
+    compiled = qcompile(model_float, calib[:2], target="cpu-x86-int8", calib_data=[calib], progress=False)
+    assert [f.channels for f in compiled.report().bias_fits] == [(0,)]
+    path = str(tmp_path / "one.onnx")
+    compiled.export_onnx(path)
+    x = data(8, 1)
+    out, ref = _run(path, x), _simulate(compiled, x)
+    step = _integer_output_scale(compiled)
+    assert np.abs(out - ref).max() <= step * 0.01
+    with torch.no_grad():
+        want = model_float(x).numpy()
+    assert np.abs(out[:, 0] - want[:, 0]).max() <= 2 * step
+
+
 # ---------------------------------------------------------------------------------------------
 # cpu-x86-int8: ONNX Runtime's integer kernels
 # ---------------------------------------------------------------------------------------------
@@ -306,13 +344,16 @@ def test_efficientnet_lite0_pads_join_the_integer_convs(tmp_path):
     assert ops["Pad"] == 0 and ops["QuantizeLinear"] == ops["DequantizeLinear"] == 1, ops
     x = _data(8, size=64, seed=4)
     out, ref = _run(path, x), _simulate(compiled, x)
-    # cpu-x86-int8 requantizes in float32 as ONNX Runtime does: through 49 integer convs the
-    # codes agree. Measured at 933655f with the target's minmax observer: 8000 of 8000 logits
-    # equal. (With the mse observer 7906 of 8000 were equal, the rest one code apart: a change
-    # of observer that breaks this must come with a new measurement.)
+    # cpu-x86-int8 requantizes its convs in float32 as ONNX Runtime does, and they agree code for
+    # code. ONNX Runtime's QLinearAdd depends on the CPU: on AVX2 it matched the float add (8000
+    # of 8000 logits equal, measured at 933655f with the target's minmax observer); on an
+    # AVX512-VNNI EPYC the sixth residual add comes out one code off on ~1 in 5000 elements (its
+    # inputs equal), which spreads: at most 3 codes apart, 87.7 % of the 8000 logits equal, the
+    # same top-1 on all 8 inputs. A wrapped int32 accumulator is ~100 codes off (see
+    # test_a_raised_bias_leaves_the_products_room_in_the_int32_accumulator).
     step = _integer_output_scale(compiled)
     codes = np.round(np.abs(out - ref) / step)
-    assert codes.max() == 0, (codes.max(), (codes == 0).mean())
+    assert codes.max() <= 4 and (codes == 0).mean() >= 0.8, (codes.max(), (codes == 0).mean())
     assert (out.argmax(1) == ref.argmax(1)).all()
 
 

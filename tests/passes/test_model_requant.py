@@ -142,6 +142,33 @@ def test_bias_fit_weight_scale_hand_worked():
     assert per_tensor.shape == (1,) and per_tensor.item() == pytest.approx(64 / (0.5 * limit))
 
 
+
+def test_bias_fit_leaves_the_products_room_in_the_accumulator():
+    # A 12-bit accumulator (limit A = 2047 (1 - 2^-20) - 0.5), 8-bit bias (L as above), s_in = 1,
+    # inputs up to 10 codes from their zero point, two weights per channel.
+    # Channel 0: bias 300 dominates its products (10 * 0.5 = 5 < 300). For int8 alone it needs
+    # s >= 300 / L; with the products the scale must satisfy 300 / s + 10 * (0.5 / s + 2 / 2) <= A,
+    # i.e. s >= 305 / (A - 10) (0.15: at 0.1 the worst case would reach 3000 + 60).
+    # Channel 1: weights 30 outweigh its bias 1: the accumulator rule leaves it alone.
+    bias = torch.tensor([300.0, 1.0])
+    weight = torch.tensor([[0.25, -0.25], [15.0, -15.0]])
+    scale = torch.tensor([0.1, 0.5], dtype=torch.float64)
+    acc = 2047 * (1 - 2**-20) - 0.5
+    bias_only = bias_fit_weight_scale(bias, 1.0, scale, bias_bits=8)
+    assert bias_only[0].item() == pytest.approx(300 / (127 * (1 - 2**-20) - 0.5), rel=1e-12)
+    # A bias that fits int8 but not the 12-bit accumulator with its products: only the room rule acts.
+    out = bias_fit_weight_scale(bias, 1.0, scale, bias_bits=16, weight=weight, in_code_bound=10.0,
+                                accumulator_bits=12)
+    assert out[0].item() == pytest.approx(305 / (acc - 10), rel=1e-12)
+    assert out[1].item() == 0.5
+    # The worst case at that scale stays inside the accumulator: |b| / s + 10 * sum(|round(w / s)|).
+    s = out[0].item()
+    assert 300 / s + 10 * sum(abs(round(w / s)) for w in (0.25, -0.25)) <= 2047
+    # Both rules: the larger scale wins.
+    both = bias_fit_weight_scale(bias, 1.0, scale, bias_bits=8, weight=weight, in_code_bound=10.0,
+                                 accumulator_bits=12)
+    assert both[0].item() == pytest.approx(max(300 / (127 * (1 - 2**-20) - 0.5), 305 / (acc - 10)), rel=1e-12)
+
 def _spec_with(tmp_path, extra: str):
     """npu-int8 with `extra` keys added to its conv rule, written as a user's own spec file."""
     base = resources.files("qcompiler.targets").joinpath("npu-int8.toml").read_text(encoding="utf-8")
