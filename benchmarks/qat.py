@@ -60,9 +60,11 @@ METHODS: list[tuple[str, str, float]] = [
 
 # -- costs ----------------------------------------------------------------------------------------
 
-def saved_mib(model: nn.Module, batch: tuple, loss_fn: Callable) -> float:
+def saved_mib(model: nn.Module, batch: tuple, loss_fn: Callable | None) -> float:
     """MiB of the tensors one training step keeps for its backward pass (autograd's saved tensors,
-    each storage counted once): the memory training needs beyond the weights and Adam's state."""
+    each storage counted once): the memory training needs beyond the weights and Adam's state.
+    A label-free batch (inputs only, `loss_fn` None) is scored against a constant target: the
+    distillation's teacher runs without gradients and saves nothing."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,8 @@ def saved_mib(model: nn.Module, batch: tuple, loss_fn: Callable) -> float:
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(batch[0]), batch[1])
+        out = model(batch[0])
+        loss = loss_fn(out, batch[1]) if loss_fn is not None else F.mse_loss(out, torch.zeros_like(out))
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values()) / 2 ** 20
