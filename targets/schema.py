@@ -192,7 +192,9 @@ OP_RULE = Table((
     Key("bias_bits", Scalar("integer", minimum=8, maximum=64),
         "width of the integer bias added to the accumulator (on its grid, scale s_in * s_w); "
         "where a channel's bias does not fit, that channel's weight scale is raised until it "
-        "does (the report lists each such channel); at most `accumulator_bits`",
+        "does, and, where the bias outweighs the channel's largest possible products, until "
+        "bias plus products fit the accumulator (the report lists each such channel); at most "
+        "`accumulator_bits`",
         default=None, default_doc="the smaller of 32 and `accumulator_bits`"),
 ), doc="What the hardware accepts for one canonical op kind. Op kinds not listed (and not in "
        "`pass_through`) are unsupported by the chip; see `[unsupported]`.")
