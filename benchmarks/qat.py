@@ -119,6 +119,12 @@ def run_fit(compiled, batches, validation, *, method: str, p: float, epochs: int
     return Trained(result, log, memory)
 
 
+def best_lr(runs: dict[float, Trained]) -> tuple[float, dict[float, float]]:
+    """The learning rate whose run reached the lowest validation loss, and every run's best loss."""
+    scores = {lr: min(e.validation for e in t.log) for lr, t in runs.items()}
+    return min(scores, key=scores.get), scores
+
+
 def med(values: list[float], fmt: str = "{:.1f}") -> str:
     if len(values) == 1:
         return fmt.format(values[0])
@@ -163,10 +169,8 @@ def digits_task(quick: bool) -> list[str]:
         # The learning rate of the weights, chosen with LSQ at seed 0 on the validation digits.
         lrs = [1e-3] if quick else [1e-4, 1e-3, 3e-3]
         with deterministic_torch():
-            scores = {lr: min(e.validation for e in run_fit(ptq["layer"], train, val, method="lsq", p=0.5,
-                                                             epochs=epochs, lr=lr, seed=0,
-                                                             loss_fn=F.cross_entropy).log) for lr in lrs}
-        lr = min(scores, key=scores.get)
+            lr, scores = best_lr({lr: run_fit(ptq["layer"], train, val, method="lsq", p=0.5, epochs=epochs, lr=lr,
+                                              seed=0, loss_fn=F.cross_entropy) for lr in lrs})
         lines += [f"### {name} (`{Path(TARGETS[name]).name}`)", "",
                   f"Learning rate of the weights chosen on validation with LSQ: {lr:g} "
                   f"(validation cross-entropy {', '.join(f'{k:g}: {v:.3f}' for k, v in scores.items())}).", "",
@@ -307,8 +311,7 @@ def denoise_task(quick: bool) -> list[str]:
         with deterministic_torch(threads=torch.get_num_threads()):
             chosen = {lr: run_fit(ptq["layer"], batches, val, method="lsq", p=0.5, epochs=qat_epochs, lr=lr, seed=0,
                                   loss_fn=F.mse_loss) for lr in lrs}
-        scores = {lr: min(e.validation for e in t.log) for lr, t in chosen.items()}
-        lr = min(scores, key=scores.get)
+        lr, scores = best_lr(chosen)
         lines += [f"### {name} (`{Path(TARGETS[name]).name}`)", "",
                   f"QAT: {qat_epochs} epochs; learning rate of the weights {lr:g}" +
                   (f", chosen on validation with LSQ (validation MSE {', '.join(f'{k:g}: {v:.5f}' for k, v in scores.items())})."
@@ -359,8 +362,8 @@ def effnet_task(quick: bool, methods: list[str] | None = None, rows: list[str] |
     lines = ["## EfficientNet-Lite0 (ImageNet weights), label-free", "",
              f"QAT distils the float model's logits (MSE) on {len(train_crops)} crops ({n_train // 2} `calib` and "
              f"{n_train // 2} `validation` crops, seed 1), {epochs} epochs of batches of 16, Adam (steps 1e-3; the "
-             f"weights' rate from {lrs or [1e-4]}, chosen with LSQ on validation), cosine schedule; the best epoch on {val.describe} (seed 0, in the converted integer "
-             f"model) is kept. Compiled with {calib.describe}. Reported on {test.describe}. {SPLIT_NOTE}", "",
+             f"weights' rate from {lrs or [1e-4]}, chosen with LSQ on validation), cosine schedule; the best epoch "
+             f"on {val.describe} (seed 0, in the converted integer model) is kept. Compiled with {calib.describe}. Reported on {test.describe}. {SPLIT_NOTE}", "",
              f"Float training step (batch 16): {float_step:.2f} s; saved for backward {float_mem:.0f} MiB per step.", ""]
     for name in rows or list(EFFNET_TARGETS):
         start = time.perf_counter()
@@ -378,8 +381,7 @@ def effnet_task(quick: bool, methods: list[str] | None = None, rows: list[str] |
             start = time.perf_counter()
             timed[lr] = (run_fit(ptq, batches, [(val.crops,)], method="lsq", p=0.5, epochs=epochs, lr=lr, seed=0),
                          time.perf_counter() - start)
-        scores = {lr: min(e.validation for e in t.log) for lr, (t, _) in timed.items()}
-        lr = min(scores, key=scores.get)
+        lr, scores = best_lr({k: t for k, (t, _) in timed.items()})
         if len(scores) > 1:
             lines.insert(-3, f"Weights' learning rate {lr:g}, chosen on validation with LSQ (validation loss "
                              f"{', '.join(f'{k:g}: {v:.4g}' for k, v in scores.items())}).\n")
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__file__, __doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     ap.add_argument("--effnet-methods", default="lsq", help="QAT methods of the EfficientNet task (costly: "
-                    "about an hour each on 2 cores)")
+                    "about 12 minutes per method, learning rate and row on 2 cores)")
     ap.add_argument("--effnet-rows", default="w4a4,w4a8")
     ap.add_argument("--effnet-lrs", default="1e-4", help="candidate learning rates of the weights, chosen with "
                     "LSQ on the validation crops")
