@@ -6,7 +6,9 @@ Before: the graph as traced, where a ReLU may be `nn.ReLU`, `F.relu(x, inplace=T
 After: stateless ops are `call_function` nodes with one canonical target each (the first entry of
 their row in CANONICAL below, never in-place), dropout and identity are gone, and every node has
 `meta["op_kind"]` from `qcompiler.opkinds`. Modules with parameters (conv, linear, norms) stay
-`call_module` nodes; they only get their kind.
+`call_module` nodes; they only get their kind. Functional convs and linears whose weights are
+constants (parameters, or tensors computed from them) become module kernels first
+(`qcompiler.kernel_modules`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..context import CompileContext
+from ..kernel_modules import functional_kernels_to_modules
 
 # kind -> (canonical target, every other spelling as a function, method name or module class).
 # Unary activations take (x,) plus the keyword arguments named in ACTIVATION_KWARGS.
@@ -221,6 +224,10 @@ def _is_inference_identity(node: fx.Node) -> bool:
 
 def canonicalize(gm: fx.GraphModule, ctx: CompileContext | None = None) -> fx.GraphModule:
     graph = gm.graph
+    installed = functional_kernels_to_modules(gm)
+    if installed and ctx is not None:
+        ctx.note("canonicalize", f"{len(installed)} functional conv/linear call(s) with constant weights became "
+                                 f"module kernels: {', '.join(installed[:8])}{' ...' if len(installed) > 8 else ''}")
     for node in list(graph.nodes):
         if node.op == "call_function" and _is_inference_identity(node):
             node.replace_all_uses_with(node.args[0])

@@ -6,6 +6,8 @@ Weights are quantized once, at convert time, straight from the weight tensor.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import torch
@@ -96,11 +98,29 @@ def weight_qparams(fmt: Format, w: Tensor, axis: int, search: bool = True) -> QP
     if isinstance(fmt, (IntFormat, FloatFormat)) and fmt.granularity in ("per_tensor", "per_channel"):
         ax = axis if fmt.granularity == "per_channel" else None
         if search and isinstance(fmt, IntFormat) and fmt.bits <= SEARCH_MAX_BITS:
-            return _mse_clip(fmt, w, ax)
-        return qparams_from_tensor(fmt, w, ax)
+            return _zero_channels_take_a_live_scale(_mse_clip(fmt, w, ax), w, ax)
+        return _zero_channels_take_a_live_scale(qparams_from_tensor(fmt, w, ax), w, ax)
     if isinstance(fmt, LUTFormat):
         return qparams_from_tensor(fmt, w, axis if fmt.granularity == "per_channel" else None)
     return qparams_from_tensor(fmt, w)
+
+
+def _zero_channels_take_a_live_scale(params: QParams, w: Tensor, axis: int | None) -> QParams:
+    """All-zero weights (a channel whose BatchNorm gamma is 0, as zero-init residual branches
+    have) are exact at any scale, but their range gives the smallest scale there is (SCALE_EPS).
+    On the chip that scale is the channel's accumulator grid `s_in * s_w`: a residual joined on it
+    becomes astronomically many codes and the requantization factor underflows to 0, so the
+    output loses the residual. Such channels take the largest scale of the tensor's other
+    channels (1.0 when every weight is zero): their codes stay 0, their grid a normal one."""
+    rows = w.reshape(1, -1) if axis is None else w.movedim(axis, 0).reshape(w.shape[axis], -1)
+    dead = rows.abs().amax(dim=1) == 0
+    if not bool(dead.any()):
+        return params
+    scale = params.scale.reshape(-1)
+    live = scale[~dead] if scale.numel() == dead.numel() else scale.new_empty(0)
+    fill = live.max() if live.numel() else torch.ones((), dtype=scale.dtype)
+    new = torch.where(dead, fill, scale) if scale.numel() == dead.numel() else fill.expand_as(scale)
+    return dataclasses.replace(params, scale=new.reshape(params.scale.shape).clone())
 
 
 def quantize_weight(fmt: Format, w: Tensor, axis: int, search: bool = True) -> tuple[Tensor, QParams | None]:
