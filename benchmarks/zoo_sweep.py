@@ -34,7 +34,7 @@ from torch import nn
 
 import qcompiler
 from qcompiler.context import CompileContext
-from qcompiler.errors import QCompileError
+from qcompiler.errors import CaptureError
 from qcompiler.mixed_precision import output_sqnr_db
 from qcompiler.pass_manager import PassManager
 
@@ -50,7 +50,7 @@ class Row:
     name: str
     params_m: float
     size: int
-    status: str               # "ok", "fold", "compile", "float", "timeout"
+    status: str               # "ok", "capture", "fold", "compile", "float", "timeout"
     error: str = ""
     fold_err: float = float("nan")
     sqnr_db: float = float("nan")
@@ -188,6 +188,8 @@ def sweep_one(name: str, size: int, max_params: float, seconds: int) -> Row | No
             raise
         except Exception as exc:
             row.error = error_class(exc)
+            if isinstance(exc, CaptureError):
+                row.status = "capture"
         return row
     except Timeout:
         row.status, row.error = "timeout", f"over {seconds} s"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..context import CompileContext
-from ..kernel_modules import functional_kernels_to_modules
+from ..kernel_modules import explicit_module_padding, functional_kernels_to_modules
 
 # kind -> (canonical target, every other spelling as a function, method name or module class).
 # Unary activations take (x,) plus the keyword arguments named in ACTIVATION_KWARGS.
@@ -225,6 +225,7 @@ def _is_inference_identity(node: fx.Node) -> bool:
 def canonicalize(gm: fx.GraphModule, ctx: CompileContext | None = None) -> fx.GraphModule:
     graph = gm.graph
     installed = functional_kernels_to_modules(gm)
+    explicit_module_padding(gm)
     if installed and ctx is not None:
         ctx.note("canonicalize", f"{len(installed)} functional conv/linear call(s) with constant weights became "
                                  f"module kernels: {', '.join(installed[:8])}{' ...' if len(installed) > 8 else ''}")

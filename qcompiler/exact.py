@@ -260,6 +260,8 @@ class KernelChain:
             raise NotExact(f"{anchor.name}: {type(module).__name__} runs as float fake-quant")
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             raise NotExact(f"{anchor.name}: padding mode {module.padding_mode}")
+        if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
+            raise NotExact(f"{anchor.name}: padding={module.padding!r} pads asymmetrically")
         self.members = [n for n in gm.graph.nodes if n.meta.get("kernel") == anchor.name] or [anchor]
         last = nodes[anchor.meta.get("fused_into", anchor.name)]
         if self.members[-1] is not last:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .fx_util import fetch_attr
+from .fx_util import copy_sharing_tensors, fetch_attr, set_submodule
 
-__all__ = ["functional_kernels_to_modules"]
+__all__ = ["explicit_padding", "functional_kernels_to_modules"]
 
 # functional -> (module class, names of its positional arguments after the input)
 KERNELS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
@@ -90,6 +90,23 @@ def _as_parameter(value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.detach().clone(), requires_grad=False)
 
 
+def explicit_padding(padding: Any, kernel_size: tuple[int, ...], dilation: Any) -> Any:
+    """`padding="valid"` or `"same"` as the integers it means, where it is symmetric; else as given.
+
+    "same" pads `dilation * (k - 1)` in total per dimension, the odd pixel after; symmetric (and
+    so expressible as integers, which the integer backends and ONNX take) when that is even."""
+    if not isinstance(padding, str):
+        return padding
+    n = len(kernel_size)
+    if padding == "valid":
+        return (0,) * n
+    dilation = (dilation,) * n if isinstance(dilation, int) else tuple(dilation)
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    if padding == "same" and all(t % 2 == 0 for t in totals):
+        return tuple(t // 2 for t in totals)
+    return padding
+
+
 def _build(cls: type[nn.Module], values: dict[str, Any]) -> nn.Module | None:
     weight, bias = values["weight"], values["bias"]
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or (
@@ -103,13 +120,36 @@ def _build(cls: type[nn.Module], values: dict[str, Any]) -> nn.Module | None:
         groups = values["groups"]
         if not isinstance(groups, int) or weight.dim() < 3:
             return None
-        module = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=values["stride"],
-                     padding=values["padding"], dilation=values["dilation"], groups=groups,
+        kernel = tuple(weight.shape[2:])
+        padding = explicit_padding(values["padding"], kernel, values["dilation"])
+        module = cls(weight.shape[1] * groups, weight.shape[0], kernel, stride=values["stride"],
+                     padding=padding, dilation=values["dilation"], groups=groups,
                      bias=bias is not None, device="meta")
     module.weight = _as_parameter(weight)
     if bias is not None:
         module.bias = _as_parameter(bias)
     return module
+
+
+def explicit_module_padding(gm: fx.GraphModule) -> list[str]:
+    """Give conv modules with `padding="valid"` / symmetric `"same"` their integer padding (a
+    copy of the module sharing its tensors is installed; the user's module is not touched).
+    Returns the modules changed."""
+    changed = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.meta.get("opaque"):
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.modules.conv._ConvNd) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+            continue
+        padding = explicit_padding(module.padding, module.kernel_size, module.dilation)
+        if isinstance(module.padding, str) and not isinstance(padding, str):
+            copy = copy_sharing_tensors(module)
+            copy.padding = padding
+            copy._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
+            set_submodule(gm, node.target, copy)
+            changed.append(node.target)
+    return changed
 
 
 def functional_kernels_to_modules(gm: fx.GraphModule) -> list[str]:

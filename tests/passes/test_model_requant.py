@@ -212,3 +212,56 @@ def test_the_adjustment_survives_save_and_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], compiled(x)[0])
     assert loaded.report().bias_fits == compiled.report().bias_fits
+
+
+class ZeroInitResidual(nn.Module):
+    """A residual block whose last BatchNorm has gamma = 0 (timm's zero_init_last, common in
+    ResNets): the branch's folded weights are all zero, the block passes its shortcut through."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.bn.weight.zero_()
+            self.bn.weight[:2] = 1.0          # two live channels; six dead ones
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(torch.relu(self.bn(self.conv(y)) + y))
+
+
+def test_weights_of_all_zero_channels_take_the_largest_live_scale():
+    from qcompiler.quantizers import weight_qparams
+
+    w = torch.zeros(3, 2, 1, 1)
+    w[0] = 0.5
+    w[2] = -1.27
+    spec = qcompiler.load_target("npu-int8")
+    fmt = spec.formats["w8"]
+    params = weight_qparams(fmt, w, 0)
+    live = params.scale.reshape(-1)[[0, 2]]
+    assert float(params.scale.reshape(-1)[1]) == float(live.max())
+    assert torch.equal(fmt.fake_quant(w, params), fmt.fake_quant(w, params) * (w != 0))   # zeros stay zeros
+    everything_zero = weight_qparams(fmt, torch.zeros(3, 2, 1, 1), 0)
+    assert torch.all(everything_zero.scale == 1.0)
+
+
+@pytest.mark.parametrize("target", ["npu-int8", "dsp-fixed-point"])
+def test_a_dead_branch_keeps_its_residual_through_the_integer_kernel(target):
+    # The zero channels used to get the smallest scale (2**-32): the fused residual, joined on
+    # their accumulator grid s_in * s_w, underflowed the requantization factor to 0 and the
+    # block's output lost its shortcut (0.2 dB on timm's resnet10t).
+    model = ZeroInitResidual().eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(4)]
+    compiled = qcompiler.qcompile(model, calib[0], target=target, calib_data=calib, progress=False)
+    assert any(isinstance(m, KernelRequantize) for m in compiled.simulated.modules())
+    x = torch.randn(8, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        ref, out = model(x), compiled(x)
+    from qcompiler.mixed_precision import output_sqnr_db
+    assert output_sqnr_db(ref.double(), out.double()) > 25
+    torch.testing.assert_close(compiled.lower("reference")(x), out, rtol=0, atol=0)
