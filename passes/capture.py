@@ -2,7 +2,8 @@
 
 Before: the user's `nn.Module`. After: a `GraphModule` (`qcompiler.tracing.capture_module`) in
 which every node carries its shape, dtype, params, MACs and element counts, found by running the
-graph on the example inputs. Submodules that cannot be traced stay opaque leaves that run in
+graph on the example inputs. Optional forward arguments the example inputs leave out are fixed
+at their defaults. Submodules that cannot be traced stay opaque leaves that run in
 float; each gets a note with the reason. A root that cannot be traced raises `CaptureError`.
 """
 from __future__ import annotations
@@ -20,4 +21,7 @@ def capture(model: Any, ctx: CompileContext) -> fx.GraphModule:
     gm = capture_module(model, ctx.example_inputs, options.leaf_modules, options.concrete_args)
     for path, reason in gm.meta["opaque_modules"].items():
         ctx.note("capture", f"kept {path!r} opaque (runs in float on the host): {reason}")
+    bound = gm.meta.get("bound_defaults", [])
+    if bound:
+        ctx.note("capture", f"optional argument(s) {', '.join(bound)} not in example_inputs: fixed at their defaults")
     return gm

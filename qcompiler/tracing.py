@@ -361,11 +361,50 @@ def record_facts(gm: fx.GraphModule, example_inputs: tuple[Any, ...], concrete_a
             m.training = mode
 
 
+def unsupplied_defaults(model: nn.Module, given: int, concrete_args: dict[str, Any] | None) -> dict[str, Any]:
+    """The forward's optional arguments that the example inputs leave out, with their defaults
+    (tensor defaults and arguments the user fixed in concrete_args excepted)."""
+    if not isinstance(model, nn.Module):
+        return {}                       # trace() says what is wrong
+    params = list(inspect.signature(model.forward).parameters.values())
+    return {p.name: p.default for p in params[given:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+            and not isinstance(p.default, torch.Tensor) and p.name not in (concrete_args or {})}
+
+
+def bind_defaults(gm: fx.GraphModule, defaults: dict[str, Any], arg_names: list[str]) -> list[str]:
+    """Remove the placeholders of arguments traced as constants at their defaults.
+
+    `forward(self, x, attn_mask=None, is_causal=False)` called with `x` alone always runs with
+    the defaults: capture traces it with them fixed (torch.fx then drops the branches they
+    decide), and here their checked placeholders go, so the compiled model takes exactly what
+    the example inputs give and every pass, the calibration data and the backends agree on it.
+    Returns the names bound."""
+    bound = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for name, node in zip(arg_names, placeholders):
+        if name not in defaults:
+            continue
+        value = defaults[name]
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+        bound.append(name)
+    if bound:
+        gm.recompile()
+    return bound
+
+
 def capture_module(model: nn.Module, example_inputs: Any, leaf_modules: Iterable[Any] = (),
                    concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     inputs = as_input_tuple(example_inputs)
     if not inputs:
         raise CaptureError("example_inputs is empty: give one tensor or a tuple of the forward's tensors")
-    gm = trace(model, leaf_modules, concrete_args)
-    record_facts(gm, inputs, concrete_args, list(inspect.signature(model.forward).parameters))
+    defaults = unsupplied_defaults(model, len(inputs), concrete_args)
+    gm = trace(model, leaf_modules, {**defaults, **(concrete_args or {})} or None)
+    arg_names = list(inspect.signature(model.forward).parameters)
+    gm.meta["bound_defaults"] = bind_defaults(gm, defaults, arg_names)
+    kept = [n for n in arg_names if n not in gm.meta["bound_defaults"]]
+    record_facts(gm, inputs, concrete_args, kept)
     return gm

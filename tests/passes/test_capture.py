@@ -189,3 +189,37 @@ def test_resnet18_total_macs_are_the_published_figure():
     total = sum(n.meta["macs"] for n in gm.graph.nodes)
     assert math.isclose(total / 1e9, 1.814, rel_tol=0.01)  # 1.81 GMACs, as torchvision documents
     assert sum(n.meta["params"] for n in gm.graph.nodes) == 11_689_512
+
+
+class OptionalArguments(nn.Module):
+    """timm's ViTs spell their forward `forward(self, x, attn_mask=None, is_causal=False)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        y = self.fc(x) * scale
+        if mask is not None:
+            y = y + mask
+        return y
+
+
+def test_optional_arguments_left_out_of_example_inputs_are_fixed_at_their_defaults():
+    model = OptionalArguments().eval()
+    x = torch.randn(3, 4)
+    # Named in concrete_args, mask stays as torch.fx made it (a checked parameter); scale is bound.
+    gm = qcompiler.capture(model, (x,), concrete_args={"mask": None})
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 2
+    assert gm.meta["bound_defaults"] == ["scale"]
+    gm = qcompiler.capture(model, (x,))
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert gm.meta["bound_defaults"] == ["mask", "scale"]
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    # Every pass and the calibration data see one input (the replays of AdaRound raised an
+    # IndexError on timm's deit before).
+    compiled = qcompiler.qcompile(model, x, target="npu-int8", calib_data=[x, torch.randn(3, 4)], progress=False)
+    assert any("mask, scale not in example_inputs: fixed at their defaults" in n
+               for n in compiled._run.ctx.notes["capture"])
+    from qcompiler.mixed_precision import output_sqnr_db
+    assert output_sqnr_db(model(x).double(), compiled(x).double()) > 30
