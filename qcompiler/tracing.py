@@ -15,6 +15,9 @@ opaque to the reason.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import importlib.util
 import inspect
 import math
@@ -157,6 +160,32 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@contextlib.contextmanager
+def _module_caches_restored(model: nn.Module):
+    """Give every module back its public dict and list attributes as they were before a trace.
+
+    Some modules memoise tensors in plain Python containers (timm's LeViT and EfficientFormerV2
+    keep `attention_bias_cache`, keyed by `str(device)`). Under symbolic tracing the key is the
+    name of a proxy and the value a proxy of this trace; left behind, a later trace (a retry
+    with more leaves, or a second compile of the same model) reads that stale proxy and builds
+    a graph referring to a node it does not have. The user's model must not keep them either."""
+    saved = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if not key.startswith("_") and type(value) in (dict, list):
+                saved[(module, key)] = (value, copy.copy(value))
+    try:
+        yield
+    finally:
+        for (module, key), (container, contents) in saved.items():
+            container.clear()
+            if isinstance(container, dict):
+                container.update(contents)
+            else:
+                container.extend(contents)
+            vars(module)[key] = container
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: dict[str, Any] | None = None,
           ) -> fx.GraphModule:
     """Symbolically trace `model`, keeping untraceable submodules as opaque leaves."""
@@ -169,7 +198,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: dic
     while True:
         tracer = _Tracer(leaf_types, leaf_paths | set(opaque))
         try:
-            graph = tracer.trace(model, concrete_args)
+            with _module_caches_restored(model):
+                graph = tracer.trace(model, concrete_args)
             break
         except CaptureError:
             raise

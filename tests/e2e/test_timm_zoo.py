@@ -7,7 +7,8 @@ with hard activations and timm's functional `Linear` (mobilenetv3), functional c
 (starnet), attention with optional forward arguments (deit), LayerNorm2d and 7x7 depthwise
 (convnext, edgenext), cascaded group attention with its own BatchNorms (efficientvit),
 re-parameterisable blocks (repghostnet, fastvit), SiLU and squeeze-excite (efficientnet),
-parallel branches (hrnet), group convs (regnetx) and CSP blocks (cspnext).
+parallel branches (hrnet), group convs (regnetx), CSP blocks (cspnext) and attention biases
+memoised in a dict (levit).
 
 SQNR against float is a guard, not an accuracy figure (random weights): each floor sits about
 5 dB under the value measured at 64x64 when this test was written, far above what a broken
@@ -39,6 +40,7 @@ FLOORS = {
     "fastvit_t8": 9.0,              # (14.4)
     "edgenext_xx_small": 24.0,      # (29.1)
     "cspnext_tiny": 5.0,            # (10.6)
+    "levit_128s": 10.0,             # (15.2)
 }
 
 

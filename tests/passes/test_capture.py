@@ -223,3 +223,45 @@ def test_optional_arguments_left_out_of_example_inputs_are_fixed_at_their_defaul
                for n in compiled._run.ctx.notes["capture"])
     from qcompiler.mixed_precision import output_sqnr_db
     assert output_sqnr_db(model(x).double(), compiled(x).double()) > 30
+
+
+class CachedBias(nn.Module):
+    """Memoises a tensor in a dict keyed by str(device), as timm's LeViT attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return x + self.cache[key]
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x   # untraceable: becomes an opaque leaf on a retry
+
+
+class CachedThenBranchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = CachedBias(), Branchy()
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_trace_leaves_no_proxies_in_the_models_caches():
+    # The first attempt memoised a proxy; the retry (with `b` opaque) used to read it back and
+    # build a graph referring to a node of the failed attempt.
+    model = CachedThenBranchy().eval()
+    x = torch.rand(3, 4)
+    gm = qcompiler.capture(model, x)
+    assert list(gm.meta["opaque_modules"]) == ["b"]
+    assert model.a.cache == {}                            # nothing of the trace left in the user's model
+    torch.testing.assert_close(gm(x), model(x))
+    gm2 = qcompiler.capture(model, x)                     # a second capture of the same model
+    torch.testing.assert_close(gm2(x), model(x))
