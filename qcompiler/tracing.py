@@ -23,6 +23,7 @@ import inspect
 import math
 import operator
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -65,11 +66,22 @@ class OpaqueModule:
         return f"{self.reason} at {self.source} ({self.error})"
 
 
+def registered_notrace_functions() -> tuple[Any, ...]:
+    """Functions a model library registered as not to be traced into, when it is loaded.
+
+    timm buries shape-dependent control flow in small functions it registers for FX (CrossViT's
+    `scale_image` compares the input size with the patch grid); traced as one call each, they
+    run in float on the host like any op the chip does not have."""
+    registry = sys.modules.get("timm.layers._fx")
+    functions = getattr(registry, "_autowrap_functions", ()) if registry is not None else ()
+    return tuple(sorted((f for f in functions if callable(f)), key=lambda f: getattr(f, "__qualname__", "")))
+
+
 class _Tracer(fx.Tracer):
     """A Tracer with user leaves that remembers which module's forward raised."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_paths: Iterable[str]):
-        super().__init__()
+        super().__init__(autowrap_functions=registered_notrace_functions())
         self.leaf_types = leaf_types
         self.leaf_paths = set(leaf_paths)
         self.record_stack_traces = True

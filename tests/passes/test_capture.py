@@ -265,3 +265,18 @@ def test_a_trace_leaves_no_proxies_in_the_models_caches():
     torch.testing.assert_close(gm(x), model(x))
     gm2 = qcompiler.capture(model, x)                     # a second capture of the same model
     torch.testing.assert_close(gm2(x), model(x))
+
+
+def test_functions_timm_registers_as_not_traceable_become_single_calls():
+    # CrossViT's forward calls scale_image, which branches on the input size; timm registers it
+    # for FX. Without honouring that, the root could not be captured at all.
+    import timm
+    from timm.models.crossvit import scale_image
+
+    torch.manual_seed(0)
+    model = timm.create_model("crossvit_tiny_240", pretrained=False).eval()
+    x = torch.randn(1, 3, 240, 240)
+    gm = qcompiler.capture(model, x)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is scale_image]
+    assert len(calls) == 2                                # one per branch of the two-scale model
+    torch.testing.assert_close(gm(x), model(x))
