@@ -49,6 +49,8 @@ NODE_META: tuple[MetaKey, ...] = (
 GRAPH_META: tuple[MetaKey, ...] = (
     MetaKey("opaque_modules", "capture", "module path -> why it could not be traced (text)"),
     MetaKey("opaque_details", "capture", "module path -> the reason, source line and fix", saved=False),
+    MetaKey("bound_defaults", "capture",
+            "optional forward arguments left out of example_inputs, traced at their defaults", saved=False),
     MetaKey("target", "backends.qpack", "on a loaded qpack: the target's name, version and requantization",
             saved=False),
 )
