@@ -15,7 +15,7 @@ from .allocation import check_metrics
 from .calibration import calibration_batches
 from .compiled import CompiledModel
 from .context import CompileContext, as_input_tuple
-from .errors import QCompileError
+from .errors import CaptureError, QCompileError
 from .options import CompileOptions
 from .pass_manager import PassManager, PassRun
 from .plan_check import check_plan
@@ -81,7 +81,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              passes: Sequence[Any] | PassManager | None = None, progress: bool = True, seed: int = 0,
              leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
              sensitivity: str | None = None, host_fallback: bool = False,
-             reconstruction: Any = None, plan_check: bool = True, validation_data: Any = None) -> CompiledModel:
+             reconstruction: Any = None, plan_check: bool = True, validation_data: Any = None,
+             split: Sequence[str] | None = None) -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -107,7 +108,78 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         passes after `convert` twice when the two plans differ.
     validation_data: batches the plan check compares on (like calib_data); the calibration data
         if None.
+    split: module paths to compile as separate graphs while the rest of the forward runs eagerly
+        in float (`qcompiler.partition`). Without it, a model whose root torch.fx cannot trace
+        (a detector: resizing, anchors, box decoding, NMS) is split automatically into its
+        largest traceable parts, and a `PartitionedModel` is returned; example_inputs and every
+        calib_data item are then whatever the model's forward takes (a list of images).
     """
+    if split is not None:
+        return _compile_partitioned(model, example_inputs, target, calib_data, split, budget=budget, observer=observer,
+                                    passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
+                                    sensitivity=sensitivity, reconstruction=reconstruction)
+    try:
+        check_inputs(model, example_inputs)
+    except QCompileError:
+        if not _root_untraceable(model, leaf_modules, concrete_args):
+            raise
+        return _compile_partitioned(model, example_inputs, target, calib_data, None, budget=budget, observer=observer,
+                                    passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
+                                    sensitivity=sensitivity, reconstruction=reconstruction)
+    try:
+        return _compile_whole(model, example_inputs, target=target, calib_data=calib_data, budget=budget,
+                              observer=observer, passes=passes, progress=progress, seed=seed,
+                              leaf_modules=leaf_modules, concrete_args=concrete_args, sensitivity=sensitivity,
+                              host_fallback=host_fallback, reconstruction=reconstruction, plan_check=plan_check,
+                              validation_data=validation_data)
+    except CaptureError as exc:
+        if not exc.root_untraceable:
+            raise
+        return _compile_partitioned(model, example_inputs, target, calib_data, None, budget=budget, observer=observer,
+                                    passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
+                                    sensitivity=sensitivity, reconstruction=reconstruction)
+
+
+def _root_untraceable(model: Any, leaf_modules: Sequence[Any], concrete_args: dict[str, Any] | None) -> bool:
+    if not isinstance(model, nn.Module):
+        return False
+    from .tracing import trace
+
+    try:
+        trace(model, leaf_modules, concrete_args)
+    except CaptureError as exc:
+        return exc.root_untraceable
+    return False
+
+
+def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, calib_data: Any,
+                         split: Sequence[str] | None, *, budget: Any, **options: Any) -> Any:
+    """Compile the traceable parts of `model` (see `qcompiler.partition`)."""
+    from .partition import compile_parts, find_partition, relative_leaves
+
+    if budget is not None:
+        raise QCompileError("a budget over a model compiled in parts is not supported yet: compile with a uniform "
+                            "target, or give each part its own budget by compiling it alone")
+    spec = load_spec(target)
+    partition = find_partition(model, options["leaf_modules"], split)
+    if calib_data is None:
+        calib_data = [example_inputs]
+    items = list(calib_data)
+    if not items:
+        raise QCompileError("calibration data is empty: give at least one batch of what the model's forward takes")
+
+    def compile_one(part: nn.Module, first: tuple, inputs: list[tuple], path: str) -> CompiledModel:
+        part_options = {**options, "leaf_modules": relative_leaves(options["leaf_modules"], path)}
+        return _compile_whole(part, first, target=spec, calib_data=inputs, budget=None, plan_check=False,
+                              concrete_args=None, host_fallback=False, validation_data=None, **part_options)
+
+    return compile_parts(model, partition, items, compile_one, spec)
+
+
+def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any, budget: Any,
+                   observer: Any, passes: Any, progress: bool, seed: int, leaf_modules: Sequence[Any],
+                   concrete_args: Any, sensitivity: Any, host_fallback: bool, reconstruction: Any,
+                   plan_check: bool, validation_data: Any) -> CompiledModel:
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,

@@ -13,6 +13,9 @@ class QCompileError(Exception):
 class CaptureError(QCompileError):
     """The model (or the part of it that must be traced) cannot be captured as a torch.fx graph."""
 
+    root_untraceable = False
+    """True when the forward of the module given cannot be traced at all (not one of its parts)."""
+
 
 class SpecError(QCompileError):
     """A target spec is malformed: the message names the file, the key path and what is expected."""

@@ -222,7 +222,9 @@ def trace(model: nn.Module, leaf_modules: Iterable[Any] = (), concrete_args: dic
                 error=f"{type(exc).__name__}: {_one_line(exc)}", source=_user_frame(exc),
             )
             if path == "" or path in opaque:
-                raise CaptureError(_root_failure_message(model, info, opaque)) from exc
+                error = CaptureError(_root_failure_message(model, info, opaque))
+                error.root_untraceable = True
+                raise error from exc
             opaque[path] = info
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
