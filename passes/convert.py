@@ -17,6 +17,7 @@ from ..errors import QCompileError
 from ..formats import HostFloat
 from ..fx_util import copy_sharing_tensors, set_submodule
 from ..groups import HOST_FLOAT
+from ..kernel_modules import functional_kernel_error
 from ..plan import GroupPlan, Plan
 from ..quantizers import FakeQuantize, ObserverStub, quantize_weight, weight_axis
 
@@ -69,7 +70,7 @@ def convert(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         elif group.kind == "weight":
             kernel = nodes[group.owner]
             if kernel.op != "call_module":
-                raise QCompileError(f"weights of functional kernel {kernel.name} cannot be quantized yet")
+                raise QCompileError(functional_kernel_error(kernel.name))
             params = _quantize_kernel_weights(gm, kernel, group, fmt, ctx)
             kernel.meta["weight_format"] = fmt.name
         plans.append(GroupPlan(

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .fx_util import copy_sharing_tensors, fetch_attr, set_submodule
 
-__all__ = ["explicit_padding", "functional_kernels_to_modules"]
+__all__ = ["explicit_padding", "functional_kernel_error", "functional_kernels_to_modules"]
 
 # functional -> (module class, names of its positional arguments after the input)
 KERNELS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
@@ -30,6 +30,13 @@ KERNELS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
     F.conv3d: (nn.Conv3d, ("weight", "bias", "stride", "padding", "dilation", "groups")),
 }
 _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def functional_kernel_error(name: str) -> str:
+    """What to do about a functional kernel whose weights canonicalize could not make a module of."""
+    return (f"weights of functional kernel {name} cannot be quantized: they are not a float tensor of a "
+            "conv/linear shape that canonicalize can turn into a module kernel; call it through an "
+            "nn.Conv2d / nn.Linear, or keep its module in float with leaf_modules=[...]")
 
 
 class _NotConstant(Exception):

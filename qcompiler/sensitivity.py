@@ -45,6 +45,7 @@ from .calibration import batch_samples, sub_batches
 from .errors import QCompileError
 from .formats import IntFormat
 from .groups import QuantizerGroup
+from .kernel_modules import functional_kernel_error
 from .quantizers import ObserverStub, quantize_weight, weight_axis, weight_qparams
 
 # Samples per forward pass: bounds the memory of the cached float activations of one batch.
@@ -152,7 +153,7 @@ def _kernel_node(gm: fx.GraphModule, group: Any) -> fx.Node:
     for n in gm.graph.nodes:
         if n.name == group.owner:
             if n.op != "call_module":
-                raise QCompileError(f"weights of functional kernel {n.name} cannot be quantized yet")
+                raise QCompileError(functional_kernel_error(n.name))
             return n
     raise QCompileError(f"group {group.id}: its kernel {group.owner} is not in the graph")
 

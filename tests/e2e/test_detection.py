@@ -69,7 +69,7 @@ def test_a_detector_compiles_whole(name, parts, host, head_floor, data):
     assert all(not isinstance(model.get_submodule(p), CompiledModel) for p in parts)
 
 
-def test_a_compiled_part_lowers_bit_exactly(data):
+def test_a_compiled_part_lowers_bit_exactly_and_saves(data, tmp_path):
     calib, held = data
     model = detection.detector("retinanet_resnet50_fpn", SIZE)
     compiled = qcompiler.qcompile(model, (calib[0],), target="npu-int8", calib_data=calib,
@@ -80,6 +80,9 @@ def test_a_compiled_part_lowers_bit_exactly(data):
     x = torch.randn(2, 256, 16, 16)
     for path, backend in lowered.items():
         torch.testing.assert_close(backend(x), compiled.parts[path](x), rtol=0, atol=0)
+    part = compiled.parts["head.regression_head.bbox_reg"]
+    part.save(tmp_path / "bbox_reg")
+    torch.testing.assert_close(qcompiler.load(tmp_path / "bbox_reg")(x), part(x), rtol=0, atol=0)
 
 
 def test_bad_splits_are_clear_errors(data):
