@@ -19,8 +19,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 common = importlib.import_module("common")
 
-SCRIPTS = ("defaults", "effnet", "float_baseline", "mixed_precision", "onnx_export", "pipeline_timing",
-           "reference_backend")
+SCRIPTS = ("defaults", "detection", "effnet", "float_baseline", "mixed_precision", "onnx_export", "pipeline_timing",
+           "reference_backend", "segmentation", "zoo_sweep")
 
 
 def _git(repo: Path, *args: str) -> str:
