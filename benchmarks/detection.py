@@ -29,6 +29,7 @@ from torch import nn
 from torchvision.models import detection as D
 
 import qcompiler
+from qcompiler.calibration import tensors_of
 from qcompiler.mixed_precision import output_sqnr_db
 
 from common import emit, header, out_path, parser, pipeline
@@ -69,21 +70,11 @@ def images(n_batches: int, per_batch: int, size: int, seed: int) -> list[list[to
     return [[torch.rand(3, size, size, generator=g) for _ in range(per_batch)] for _ in range(n_batches)]
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for k in sorted(value) for t in _tensors(value[k])]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def run_with_head(model: nn.Module, path: str, batches: list) -> tuple[list, torch.Tensor]:
     """The detections on every batch and the head's raw outputs, flattened into one vector."""
     seen: list[torch.Tensor] = []
     handle = model.get_submodule(path).register_forward_hook(
-        lambda m, a, out: seen.extend(t.detach().flatten().double() for t in _tensors(out)))
+        lambda m, a, out: seen.extend(t.detach().flatten().double() for t in tensors_of(out)))
     try:
         with torch.no_grad():
             detections = [d for batch in batches for d in model(batch)]

@@ -114,18 +114,19 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         largest traceable parts, and a `PartitionedModel` is returned; example_inputs and every
         calib_data item are then whatever the model's forward takes (a list of images).
     """
-    if split is not None:
-        return _compile_partitioned(model, example_inputs, target, calib_data, split, budget=budget, observer=observer,
+    def in_parts(parts: Sequence[str] | None) -> Any:
+        return _compile_partitioned(model, example_inputs, target, calib_data, parts, budget=budget, observer=observer,
                                     passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
                                     sensitivity=sensitivity, reconstruction=reconstruction)
+
+    if split is not None:
+        return in_parts(split)
     try:
         check_inputs(model, example_inputs)
     except QCompileError:
         if not _root_untraceable(model, leaf_modules, concrete_args):
             raise
-        return _compile_partitioned(model, example_inputs, target, calib_data, None, budget=budget, observer=observer,
-                                    passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
-                                    sensitivity=sensitivity, reconstruction=reconstruction)
+        return in_parts(None)
     try:
         return _compile_whole(model, example_inputs, target=target, calib_data=calib_data, budget=budget,
                               observer=observer, passes=passes, progress=progress, seed=seed,
@@ -135,9 +136,7 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
     except CaptureError as exc:
         if not exc.root_untraceable:
             raise
-        return _compile_partitioned(model, example_inputs, target, calib_data, None, budget=budget, observer=observer,
-                                    passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
-                                    sensitivity=sensitivity, reconstruction=reconstruction)
+        return in_parts(None)
 
 
 def _root_untraceable(model: Any, leaf_modules: Sequence[Any], concrete_args: dict[str, Any] | None) -> bool:

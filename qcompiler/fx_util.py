@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:
@@ -41,3 +43,8 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     snap = copy_sharing_tensors(gm)
     snap.meta = dict(getattr(gm, "meta", {}))
     return snap
+
+
+def tree_map_detach(value: Any) -> Any:
+    """`value` (a tensor, or tuples, lists and dicts of them) with every tensor detached."""
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, value)

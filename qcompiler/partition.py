@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import CaptureError, QCompileError
-from .fx_util import copy_sharing_tensors, set_submodule
+from .fx_util import copy_sharing_tensors, set_submodule, tree_map_detach
 from .tracing import trace
 
 __all__ = ["Partition", "PartitionedModel", "compile_parts", "find_partition", "relative_leaves"]
@@ -56,7 +56,7 @@ def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def _first_line(text: str) -> str:
+def _reason_and_line(text: str) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     where = next((line for line in lines if line.startswith("where:")), "")
     reason = next((line for line in lines if line.startswith("reason:")), "")
@@ -80,7 +80,7 @@ def _traces_whole(module: nn.Module, leaf_modules: Sequence[Any], path: str = ""
     try:
         gm = trace(module, relative_leaves(leaf_modules, path))
     except CaptureError as exc:
-        return False, _first_line(exc)
+        return False, _reason_and_line(exc)
     opaque = [p for p in gm.meta["opaque_modules"] if _has_parameters(module.get_submodule(p))]
     if opaque:
         return False, f"submodule(s) {', '.join(opaque)} hold parameters but cannot be traced"
@@ -138,16 +138,6 @@ def _as_call(item: Any) -> tuple[tuple, dict]:
     return (item,), {}
 
 
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
-
-
 def record_part_inputs(model: nn.Module, parts: Sequence[str], batches: Sequence[Any]) -> dict[str, list[tuple]]:
     """What each part receives when the float model runs eagerly on `batches` (every call)."""
     seen: dict[str, list[tuple]] = {p: [] for p in parts}
@@ -158,7 +148,7 @@ def record_part_inputs(model: nn.Module, parts: Sequence[str], batches: Sequence
             if kwargs:
                 raise QCompileError(f"part {path!r} is called with keyword arguments {sorted(kwargs)}; "
                                     "name a part called with positional tensors (split=[...])")
-            seen[path].append(_detached(args))
+            seen[path].append(tree_map_detach(args))
         return record
 
     for p in parts:

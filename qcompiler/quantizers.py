@@ -7,7 +7,6 @@ Weights are quantized once, at convert time, straight from the weight tensor.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import torch
@@ -116,11 +115,10 @@ def _zero_channels_take_a_live_scale(params: QParams, w: Tensor, axis: int | Non
     dead = rows.abs().amax(dim=1) == 0
     if not bool(dead.any()):
         return params
-    scale = params.scale.reshape(-1)
-    live = scale[~dead] if scale.numel() == dead.numel() else scale.new_empty(0)
-    fill = live.max() if live.numel() else torch.ones((), dtype=scale.dtype)
-    new = torch.where(dead, fill, scale) if scale.numel() == dead.numel() else fill.expand_as(scale)
-    return dataclasses.replace(params, scale=new.reshape(params.scale.shape).clone())
+    scale = params.scale.reshape(-1)            # one per row: per tensor, one row
+    live = scale[~dead]
+    fill = live.max() if live.numel() else scale.new_ones(())
+    return dataclasses.replace(params, scale=torch.where(dead, fill, scale).reshape(params.scale.shape))
 
 
 def quantize_weight(fmt: Format, w: Tensor, axis: int, search: bool = True) -> tuple[Tensor, QParams | None]:

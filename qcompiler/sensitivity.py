@@ -44,6 +44,7 @@ from .adaround import AdaRoundConfig, round_alone
 from .calibration import batch_samples, sub_batches
 from .errors import QCompileError
 from .formats import IntFormat
+from .fx_util import tree_map_detach
 from .groups import QuantizerGroup
 from .kernel_modules import functional_kernel_error
 from .quantizers import ObserverStub, quantize_weight, weight_axis, weight_qparams
@@ -342,12 +343,6 @@ def hessian_weights(gm: fx.GraphModule, names: list[str], batches: list[tuple[An
             trace[n] += tr[n]
             numel[n] += values[n].numel() if isinstance(values.get(n), torch.Tensor) else 0
     return {n.name: trace[n] / numel[n] for n in nodes if numel[n]}
-
-
-def tree_map_detach(value: Any) -> Any:
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, value)
 
 
 def hessian_sensitivity(gm: fx.GraphModule, groups: list[Any], observers: dict[int, Any],
