@@ -4,7 +4,7 @@
 `AllocationProblem` (plain data: candidates, bits, sensitivities, one cost table per metric,
 ties); `solve_allocation` solves it exactly; `parse_budget_value` reads budget values.
 
-The program (OR-Tools CP-SAT, exact):
+The program (exact; solved by HiGHS through OR-Tools MathOpt, or by OR-Tools CP-SAT):
 - one boolean x[g, c] per group g with more than one candidate and candidate c; exactly one per g;
 - the spec's couplings: equal_bits ties (the bit width of each tied group is equal),
   requires ties (weights of at most k bits force the kernel's inputs to b bits); min_bits has
@@ -21,8 +21,8 @@ With `host_fallback` (qcompile's option, `ctx.options.host_fallback`) and a spec
 `[unsupported]` action is "host", every weight group gets one more candidate, "float": its kernel
 runs on the host in float, costed by `[unsupported.host_cost]`, with no weight error.
 
-CP-SAT needs integer coefficients: a metric is scaled by a power of two and every coefficient
-rounded up, the budget down, so a plan the solver accepts always meets the exact budget. Budget
+Both solvers get the same integer program: a metric is scaled by a power of two and every
+coefficient rounded up, the budget down, so a plan the solver accepts always meets the exact budget. Budget
 values: a number or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB) is absolute; a number in
 (0, 1] or a string "60%" is a fraction of the metric's value with every group at its spec default.
 An infeasible budget raises `BudgetError` with the smallest value that metric can reach.
@@ -47,7 +47,8 @@ from .targets.spec import TargetSpec
 
 BYTE_UNITS: dict[str, float] = {"b": 1, "kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30}
 _VALUE = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z%]*)\s*")
-# Integer coefficients of a metric stay below this after scaling (CP-SAT works in int64).
+# Integer coefficients of a metric stay below this after scaling (CP-SAT works in int64; HiGHS's
+# doubles hold integers exactly up to 2**53).
 _INT_RANGE = 2.0 ** 40
 DEFAULT_TIME_LIMIT = 60.0
 
@@ -118,10 +119,11 @@ class AllocationResult:
     costs: dict[str, float]              # the chosen plan's cost per budgeted metric
     defaults: dict[str, float]           # the spec-default plan's cost per budgeted metric
     variables: int = 0
+    solver: str = "highs"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def summary(self) -> str:
-        parts = [f"CP-SAT {self.status}, objective {self.objective:.4g}, {self.seconds:.3f} s, {self.variables} booleans"]
+        parts = [f"{self.solver} {self.status}, objective {self.objective:.4g}, {self.seconds:.3f} s, {self.variables} booleans"]
         for m, b in self.budgets.items():
             parts.append(f"{m} {self.costs[m]:,.6g} <= {b:,.6g} ({self.costs[m] / self.defaults[m]:.1%} of default)"
                          if self.defaults.get(m) else f"{m} {self.costs[m]:,.6g} <= {b:,.6g}")
@@ -255,6 +257,9 @@ def build_problem(gm: fx.GraphModule, spec: TargetSpec, groups: Sequence[Quantiz
 # Solving
 # ---------------------------------------------------------------------------------------------
 
+SOLVERS = ("highs", "cp-sat")
+
+
 def _int_scale(table: CostTable) -> float:
     """A power of two that brings the metric's largest possible total near _INT_RANGE."""
     top = abs(table.constant) + sum(max(abs(v) for v in t.values()) for t in table.factors.values())
@@ -263,29 +268,50 @@ def _int_scale(table: CostTable) -> float:
     return 2.0 ** math.floor(math.log2(_INT_RANGE / top))
 
 
-class _Model:
-    """The CP-SAT model of a problem: x per (group, candidate), y per factor combination."""
+Row = tuple[list[int], list[int], int]  # (variable indices, integer coefficients, right-hand side)
+
+
+class _Program:
+    """The 0-1 program of a problem as plain integer data, handed to either solver.
+
+    Variables are booleans by index: x per (group, candidate), then y per joint choice of a cost
+    factor over several free groups. Every coefficient is an integer, so both solvers see the very
+    same program and a plan either accepts meets the exact budgets.
+    """
 
     def __init__(self, problem: AllocationProblem, metrics: list[str]):
-        from ortools.sat.python import cp_model
-
-        self.cp = cp_model
         self.p = problem
-        self.m = cp_model.CpModel()
         self.infeasible = False
-        self.x: dict[Key, Any] = {}
+        self.x: dict[Key, int] = {}
+        self.equal: list[Row] = []
+        self.less: list[Row] = []
         for g, cands in problem.candidates.items():
             for c in cands:
-                self.x[(g, c)] = self.m.new_bool_var(f"x_{g}_{c}")
-            self.m.add_exactly_one([self.x[(g, c)] for c in cands])
+                self.x[(g, c)] = len(self.x)
+            self.equal.append(([self.x[(g, c)] for c in cands], [1] * len(cands), 1))
+        self.n = len(self.x)
         self._add_ties()
         self.scale = {m: _int_scale(problem.costs[m]) for m in metrics}
         self.expr = {m: self._cost_expr(m) for m in metrics}
 
-    def bits_is(self, g: int, b: int) -> Any:
+    def new_var(self) -> int:
+        self.n += 1
+        return self.n - 1
+
+    def bits_is(self, g: int, b: int) -> tuple[list[int], int]:
+        """(variables, constant) whose sum is 1 when group g has b bits."""
         if g in self.p.candidates:
-            return sum(self.x[(g, c)] for c in self.p.candidates[g] if self.p.bits[g][c] == b)
-        return int(next(iter(self.p.bits[g].values())) == b)
+            return [self.x[(g, c)] for c in self.p.candidates[g] if self.p.bits[g][c] == b], 0
+        return [], int(next(iter(self.p.bits[g].values())) == b)
+
+    def _difference(self, rows: list[Row], left: tuple[list[int], int], right: tuple[list[int], int]) -> None:
+        """left - right (== or <=) 0, as a row; a row without variables is checked at once."""
+        (lv, lc), (rv, rc) = left, right
+        variables, rhs = lv + rv, rc - lc
+        if not variables:
+            self.infeasible |= (rhs != 0) if rows is self.equal else (rhs < 0)
+            return
+        rows.append((variables, [1] * len(lv) + [-1] * len(rv), rhs))
 
     def _add_ties(self) -> None:
         for t in self.p.ties:
@@ -294,16 +320,20 @@ class _Model:
                 first = t.groups[0]
                 for g in t.groups[1:]:
                     for b in widths:
-                        self.m.add(self.bits_is(first, b) == self.bits_is(g, b))
+                        self._difference(self.equal, self.bits_is(first, b), self.bits_is(g, b))
             elif t.kind == "requires":
                 w = t.groups[0]
                 low = [b for b in set(self.p.bits[w].values()) if b <= t.weight_bits]
                 for g in t.groups[1:]:
                     for b in low:
-                        self.m.add(self.bits_is(w, b) <= self.bits_is(g, t.activation_bits))
+                        self._difference(self.less, self.bits_is(w, b), self.bits_is(g, t.activation_bits))
 
-    def _cost_expr(self, metric: str) -> tuple[list[Any], list[int], int]:
-        """(variables, integer coefficients, integer constant) of the scaled metric."""
+    def _cost_expr(self, metric: str) -> tuple[list[int], list[int], int]:
+        """(variables, integer coefficients, integer constant) of the scaled metric.
+
+        A factor over several free groups gets one y per joint choice: exactly one y is 1, and
+        for each group and candidate the y that pick it sum to its x, so the product is exact.
+        """
         table, s = self.p.costs[metric], self.scale[metric]
         variables, coefs = [], []
         const = math.ceil(table.constant * s)
@@ -313,114 +343,177 @@ class _Model:
                     variables.append(self.x[(gids[0], c)])
                     coefs.append(math.ceil(v * s))
                 continue
-            ys = {}
-            for combo in values:
-                ys[combo] = self.m.new_bool_var(f"y_{'_'.join(map(str, gids))}_{'_'.join(combo)}")
-            self.m.add_exactly_one(list(ys.values()))
+            ys = {combo: self.new_var() for combo in values}
+            self.equal.append((list(ys.values()), [1] * len(ys), 1))
             for i, g in enumerate(gids):
                 for c in self.p.candidates[g]:
-                    self.m.add(sum(y for combo, y in ys.items() if combo[i] == c) == self.x[(g, c)])
+                    picked = [y for combo, y in ys.items() if combo[i] == c]
+                    self.equal.append((picked + [self.x[(g, c)]], [1] * len(picked) + [-1], 0))
             for combo, v in values.items():
                 variables.append(ys[combo])
                 coefs.append(math.ceil(v * s))
         return variables, coefs, const
 
     def scaled_value(self, metric: str, choice: Mapping[int, str]) -> float:
-        """The metric of a plan as the integer model counts it (rounded up), back in its unit."""
+        """The metric of a plan as the integer program counts it (rounded up), back in its unit."""
         table, s = self.p.costs[metric], self.scale[metric]
         total = math.ceil(table.constant * s)
         for gids, values in table.factors.items():
             total += math.ceil(values[tuple(choice[g] for g in gids)] * s)
         return total / s
 
-    def linear(self, metric: str) -> Any:
-        variables, coefs, const = self.expr[metric]
-        return self.cp.LinearExpr.weighted_sum(variables, coefs) + const
-
     def add_budget(self, metric: str, value: float) -> None:
-        variables, _, const = self.expr[metric]
+        variables, coefs, const = self.expr[metric]
         limit = math.floor(value * self.scale[metric])
         if not variables:  # nothing to choose: the metric is what it is
             self.infeasible |= const > limit
             return
-        self.m.add(self.linear(metric) <= limit)
+        self.less.append((variables, coefs, limit - const))
 
-    def solve(self, objective: Any, time_limit: float, workers: int) -> tuple[str, dict[int, str], float, float, float]:
+    def sensitivity_objective(self) -> list[int]:
+        """Integer objective coefficients per x: sensitivities scaled so their total is about 1e9
+        (finer scales slow the solvers down for no change in plan)."""
+        p = self.p
+        top = sum(max(v.values(), default=0.0) for v in p.sensitivity.values())
+        scale = 1e9 / top if top > 0 else 1.0
+        return [int(round(p.sensitivity.get(g, {}).get(c, 0.0) * scale)) for g, c in self.x]
+
+    def cost_objective(self, metric: str) -> dict[int, int]:
+        variables, coefs, _ = self.expr[metric]
+        objective: dict[int, int] = {}
+        for v, c in zip(variables, coefs):
+            objective[v] = objective.get(v, 0) + c
+        return objective
+
+    def solve(self, objective: Mapping[int, int], time_limit: float, solver: str,
+              workers: int = 1) -> tuple[str, dict[int, str]]:
+        """(status, choice) with status OPTIMAL, FEASIBLE (time limit), INFEASIBLE or UNKNOWN."""
         if self.infeasible:
-            return "INFEASIBLE", {}, math.nan, math.nan, 0.0
-        self.m.minimize(objective)
-        solver = self.cp.CpSolver()
-        solver.parameters.max_time_in_seconds = time_limit
-        solver.parameters.num_workers = workers
-        status = solver.solve(self.m)
-        name = solver.status_name(status)
-        choice = {}
-        if status in (self.cp.OPTIMAL, self.cp.FEASIBLE):
-            for (g, c), var in self.x.items():
-                if solver.boolean_value(var):
-                    choice[g] = c
-        return name, choice, solver.objective_value, solver.best_objective_bound, solver.wall_time
+            return "INFEASIBLE", {}
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown allocation solver {solver!r}; use one of {', '.join(SOLVERS)}")
+        run = _solve_highs if solver == "highs" else _solve_cp_sat
+        status, values = run(self, objective, time_limit, workers)
+        choice = {g: c for (g, c), i in self.x.items() if values and values[i]}
+        return status, choice
 
 
-def _objective_expr(model: _Model) -> tuple[Any, float]:
-    p = model.p
-    top = sum(max(v.values(), default=0.0) for v in p.sensitivity.values())
-    scale = 1e9 / top if top > 0 else 1.0  # finer scales slow CP-SAT down for no change in plan
-    keys = list(model.x)
-    coefs = [int(round(p.sensitivity.get(g, {}).get(c, 0.0) * scale)) for g, c in keys]
-    return model.cp.LinearExpr.weighted_sum([model.x[k] for k in keys], coefs), scale
+def _solve_highs(program: _Program, objective: Mapping[int, int], time_limit: float,
+                 workers: int) -> tuple[str, list[bool]]:
+    """HiGHS's branch and cut through OR-Tools MathOpt, with zero optimality gap."""
+    import datetime
+
+    from ortools.math_opt.python import mathopt
+    from ortools.math_opt.solvers import highs_pb2
+
+    model = mathopt.Model()
+    x = [model.add_binary_variable() for _ in range(program.n)]
+    for variables, coefs, rhs in program.equal:
+        model.add_linear_constraint(mathopt.fast_sum(c * x[v] for v, c in zip(variables, coefs)) == rhs)
+    for variables, coefs, rhs in program.less:
+        model.add_linear_constraint(mathopt.fast_sum(c * x[v] for v, c in zip(variables, coefs)) <= rhs)
+    model.minimize(mathopt.fast_sum(c * x[v] for v, c in objective.items() if c))
+    # HiGHS prints a debug line on some branch-and-cut paths unless its output is off.
+    params = mathopt.SolveParameters(
+        time_limit=datetime.timedelta(seconds=time_limit), relative_gap_tolerance=0.0, absolute_gap_tolerance=0.0,
+        highs=highs_pb2.HighsOptionsProto(bool_options={"output_flag": False}))
+    result = mathopt.solve(model, mathopt.SolverType.HIGHS, params=params)
+    reason = mathopt.TerminationReason
+    status = {reason.OPTIMAL: "OPTIMAL", reason.FEASIBLE: "FEASIBLE", reason.INFEASIBLE: "INFEASIBLE",
+              reason.INFEASIBLE_OR_UNBOUNDED: "INFEASIBLE"}.get(result.termination.reason, "UNKNOWN")
+    if status not in ("OPTIMAL", "FEASIBLE") or not result.has_primal_feasible_solution():
+        return status, []
+    values = result.variable_values()
+    return status, [values[v] > 0.5 for v in x]
+
+
+def _solve_cp_sat(program: _Program, objective: Mapping[int, int], time_limit: float,
+                  workers: int) -> tuple[str, list[bool]]:
+    """OR-Tools CP-SAT. Its presolve is off: on bops products (the y booleans) it stalled for
+    the whole time limit where the search alone proves the optimum in a fraction of a second."""
+    from ortools.sat.python import cp_model
+
+    model = cp_model.CpModel()
+    x = [model.new_bool_var(f"b{i}") for i in range(program.n)]
+    for variables, coefs, rhs in program.equal:
+        model.add(cp_model.LinearExpr.weighted_sum([x[v] for v in variables], coefs) == rhs)
+    for variables, coefs, rhs in program.less:
+        model.add(cp_model.LinearExpr.weighted_sum([x[v] for v in variables], coefs) <= rhs)
+    keys = [v for v, c in objective.items() if c]
+    model.minimize(cp_model.LinearExpr.weighted_sum([x[v] for v in keys], [objective[v] for v in keys]))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.num_workers = workers
+    solver.parameters.cp_model_presolve = False
+    status = solver.solve(model)
+    name = solver.status_name(status)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return ("INFEASIBLE" if status == cp_model.INFEASIBLE else name), []
+    return name, [solver.boolean_value(v) for v in x]
 
 
 def minimum_cost(problem: AllocationProblem, metric: str, budgets: Mapping[str, float] | None = None,
-                 time_limit: float = DEFAULT_TIME_LIMIT, workers: int = 1) -> float | None:
+                 time_limit: float = DEFAULT_TIME_LIMIT, workers: int = 1, solver: str = "highs") -> float | None:
     """The smallest value `metric` can take under the ties (and the other `budgets`); None if none.
 
     The value is the metric as the integer program counts it (coefficients rounded up), so a
     budget of exactly this value is feasible.
     """
     others = {m: v for m, v in (budgets or {}).items() if m != metric}
-    model = _Model(problem, [metric, *others])
+    program = _Program(problem, [metric, *others])
     for m, v in others.items():
-        model.add_budget(m, v)
-    status, choice, *_ = model.solve(model.linear(metric), time_limit, workers)
+        program.add_budget(m, v)
+    status, choice = program.solve(program.cost_objective(metric), time_limit, solver, workers)
     if status not in ("OPTIMAL", "FEASIBLE") or len(choice) != len(problem.candidates):
         return None
-    return model.scaled_value(metric, choice)
+    return program.scaled_value(metric, choice)
+
+
+def _meets(problem: AllocationProblem, choice: Mapping[int, str], budgets: Mapping[str, float]) -> bool:
+    return (len(choice) == len(problem.candidates) and problem.feasible_ties(choice)
+            and all(problem.cost(m, choice) <= b for m, b in budgets.items()))
 
 
 def solve_allocation(problem: AllocationProblem, budgets: Mapping[str, float],
-                     time_limit: float = DEFAULT_TIME_LIMIT, workers: int = 1) -> AllocationResult:
-    """Minimise total sensitivity subject to the ties and every (absolute) budget."""
+                     time_limit: float = DEFAULT_TIME_LIMIT, workers: int = 1,
+                     solver: str = "highs") -> AllocationResult:
+    """Minimise total sensitivity subject to the ties and every (absolute) budget.
+
+    `solver` is "highs" (the default: the fastest exact one measured, `benchmarks/speed.md`) or
+    "cp-sat". A plan is checked against the exact budgets and ties before it is returned; should a
+    solver's tolerances ever let a violating plan through, the other solver decides.
+    """
     metrics = list(budgets)
     for m in metrics:
         if m not in problem.costs:
             raise BudgetError(f"no cost table for budget {m!r}")
     start = time.perf_counter()
-    model = _Model(problem, metrics)
+    program = _Program(problem, metrics)
     for m, v in budgets.items():
-        model.add_budget(m, v)
-    objective, _ = _objective_expr(model)
-    status, choice, _, _, _ = model.solve(objective, time_limit, workers)
+        program.add_budget(m, v)
+    objective = dict(enumerate(program.sensitivity_objective()))
+    status, choice = program.solve(objective, time_limit, solver, workers)
+    if status in ("OPTIMAL", "FEASIBLE") and not _meets(problem, choice, budgets):
+        solver = SOLVERS[1 - SOLVERS.index(solver)]
+        status, choice = program.solve(objective, time_limit, solver, workers)
     seconds = time.perf_counter() - start
     default_costs = {m: problem.cost(m, {g: problem.defaults[g] for g in problem.candidates}) for m in metrics}
     if status not in ("OPTIMAL", "FEASIBLE"):
-        if status == "INFEASIBLE" or status == "MODEL_INVALID":
-            raise _infeasible(problem, budgets, default_costs, time_limit, workers)
+        if status in ("INFEASIBLE", "MODEL_INVALID"):
+            raise _infeasible(problem, budgets, default_costs, time_limit, workers, solver)
         raise BudgetError(f"the bit-allocation program found no plan within {time_limit:.0f} s (status {status}); "
                           "loosen the budgets or raise the time limit")
-    exact = {g: c for g, c in choice.items()}
-    true_objective = problem.objective(exact)
+    true_objective = problem.objective(choice)
     best_bound = true_objective if status == "OPTIMAL" else float("nan")
-    n_vars = len(model.m.proto.variables)
-    return AllocationResult(choice=exact, status=status, objective=true_objective, best_bound=best_bound,
+    return AllocationResult(choice=choice, status=status, objective=true_objective, best_bound=best_bound,
                             seconds=seconds, budgets=dict(budgets),
-                            costs={m: problem.cost(m, exact) for m in metrics}, defaults=default_costs,
-                            variables=n_vars)
+                            costs={m: problem.cost(m, choice) for m in metrics}, defaults=default_costs,
+                            variables=program.n, solver=solver)
 
 
 def _infeasible(problem: AllocationProblem, budgets: Mapping[str, float], default_costs: dict[str, float],
-                time_limit: float, workers: int) -> BudgetError:
-    smallest = {m: minimum_cost(problem, m, None, time_limit, workers) for m in budgets}
+                time_limit: float, workers: int, solver: str) -> BudgetError:
+    smallest = {m: minimum_cost(problem, m, None, time_limit, workers, solver) for m in budgets}
     lines = []
     for m, v in budgets.items():
         alone = smallest[m]
@@ -431,7 +524,7 @@ def _infeasible(problem: AllocationProblem, budgets: Mapping[str, float], defaul
             lines.append(f"{m} budget {v:,.6g} is below the smallest feasible value {alone:,.6g}{share}")
     if not lines:  # each budget alone is reachable, not all of them together
         for m in budgets:
-            joint = minimum_cost(problem, m, budgets, time_limit, workers)
+            joint = minimum_cost(problem, m, budgets, time_limit, workers, solver)
             smallest[m] = joint
             lines.append(f"{m}: with the other budgets, the smallest feasible value is "
                          + (f"{joint:,.6g}" if joint is not None else "none (they conflict)"))

@@ -20,6 +20,7 @@ from .options import CompileOptions
 from .pass_manager import PassManager, PassRun
 from .plan_check import check_plan
 from .targets.spec import TargetSpec, load_target
+from .threads import torch_threads
 
 DEFAULT_PASSES = (
     "capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
@@ -67,10 +68,11 @@ def start_run(manager: PassManager, model: nn.Module, example_inputs: Any, targe
 
 def resume(manager: PassManager, *, run: PassRun | None = None, ctx: CompileContext | None = None,
            model: nn.Module | None = None, start: str | None = None, stop: str | None = None) -> PassRun:
-    """Run (or continue `run`) under the run's seed, restoring the caller's random state after."""
-    seed = (run.ctx if run is not None else ctx).options.seed
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """Run (or continue `run`) under the run's seed and thread count (`qcompiler.threads`),
+    restoring the caller's random state and thread count after."""
+    options = (run.ctx if run is not None else ctx).options
+    with torch.random.fork_rng(devices=[]), torch_threads(options.threads):
+        torch.manual_seed(options.seed)
         if run is not None:
             return manager.run(resume=run, start=start, stop=stop)
         return manager.run(model, ctx=ctx, start=start, stop=stop)
@@ -82,7 +84,7 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
              sensitivity: str | None = None, host_fallback: bool = False,
              reconstruction: Any = None, plan_check: bool = True, validation_data: Any = None,
-             split: Sequence[str] | None = None) -> CompiledModel:
+             split: Sequence[str] | None = None, threads: int | None = None) -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -113,11 +115,14 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         (a detector: resizing, anchors, box decoding, NMS) is split automatically into its
         largest traceable parts, and a `PartitionedModel` is returned; example_inputs and every
         calib_data item are then whatever the model's forward takes (a list of images).
+    threads: torch threads while the passes run. None (default): the cores this process may use
+        that other processes leave free, at most torch's own setting (`qcompiler.threads`); a
+        busy machine then gets no spinning threads. The plan and artifact do not depend on it.
     """
     def in_parts(parts: Sequence[str] | None) -> Any:
         return _compile_partitioned(model, example_inputs, target, calib_data, parts, budget=budget, observer=observer,
                                     passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
-                                    sensitivity=sensitivity, reconstruction=reconstruction)
+                                    sensitivity=sensitivity, reconstruction=reconstruction, threads=threads)
 
     if split is not None:
         return in_parts(split)
@@ -132,7 +137,7 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
                               observer=observer, passes=passes, progress=progress, seed=seed,
                               leaf_modules=leaf_modules, concrete_args=concrete_args, sensitivity=sensitivity,
                               host_fallback=host_fallback, reconstruction=reconstruction, plan_check=plan_check,
-                              validation_data=validation_data)
+                              validation_data=validation_data, threads=threads)
     except CaptureError as exc:
         if not exc.root_untraceable:
             raise
@@ -178,11 +183,11 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
 def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any, budget: Any,
                    observer: Any, passes: Any, progress: bool, seed: int, leaf_modules: Sequence[Any],
                    concrete_args: Any, sensitivity: Any, host_fallback: bool, reconstruction: Any,
-                   plan_check: bool, validation_data: Any) -> CompiledModel:
+                   plan_check: bool, validation_data: Any, threads: int | None = None) -> CompiledModel:
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
-                             seed=seed, **({"sensitivity": sensitivity} if sensitivity is not None else {}),
+                             seed=seed, threads=threads, **({"sensitivity": sensitivity} if sensitivity is not None else {}),
                              **({"reconstruction": reconstruction} if reconstruction is not None else {}))
     manager = pipeline(passes, budget=budget is not None)
     if budget is None or not plan_check or manager.names.index("allocate_bits") + 1 == len(manager.names):

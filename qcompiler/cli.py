@@ -411,7 +411,7 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
                         observer=args.observer, progress=not args.no_progress, seed=args.seed,
                         sensitivity=args.sensitivity, reconstruction=args.reconstruction,
-                        plan_check=not args.no_plan_check)
+                        plan_check=not args.no_plan_check, threads=args.threads)
     written, drawing_note = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
@@ -462,6 +462,8 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
                                       "percentile, mse, histogram); the target's default otherwise")
     p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads for the compile (default: the cores other processes leave free)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--onnx", action="store_true",
                    help="also write DIR/model.onnx, a QDQ model for ONNX Runtime (opset 21, dynamic batch)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import QCompileError
+from .threads import check_threads
 
 # How `sensitivity` measures each (group, format); see qcompiler.sensitivity.
 SENSITIVITY_METHODS: tuple[str, ...] = ("sqnr", "hessian", "adaround")
@@ -37,6 +38,8 @@ class CompileOptions:
     leaf_modules, concrete_args: how `capture` traces (see `qcompiler.tracing.trace`).
     progress: show progress bars.
     seed: every random choice of the compile (probes, sampled rows) derives from it.
+    threads: torch threads while the passes run; None: the cores other processes leave free
+        (`qcompiler.threads`). The plan does not depend on it.
     """
 
     observer: str | Mapping[str, str] | None = None
@@ -49,6 +52,7 @@ class CompileOptions:
     concrete_args: Mapping[str, Any] | None = field(default=None, compare=False)
     progress: bool = True
     seed: int = 0
+    threads: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.sensitivity not in SENSITIVITY_METHODS:
@@ -62,4 +66,5 @@ class CompileOptions:
                                 f"ReconstructionConfig, got {type(self.reconstruction).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise QCompileError(f"seed must be an integer, got {self.seed!r}")
+        check_threads(self.threads)
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))

@@ -1,4 +1,4 @@
-"""allocate_bits: the CP-SAT plan equals brute-force enumeration, meets every budget by the
+"""allocate_bits: the plan of either solver (HiGHS, CP-SAT) equals brute-force enumeration, meets every budget by the
 compiled model's own cost figures, keeps the spec's ties, and an infeasible budget names the
 smallest feasible value (which is itself feasible)."""
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +18,12 @@ from qcompiler.cost import metric_total
 from qcompiler.options import DEFAULT_SENSITIVITY
 from qcompiler.pass_manager import PassManager
 from qcompiler.allocation import (
-    AllocationProblem, BitTie, CostTable, build_problem, minimum_cost, parse_budget_value, solve_allocation,
+    SOLVERS, AllocationProblem, BitTie, CostTable, build_problem, minimum_cost, parse_budget_value, solve_allocation,
 )
 from qcompiler.quantizers import weight_qparams, weight_axis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from speed import paired_problem  # noqa: E402  (the benchmark's coupled problem)
 
 PREFIX = ["capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
           "calibrate", "sensitivity"]
@@ -63,8 +68,9 @@ def random_problem(seed: int, n: int = 6) -> AllocationProblem:
         defaults={g: cands[g][-1] for g in cands} | {n: "a8"}, ties=ties)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("seed", range(8))
-def test_ilp_equals_brute_force(seed):
+def test_ilp_equals_brute_force(seed, solver):
     p = random_problem(seed)
     default = {g: p.defaults[g] for g in p.candidates}
     solved = 0
@@ -73,10 +79,10 @@ def test_ilp_equals_brute_force(seed):
         best = brute_force(p, budgets)
         if best is None:
             with pytest.raises(BudgetError):
-                solve_allocation(p, budgets)
+                solve_allocation(p, budgets, solver=solver)
             continue
-        result = solve_allocation(p, budgets)
-        assert result.status == "OPTIMAL"
+        result = solve_allocation(p, budgets, solver=solver)
+        assert (result.status, result.solver) == ("OPTIMAL", solver)
         assert result.objective == pytest.approx(best[0], rel=1e-6)
         assert p.feasible_ties(result.choice)
         for m, b in budgets.items():
@@ -87,19 +93,20 @@ def test_ilp_equals_brute_force(seed):
     assert solved >= 2
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("seed", range(4))
-def test_infeasible_budget_names_smallest_feasible_value(seed):
+def test_infeasible_budget_names_smallest_feasible_value(seed, solver):
     p = random_problem(seed)
     feasible = [dict(zip(p.candidates, combo)) for combo in itertools.product(*p.candidates.values())]
     lowest = min(p.cost("memory", c) for c in feasible if p.feasible_ties(c))
     with pytest.raises(BudgetError, match="smallest feasible value") as info:
-        solve_allocation(p, {"memory": lowest * 0.99})
+        solve_allocation(p, {"memory": lowest * 0.99}, solver=solver)
     smallest = info.value.smallest["memory"]
     assert smallest == pytest.approx(lowest, rel=1e-9)
     assert f"{smallest:,.6g}" in str(info.value)
-    result = solve_allocation(p, {"memory": smallest})  # the stated value is itself feasible
+    result = solve_allocation(p, {"memory": smallest}, solver=solver)  # the stated value is itself feasible
     assert p.cost("memory", result.choice) <= smallest
-    assert minimum_cost(p, "memory") == pytest.approx(lowest, rel=1e-9)
+    assert minimum_cost(p, "memory", solver=solver) == pytest.approx(lowest, rel=1e-9)
 
 
 def test_budget_values():
@@ -269,3 +276,19 @@ def test_host_fallback_is_one_more_candidate_with_its_host_cost(budgeted):
     assert result.costs["weight_memory"] == pytest.approx(compiled.weight_memory_bytes, rel=1e-12)
     best = brute_force(compiled._run.ctx.allocation_problem, result.budgets)
     assert result.objective == pytest.approx(best[0], rel=1e-6)
+
+
+
+@pytest.mark.parametrize("fractions", [{"bops": 0.4}, {"weight_memory": 0.5, "bops": 0.6}])
+def test_solvers_agree_on_a_large_coupled_problem(fractions):
+    """300 kernels, 600 groups, 1,800 y booleans: too large to enumerate, so the two solvers check
+    each other. CP-SAT with its presolve on stalled on such problems for the whole time limit."""
+    p = paired_problem(300)
+    default = {g: p.defaults[g] for g in p.candidates}
+    budgets = {m: f * p.cost(m, default) for m, f in fractions.items()}
+    results = [solve_allocation(p, budgets, time_limit=30, solver=s) for s in SOLVERS]
+    for r in results:
+        assert r.status == "OPTIMAL"
+        assert p.feasible_ties(r.choice)
+        assert all(p.cost(m, r.choice) <= b for m, b in budgets.items())
+    assert results[0].objective == pytest.approx(results[1].objective, rel=1e-6)

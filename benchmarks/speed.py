@@ -1,0 +1,175 @@
+"""Compile speed (issue 17): where the time goes and what each fix buys, measured side by side.
+
+    python benchmarks/speed.py                       # every part, written to benchmarks/speed.md
+    python benchmarks/speed.py --parts ilp           # one part
+    python benchmarks/speed.py --quick               # smoke run, prints only
+
+Parts:
+- ilp: the bit-allocation program on synthetic problems, each solver on the same program
+  (`qcompiler.allocation`): 1,000 groups x 4 formats with one and two budgets, and 500 kernels whose
+  bops couple a weight and an input group (six y booleans each). Median of --rounds runs with the
+  spread, model build included. "cp-sat, presolve on" is the configuration used before this part
+  was measured, run here as the baseline.
+- threads: the npu-int8 compile of EfficientNet-Lite0 (real weights) on --calib crops, on an idle
+  machine and with a second CPU-bound process on the machine, at 1 and 2 threads and at the
+  default (`threads=None`: the cores other processes leave free, `qcompiler.threads`).
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import emit, header, load_split, out_path, parser, spread
+from mixed_precision import synthetic_problem
+from qcompiler.allocation import SOLVERS, AllocationProblem, BitTie, CostTable, _Program, solve_allocation
+from qcompiler.threads import torch_threads
+
+PARTS = ("ilp", "threads")
+
+
+def paired_problem(n: int, seed: int = 0) -> AllocationProblem:
+    """n kernels, each with a free weight group (2/4/8 bits) and a free input group (4/8 bits);
+    bops couple each pair, so every kernel brings six y booleans; some "requires" ties."""
+    rng = random.Random(seed)
+    cands, bits, sens, mem, bops = {}, {}, {}, {}, {}
+    for k in range(n):
+        w, a = 2 * k, 2 * k + 1
+        cands[w], cands[a] = ("w2", "w4", "w8"), ("a4", "a8")
+        bits[w], bits[a] = {"w2": 2, "w4": 4, "w8": 8}, {"a4": 4, "a8": 8}
+        size, macs = rng.randint(1000, 500_000), rng.randint(10**5, 10**8)
+        sens[w] = {c: size * 1e-9 * 4.0 ** -bits[w][c] * rng.uniform(0.5, 2) for c in cands[w]}
+        sens[a] = {c: 1e-3 * 4.0 ** -bits[a][c] * rng.uniform(0.5, 2) for c in cands[a]}
+        mem[(w,)] = {(c,): size * bits[w][c] / 8 for c in cands[w]}
+        bops[(w, a)] = {(cw, ca): macs * bits[w][cw] * bits[a][ca] for cw in cands[w] for ca in cands[a]}
+    ties = tuple(BitTie("requires", (2 * k, 2 * k + 1), 2, 8) for k in range(0, n, 7))
+    return AllocationProblem(candidates=cands, bits=bits, sensitivity=sens,
+                             costs={"weight_memory": CostTable(0.0, mem), "bops": CostTable(0.0, bops)},
+                             defaults={g: cands[g][-1] for g in cands}, ties=ties)
+
+
+# ---------------------------------------------------------------------------------------------
+# ilp
+# ---------------------------------------------------------------------------------------------
+
+def _cp_sat_with_presolve(problem: AllocationProblem, budgets: dict[str, float]) -> tuple[str, float, float]:
+    """The earlier configuration (CP-SAT, its presolve on), on the very same integer program."""
+    from ortools.sat.python import cp_model
+
+    start = time.perf_counter()
+    program = _Program(problem, list(budgets))
+    for m, v in budgets.items():
+        program.add_budget(m, v)
+    objective = program.sensitivity_objective()
+    model = cp_model.CpModel()
+    x = [model.new_bool_var(f"b{i}") for i in range(program.n)]
+    for rows, equal in ((program.equal, True), (program.less, False)):
+        for variables, coefs, rhs in rows:
+            expr = cp_model.LinearExpr.weighted_sum([x[v] for v in variables], coefs)
+            model.add(expr == rhs if equal else expr <= rhs)
+    model.minimize(cp_model.LinearExpr.weighted_sum(x[:len(objective)], objective))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = 60
+    solver.parameters.num_workers = 1
+    status = solver.solve(model)
+    choice = {g: c for (g, c), i in program.x.items() if solver.boolean_value(x[i])} \
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else {}
+    return solver.status_name(status), problem.objective(choice) if choice else float("nan"), \
+        time.perf_counter() - start
+
+
+def ilp_part(rounds: int, quick: bool) -> list[str]:
+    n_flat, n_paired = (100, 50) if quick else (1000, 500)
+    cases = [(f"{n_flat} groups x 4 formats", synthetic_problem(n_flat, 4), {"weight_memory": 0.55}),
+             (f"{n_flat} groups x 4 formats", synthetic_problem(n_flat, 4), {"weight_memory": 0.3}),
+             (f"{n_flat} groups x 4 formats", synthetic_problem(n_flat, 4), {"weight_memory": 0.6, "bops": 0.7}),
+             (f"{n_paired} kernels, bops over weight x input", paired_problem(n_paired), {"bops": 0.4}),
+             (f"{n_paired} kernels, bops over weight x input", paired_problem(n_paired),
+              {"weight_memory": 0.6, "bops": 0.5})]
+    rows = ["| problem | budgets (of the default plan) | solver | status | objective | seconds: median (range, runs) |",
+            "|---|---|---|---|---|---|"]
+    for label, problem, fractions in cases:
+        default = {g: problem.defaults[g] for g in problem.candidates}
+        budgets = {m: f * problem.cost(m, default) for m, f in fractions.items()}
+        for solver in SOLVERS:
+            results = [solve_allocation(problem, budgets, solver=solver) for _ in range(rounds)]
+            status = "/".join(sorted({r.status for r in results}))
+            rows.append(f"| {label} | {fractions} | {solver} | {status} | {results[0].objective:.6g} | "
+                        f"{spread([r.seconds for r in results], ' s', 3)} |")
+        old = [_cp_sat_with_presolve(problem, budgets) for _ in range(max(1, rounds // 2))]
+        rows.append(f"| {label} | {fractions} | cp-sat, presolve on (before) | "
+                    f"{'/'.join(sorted({o[0] for o in old}))} | {old[0][1]:.6g} | "
+                    f"{spread([o[2] for o in old], ' s', 3)} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------------------------
+
+def threads_part(calib: int, rounds: int, counts: list[int | None]) -> list[str]:
+    from qcompiler import qcompile
+    from qcompiler.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0().eval()
+    crops = load_split("calib", calib).crops
+    batches = list(crops.split(32))
+    rows = ["| machine | threads | compile seconds: median (range, runs) |", "|---|---|---|"]
+    for load in ("idle", "busy"):
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
+        time.sleep(1.0)  # the second process is up and spinning before anything is timed
+        try:
+            for threads in counts:
+                times, chosen = [], set()
+                for _ in range(rounds):
+                    with torch_threads(threads) as n:  # what qcompile will choose (None: sampled now)
+                        chosen.add(n)
+                    start = time.perf_counter()
+                    qcompile(model, crops[:1], target="npu-int8", calib_data=batches, progress=False,
+                             threads=threads)
+                    times.append(time.perf_counter() - start)
+                label = str(threads) if threads is not None else \
+                    f"default (chose {'/'.join(map(str, sorted(chosen)))})"
+                rows.append(f"| {load} | {label} | {spread(times, ' s', 1)} |")
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = parser(__file__, "Compile speed: the allocation program's solvers, thread counts under load.")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    ap.add_argument("--rounds", type=int, default=5, help="runs per configuration (medians are quoted)")
+    ap.add_argument("--calib", type=int, default=256, help="calibration crops for the compile timings")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part {unknown[0]!r}; the parts are {', '.join(PARTS)}")
+    rounds = 2 if args.quick else args.rounds
+    out = [header("Compile speed", __file__, argv, passes=None,
+                  notes=[f"torch threads available: {torch.get_num_threads()}."])]
+    if "ilp" in parts:
+        out += ["## The bit-allocation program", "",
+                "Each solver gets the same integer program (`qcompiler.allocation._Program`); every status "
+                "OPTIMAL is a proof of optimality with zero gap. Seconds include building the model.", "",
+                *ilp_part(rounds, args.quick), ""]
+    if "threads" in parts:
+        calib = 16 if args.quick else args.calib
+        out += ["## Threads, idle and under load", "",
+                f"npu-int8 compile of EfficientNet-Lite0 on {calib} calibration crops; \"busy\": a second "
+                "process spins on one core for the whole measurement.", "",
+                *threads_part(calib, 1 if args.quick else max(1, rounds // 2), [1, 2, None]), ""]
+    emit("\n".join(out), out_path(__file__, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
