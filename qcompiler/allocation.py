@@ -29,12 +29,15 @@ An infeasible budget raises `BudgetError` with the smallest value that metric ca
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from torch import fx
 
@@ -398,6 +401,26 @@ class _Program:
         return status, choice
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to the null device for the block. The HiGHS build OR-Tools ships
+    prints a debug line from C++ on some branch-and-cut paths, whatever its output options say.
+    (Anything else written to stdout during the solve, from any thread, is dropped too.)"""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout (an embedded interpreter)
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solve_highs(program: _Program, objective: Mapping[int, int], time_limit: float,
                  workers: int) -> tuple[str, list[bool]]:
     """HiGHS's branch and cut through OR-Tools MathOpt, with zero optimality gap."""
@@ -413,11 +436,11 @@ def _solve_highs(program: _Program, objective: Mapping[int, int], time_limit: fl
     for variables, coefs, rhs in program.less:
         model.add_linear_constraint(mathopt.fast_sum(c * x[v] for v, c in zip(variables, coefs)) <= rhs)
     model.minimize(mathopt.fast_sum(c * x[v] for v, c in objective.items() if c))
-    # HiGHS prints a debug line on some branch-and-cut paths unless its output is off.
     params = mathopt.SolveParameters(
         time_limit=datetime.timedelta(seconds=time_limit), relative_gap_tolerance=0.0, absolute_gap_tolerance=0.0,
         highs=highs_pb2.HighsOptionsProto(bool_options={"output_flag": False}))
-    result = mathopt.solve(model, mathopt.SolverType.HIGHS, params=params)
+    with _native_stdout_silenced():
+        result = mathopt.solve(model, mathopt.SolverType.HIGHS, params=params)
     reason = mathopt.TerminationReason
     status = {reason.OPTIMAL: "OPTIMAL", reason.FEASIBLE: "FEASIBLE", reason.INFEASIBLE: "INFEASIBLE",
               reason.INFEASIBLE_OR_UNBOUNDED: "INFEASIBLE"}.get(result.termination.reason, "UNKNOWN")

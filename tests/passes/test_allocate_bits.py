@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -292,3 +293,19 @@ def test_solvers_agree_on_a_large_coupled_problem(fractions):
         assert p.feasible_ties(r.choice)
         assert all(p.cost(m, r.choice) <= b for m, b in budgets.items())
     assert results[0].objective == pytest.approx(results[1].objective, rel=1e-6)
+
+
+def test_the_solver_prints_nothing():
+    """The HiGHS build OR-Tools ships prints a debug line from C++ on this problem (checked before
+    the fix: two lines on stdout); a compile's output must stay the user's."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from mixed_precision import synthetic_problem\n"
+            "from qcompiler.allocation import solve_allocation\n"
+            "p = synthetic_problem(1000, 4)\n"
+            "d = {g: p.defaults[g] for g in p.candidates}\n"
+            "r = solve_allocation(p, {'weight_memory': 0.3 * p.cost('weight_memory', d)})\n"
+            "print('status', r.status)\n")
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    out = subprocess.run([sys.executable, "-c", code, bench], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "status OPTIMAL"
