@@ -33,7 +33,6 @@ sideways), so only one view is used.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import math
@@ -47,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import QCompileError
+from .threads import torch_threads
 from .zoo import INPUT_SIZE, PREPROCESS_MEAN, PREPROCESS_STD, DemoDependencyError
 
 __all__ = [
@@ -225,7 +225,9 @@ def sample_crops(n: int, *, seed: int, split: Split = "calib",
     photos = load_photos()
     out = torch.empty(n, 3, size, size)
     boxes = crop_boxes(n, seed=seed, split=split)
-    with _one_intra_op_thread():
+    # Many tiny resizes: split across threads they gain little on an idle machine and, on a loaded
+    # two-core machine, made 768 crops 4-5x slower (threads spin waiting for each other).
+    with torch_threads(1):
         for i, box in enumerate(boxes):
             crop = _resize(photos[box.photo][:, box.top:box.bottom, box.left:box.right], size)
             out[i] = crop.flip(-1) if box.flip else crop
@@ -248,23 +250,6 @@ def photo_crop(name: str, size: int = INPUT_SIZE) -> torch.Tensor:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return _normalise_(_resize(image[:, top:top + side, left:left + side], size))
-
-
-@contextlib.contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """Run many tiny resizes on one thread, then restore the caller's setting.
-
-    Splitting a single 224x224 resize across threads gains little on an idle machine and,
-    measured on a loaded two-core machine, made 768 crops 4-5x slower (threads spin waiting
-    for each other). The setting is process-wide, so other Python threads that use torch at
-    the same moment also run single-threaded until this returns.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _resize(patch: torch.Tensor, size: int) -> torch.Tensor:
