@@ -24,13 +24,13 @@ from torch import fx
 
 from ..context import CompileContext
 from ..errors import QCompileError
-from ..exact import KernelChain, NotExact
+from ..exact import ChainIndex, KernelChain, NotExact
 from ..integer_kernels import POOL_KINDS, make_exact, make_exact_add, make_exact_pool
 
 STAGE = "model_requant"
 
 
-def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext) -> str | None:
+def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index: ChainIndex) -> str | None:
     """Swap one node for its integer form; the kind swapped ("kernel", "pool", "add") or None."""
     kind = node.meta.get("op_kind")
     if kind == "add" and node.op == "call_function":
@@ -41,7 +41,7 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext) -> str
         return "pool"
     if "weight_group" not in node.meta or node.meta.get("role") != "chip":
         return None
-    group = make_exact(gm, KernelChain(gm, node), ctx.plan, ctx.target)["group"]
+    group = make_exact(gm, KernelChain(gm, node, index), ctx.plan, ctx.target)["group"]
     if group is not None:       # a bias did not fit: the weight group's scale was raised
         ctx.plan = ctx.plan.with_group(group)
         fit = node.meta["bias_fit"]
@@ -56,9 +56,10 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         raise QCompileError("model_requant runs after convert: the graph has no quantization plan yet")
     done = {"kernel": 0, "pool": 0, "add": 0}
     kept = []
+    index = ChainIndex(gm)
     for node in list(gm.graph.nodes):
         try:
-            kind = _integer_form(gm, node, ctx)
+            kind = _integer_form(gm, node, ctx, index)
         except NotExact as why:
             # An add fused into a kernel is the kernel's business, not a miss of its own.
             if node.meta.get("op_kind") != "add" or node.meta.get("kernel", node.name) == node.name:

@@ -246,11 +246,26 @@ def quantizer_of(gm, node) -> FakeQuantize:
     return module
 
 
+class ChainIndex:
+    """Each node by name and each kernel's fused members, read in one pass over a graph, so that
+    finding the chains of all kernels costs one pass, not one per kernel (valid while the graph's
+    nodes do not change; swapping modules, as `model_requant` does, keeps it valid)."""
+
+    def __init__(self, gm):
+        self.nodes: dict[str, object] = {}
+        self.members: dict[str, list] = {}
+        for n in gm.graph.nodes:
+            self.nodes[n.name] = n
+            if n.meta.get("kernel") is not None:
+                self.members.setdefault(n.meta["kernel"], []).append(n)
+
+
 class KernelChain:
     """A weighted kernel, its fused ops and its quantizers, as found in a converted graph."""
 
-    def __init__(self, gm, anchor):
-        nodes = {n.name: n for n in gm.graph.nodes}
+    def __init__(self, gm, anchor, index: ChainIndex | None = None):
+        index = index if index is not None else ChainIndex(gm)
+        nodes = index.nodes
         self.anchor = anchor
         kind = anchor.meta.get("op_kind")
         if kind not in KERNEL_KINDS or anchor.op != "call_module":
@@ -262,7 +277,7 @@ class KernelChain:
             raise NotExact(f"{anchor.name}: padding mode {module.padding_mode}")
         if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
             raise NotExact(f"{anchor.name}: padding={module.padding!r} pads asymmetrically")
-        self.members = [n for n in gm.graph.nodes if n.meta.get("kernel") == anchor.name] or [anchor]
+        self.members = list(index.members.get(anchor.name, ())) or [anchor]
         last = nodes[anchor.meta.get("fused_into", anchor.name)]
         if self.members[-1] is not last:
             raise NotExact(f"{anchor.name}: its fused ops are not a chain")

@@ -35,7 +35,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..exact import (
-    FLOAT64_EXACT, ExactAdd, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    FLOAT64_EXACT, ChainIndex, ExactAdd, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from ..formats import Format, HostFloat, IntFormat, QParams
@@ -316,9 +316,10 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
     chains: dict[str, KernelChain] = {}
     pools: dict[str, fx.Node] = {}
     skipped: set[str] = set()
+    index = ChainIndex(gm)
     for n in gm.graph.nodes:
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (ExactConv2d, ExactLinear)):
-            chain = KernelChain(gm, n)
+            chain = KernelChain(gm, n, index)
             chains[chain.output.name] = chain
             skipped.update(m.name for m in chain.members)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactGlobalAvgPool):
