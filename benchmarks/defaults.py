@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(method, method == DEFAULT_METHOD, agreement(ref, logits(compiled, val.crops), photos),
                             seconds))
         parts += study(f"Sensitivity method (npu-int4, weight memory at {args.budget:.0%} of int8)", rows, photos,
-                       ["Each method's sensitivities feed the same CP-SAT allocation; the plan is compiled "
+                       ["Each method's sensitivities feed the same bit allocation (integer program); the plan is compiled "
                         "with the default pipeline."])
 
     if "preprocessing" in studies:

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             c = sess.compile(r.choice)
             rows.append((label, c.weight_memory_bytes / int8_mem, c.weight_memory_bytes, measure(c),
                          p.objective(r.choice)))
-            notes.append(f"{label}: CP-SAT {r.status}, {r.seconds:.3f} s, "
+            notes.append(f"{label}: {r.solver} {r.status}, {r.seconds:.3f} s, "
                          f"{sum(1 for g, v in r.choice.items() if groups[g].formats[v].bits == 4)} of "
                          f"{len(r.choice)} groups at w4")
         if front is None:
