@@ -24,7 +24,6 @@ Parts:
 from __future__ import annotations
 
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +32,9 @@ import torch
 
 from common import emit, header, load_split, out_path, parser, spread
 from mixed_precision import synthetic_problem
-from qcompiler.allocation import SOLVERS, AllocationProblem, BitTie, CostTable, _Program, solve_allocation
+from qcompiler.allocation import (
+    SOLVERS, AllocationProblem, BitTie, CostTable, _Program, _solve_cp_sat, solve_allocation,
+)
 from qcompiler.threads import torch_threads
 
 PARTS = ("ilp", "threads", "budgeted", "scaling")
@@ -65,28 +66,14 @@ def paired_problem(n: int, seed: int = 0) -> AllocationProblem:
 
 def _cp_sat_with_presolve(problem: AllocationProblem, budgets: dict[str, float]) -> tuple[str, float, float]:
     """The earlier configuration (CP-SAT, its presolve on), on the very same integer program."""
-    from ortools.sat.python import cp_model
-
     start = time.perf_counter()
     program = _Program(problem, list(budgets))
     for m, v in budgets.items():
         program.add_budget(m, v)
-    objective = program.sensitivity_objective()
-    model = cp_model.CpModel()
-    x = [model.new_bool_var(f"b{i}") for i in range(program.n)]
-    for rows, equal in ((program.equal, True), (program.less, False)):
-        for variables, coefs, rhs in rows:
-            expr = cp_model.LinearExpr.weighted_sum([x[v] for v in variables], coefs)
-            model.add(expr == rhs if equal else expr <= rhs)
-    model.minimize(cp_model.LinearExpr.weighted_sum(x[:len(objective)], objective))
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = 60
-    solver.parameters.num_workers = 1
-    status = solver.solve(model)
-    choice = {g: c for (g, c), i in program.x.items() if solver.boolean_value(x[i])} \
-        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else {}
-    return solver.status_name(status), problem.objective(choice) if choice else float("nan"), \
-        time.perf_counter() - start
+    objective = dict(enumerate(program.sensitivity_objective()))
+    status, values = _solve_cp_sat(program, objective, 60.0, workers=1, presolve=True)
+    choice = {g: c for (g, c), i in program.x.items() if values and values[i]}
+    return status, problem.objective(choice) if choice else float("nan"), time.perf_counter() - start
 
 
 def ilp_part(rounds: int, quick: bool) -> list[str]:

@@ -451,9 +451,10 @@ def _solve_highs(program: _Program, objective: Mapping[int, int], time_limit: fl
 
 
 def _solve_cp_sat(program: _Program, objective: Mapping[int, int], time_limit: float,
-                  workers: int) -> tuple[str, list[bool]]:
-    """OR-Tools CP-SAT. Its presolve is off: on bops products (the y booleans) it stalled for
-    the whole time limit where the search alone proves the optimum in a fraction of a second."""
+                  workers: int, presolve: bool = False) -> tuple[str, list[bool]]:
+    """OR-Tools CP-SAT. Its presolve is off by default: on bops products (the y booleans) it
+    stalled for the whole time limit where the search alone proves the optimum in a fraction of a
+    second (`benchmarks/speed.py` runs it with presolve on as the earlier configuration)."""
     from ortools.sat.python import cp_model
 
     model = cp_model.CpModel()
@@ -467,7 +468,7 @@ def _solve_cp_sat(program: _Program, objective: Mapping[int, int], time_limit: f
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit
     solver.parameters.num_workers = workers
-    solver.parameters.cp_model_presolve = False
+    solver.parameters.cp_model_presolve = presolve
     status = solver.solve(model)
     name = solver.status_name(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

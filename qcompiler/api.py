@@ -183,7 +183,7 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
 def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any, budget: Any,
                    observer: Any, passes: Any, progress: bool, seed: int, leaf_modules: Sequence[Any],
                    concrete_args: Any, sensitivity: Any, host_fallback: bool, reconstruction: Any,
-                   plan_check: bool, validation_data: Any, threads: int | None = None) -> CompiledModel:
+                   plan_check: bool, validation_data: Any, threads: int | None) -> CompiledModel:
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
