@@ -16,6 +16,10 @@ Parts:
 - budgeted: a budgeted npu-int4 compile of EfficientNet-Lite0 (weight memory at 75 % of the
   default plan) on --budget-calib crops, with the time of each pass; what the passes do not
   account for is the plan check (the uniform plan of the same budget compiled and compared).
+- simulation: the compiled npu-int8 EfficientNet-Lite0's forward pass (exact integer kernels and
+  requantizers) against the fake-quant graph of the same plan (the stage before `model_requant`),
+  at batch 1 and 8, --sim-rounds rounds with the two alternating in each round, 2 threads; and
+  the simulation's output codes against `lower("reference")` on held-out crops (bit-exactness).
 - scaling: compile time and peak memory against graph size: stacks of residual blocks (conv,
   BatchNorm, ReLU, add; 4 channels at 8x8, so the graph, not the arithmetic, is what grows),
   npu-int8, 8 calibration samples, each size in its own process (its peak resident memory is
@@ -37,7 +41,7 @@ from qcompiler.allocation import (
 )
 from qcompiler.threads import torch_threads
 
-PARTS = ("ilp", "threads", "budgeted", "scaling")
+PARTS = ("ilp", "threads", "budgeted", "simulation", "scaling")
 
 
 def paired_problem(n: int, seed: int = 0) -> AllocationProblem:
@@ -158,6 +162,28 @@ def budgeted_part(calib: int, rounds: int) -> list[str]:
     return rows
 
 
+def simulation_part(calib: int, heldout: int, rounds: int) -> list[str]:
+    from reference_backend import compare, speed_rows, stage_before
+
+    from qcompiler import qcompile
+    from qcompiler.zoo import efficientnet_lite0
+
+    crops = load_split("calib", calib).crops
+    held = load_split("heldout", heldout)
+    compiled = qcompile(efficientnet_lite0().eval(), crops[:1], target="npu-int8",
+                        calib_data=list(crops.split(32)), progress=False)
+    before = compiled.graph(stage_before(compiled, "model_requant"))
+    with torch_threads(1):
+        exact = compare(compiled, held.crops, held.photos)
+    with torch_threads(2):
+        rows = [speed_rows(before, compiled.simulated, held.crops[:b], rounds) for b in (1, 8)]
+    return ["| batch | fake-quant (before model_requant) | simulation (exact kernels) | ratio |",
+            "|---:|---:|---:|---:|", *rows, "",
+            f"Bit-exactness on {held.describe}: {100 * exact['match']:.3f} % of output codes identical to "
+            f"`lower(\"reference\")`, largest code difference {exact['max_diff']}, "
+            f"{exact['int_kernels']} integer kernels."]
+
+
 SCALING_CHILD = """
 import resource, sys, time, torch
 from torch import nn
@@ -203,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="runs per configuration (medians are quoted)")
     ap.add_argument("--calib", type=int, default=256, help="calibration crops for the thread timings")
     ap.add_argument("--budget-calib", type=int, default=64, help="calibration crops for the budgeted compile")
+    ap.add_argument("--sim-rounds", type=int, default=15, help="rounds of the simulation timing")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
@@ -228,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"EfficientNet-Lite0, npu-int4, `budget={{\"weight_memory\": 0.75}}`, {calib} calibration crops, "
                 "default thread choice.", "",
                 *budgeted_part(calib, 1 if args.quick else max(1, rounds // 2)), ""]
+    if "simulation" in parts:
+        calib, held = (8, 8) if args.quick else (64, 33)
+        out += ["## Simulation speed", "",
+                f"EfficientNet-Lite0, npu-int8 (default pipeline, {calib} calibration crops), 224x224, 2 threads. "
+                "Median (min-max, rounds) per batch; the ratio is taken within each round.", "",
+                *simulation_part(calib, held, 3 if args.quick else args.sim_rounds), ""]
     if "scaling" in parts:
         counts = [100, 200] if args.quick else [1000, 2000, 5000, 10000]
         out += ["## Compile time and memory against graph size", "",

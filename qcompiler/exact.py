@@ -8,7 +8,12 @@ the arithmetic changes:
   against the integer weight codes exactly (float32 when a bound proves every partial sum is an
   integer below 2**24, float64 otherwise), adds the int32 bias and saturates to the target's
   accumulator width. It returns the accumulator times its scale `s_in * s_w` in float64, so the
-  fused ops after it (ReLU, ReLU6, the residual add) see real values as before;
+  fused ops after it (ReLU, ReLU6, the residual add) see real values as before. A kernel with
+  no residual add whose clamp bounds are float32 numbers (`float32_output`) returns that value in
+  float32 instead whenever this call's accumulators all stay below 2**21 in magnitude (checked
+  on the accumulator, one pass): float32 rounds `acc * s_acc` to within `|acc| * 2**-23` of its
+  value, so the requantizer still recovers `acc` exactly, and rounding is monotone, so a clamp
+  at a float32 bound acts on the accumulator exactly as in float64;
 - the requantizer recovers the integer accumulator from that float64 value (exact: the
   accumulator has far fewer than 52 significant bits) and requantizes it as the spec says
   (`qcompiler.requant`), adds the output zero point and saturates.
@@ -35,6 +40,9 @@ from .requant import requantize, requantize_float64
 # Integers of magnitude below this are exact in float32, whatever the order of the additions.
 FLOAT32_EXACT = float(2 ** 24)
 FLOAT64_EXACT = float(2 ** 53)
+# Accumulators below this magnitude survive a float32 round trip `acc * s_acc` -> `v / s_acc`
+# (two float32 roundings, relative 2**-23 at most) within a quarter, so rounding recovers them.
+FLOAT32_ROUND_TRIP = float(2 ** 21)
 
 
 def accumulator_range(bits: int) -> tuple[float, float]:
@@ -47,8 +55,10 @@ class _ExactKernel:
     accumulator_bits: int
     channel_dim: int
 
-    def _init_exact(self, out_channels: int, weight_shape: torch.Size, accumulator_bits: int) -> None:
+    def _init_exact(self, out_channels: int, weight_shape: torch.Size, accumulator_bits: int,
+                    float32_output: bool) -> None:
         self.accumulator_bits = int(accumulator_bits)
+        self.float32_output = bool(float32_output)   # its chain allows a float32 value (see module doc)
         self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
         # Largest |q_in - z_in| the input format allows: with sum|w| it bounds every partial sum.
         self.register_buffer("in_code_bound", torch.ones((), dtype=torch.float64))
@@ -59,6 +69,7 @@ class _ExactKernel:
         self._acc_bound = 0.0
         self._split: tuple[Tensor, Tensor] | None = None
         self._saturates: bool | None = None      # whether any accumulator can reach saturation
+        self._f32_scale: tuple[Tensor, ...] | None = None   # float32 (bias codes, s_acc); () if not exact
 
     def exact_in_float32(self) -> bool:
         """Whether the accumulation runs in float32: as one conv, or as two over split weights.
@@ -88,6 +99,19 @@ class _ExactKernel:
             self._fp32_exact = bound < FLOAT32_EXACT or self._split is not None
         return self._fp32_exact
 
+    def _float32_sum(self) -> bool:
+        """Whether the accumulator, bias included, is computed exactly in float32: one float32
+        conv whose partial sums, plus the largest bias code, stay below 2**24."""
+        if self._f32_scale is None:
+            lo, hi = accumulator_range(self.accumulator_bits)
+            bias_max = float(self.bias_codes.abs().max()) if self.bias_codes.numel() else 0.0
+            self._saturates = self.exact_in_float32() and self._acc_bound + bias_max > hi
+            if not self.exact_in_float32() or self._split is not None or self._acc_bound + bias_max >= FLOAT32_EXACT:
+                self._f32_scale = ()
+            else:
+                self._f32_scale = (self.bias_codes.to(torch.float32), self.acc_scale.to(torch.float32))
+        return bool(self._f32_scale)
+
     def _view(self, t: Tensor, ndim: int) -> Tensor:
         shape = [1] * ndim
         shape[self.channel_dim] = -1
@@ -95,34 +119,45 @@ class _ExactKernel:
 
     def _accumulate(self, x: Tensor, op) -> Tensor:
         # x = (q - z) * s_in exactly rounded: x * (1 / s_in) is within 0.02 of q - z.
-        codes = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())
-        if self.exact_in_float32() and self._split is None:
+        codes = torch.mul(x.to(torch.float32), self.in_scale.reciprocal()).round_()
+        lo, hi = accumulator_range(self.accumulator_bits)
+        if self._float32_sum():
+            bias, scale = self._f32_scale
+            acc = op(codes, self.weight_codes).add_(self._view(bias, codes.ndim))
+            if self._saturates:
+                acc.clamp_(lo, hi)
+            if self.float32_output:
+                low, high = torch.aminmax(acc)
+                if max(-float(low), float(high)) < FLOAT32_ROUND_TRIP:
+                    return acc.mul_(self._view(scale, acc.ndim))
+            return acc.to(torch.float64).mul_(self._view(self.acc_scale, acc.ndim))
+        if self._split is None and self.exact_in_float32():     # exact, but not with the bias added
             acc = op(codes, self.weight_codes).to(torch.float64)
         elif self._split is not None:
-            hi, lo = self._split
-            acc = op(codes, hi).to(torch.float64) * 16 + op(codes, lo).to(torch.float64)
+            hi_w, lo_w = self._split
+            acc = op(codes, hi_w).to(torch.float64).mul_(16).add_(op(codes, lo_w).to(torch.float64))
         else:
             acc = op(codes.double(), self.weight_codes.double())
-        acc = acc + self._view(self.bias_codes.to(torch.float64), acc.ndim)
-        lo, hi = accumulator_range(self.accumulator_bits)
+        acc.add_(self._view(self.bias_codes.to(torch.float64), acc.ndim))
         if self._saturates is None:
             self._saturates = self._acc_bound + float(self.bias_codes.abs().max()) > hi
         if self._saturates:
-            acc = acc.clamp(lo, hi)
-        return acc * self._view(self.acc_scale, acc.ndim)
+            acc.clamp_(lo, hi)
+        return acc.mul_(self._view(self.acc_scale, acc.ndim))
 
 
 class ExactConv2d(_ExactKernel, nn.Conv2d):
-    """A Conv2d whose output is its exact integer accumulator times `s_in * s_w` (float64)."""
+    """A Conv2d whose output is its exact integer accumulator times `s_in * s_w` (float64, or
+    float32 where that is exact, see the module doc)."""
 
     channel_dim = 1
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 accumulator_bits: int = 32):
+                 accumulator_bits: int = 32, float32_output: bool = False):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
                            groups, bias, padding_mode)
-        self._init_exact(out_channels, self.weight.shape, accumulator_bits)
+        self._init_exact(out_channels, self.weight.shape, accumulator_bits, float32_output)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._accumulate(x, lambda a, w: F.conv2d(a, w, None, self.stride, self.padding,
@@ -130,13 +165,15 @@ class ExactConv2d(_ExactKernel, nn.Conv2d):
 
 
 class ExactLinear(_ExactKernel, nn.Linear):
-    """A Linear whose output is its exact integer accumulator times `s_in * s_w` (float64)."""
+    """A Linear whose output is its exact integer accumulator times `s_in * s_w` (float64, or
+    float32 where that is exact, see the module doc)."""
 
     channel_dim = -1
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, accumulator_bits: int = 32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, accumulator_bits: int = 32,
+                 float32_output: bool = False):
         nn.Linear.__init__(self, in_features, out_features, bias)
-        self._init_exact(out_features, self.weight.shape, accumulator_bits)
+        self._init_exact(out_features, self.weight.shape, accumulator_bits, float32_output)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._accumulate(x, lambda a, w: F.linear(a, w))
@@ -145,8 +182,8 @@ class ExactLinear(_ExactKernel, nn.Linear):
 class KernelRequantize(FakeQuantize):
     """The output quantizer of an exact kernel: accumulator -> requantized output code.
 
-    Its input is the kernel's real-valued accumulator (float64, after any fused clamp or
-    residual add); its output the decoded output code (float32), as a FakeQuantize gives.
+    Its input is the kernel's real-valued accumulator (float64 or float32, after any fused clamp
+    or residual add); its output the decoded output code (float32), as a FakeQuantize gives.
     """
 
     def __init__(self, group: int, fmt: Format, params: QParams | None, channels: int,
@@ -181,17 +218,22 @@ class KernelRequantize(FakeQuantize):
         if self._factor is None:
             self._inverse = self.acc_scale.reciprocal()
             self._factor = torch.ldexp(self.multiplier.to(torch.float64), -self.shift.to(torch.float64))
-        # v = acc * s_acc rounded to float64: v / s_acc is within 2**-40 of acc.
-        acc = torch.round(v.to(torch.float64) * self._view(self._inverse, n))
+        # v = acc * s_acc rounded to float64 (float32 where the kernel proved that safe): v / s_acc
+        # is within 2**-40 (a quarter) of acc. `acc` is a temporary of this call, so the steps
+        # below overwrite it in place.
+        acc = v.to(torch.float64, copy=True).mul_(self._view(self._inverse, n)).round_()
         # The float64 path is the int64 one whenever it is provably exact (qcompiler.requant),
         # and much faster; the reference backend always takes the int64 path.
         y = requantize_float64(acc, self.mode, self.rounding, self._view(self.multiplier, n),
                                self._view(self.shift, n), self._view(self.float_multiplier, n),
-                               factor=self._view(self._factor, n))
+                               factor=self._view(self._factor, n), inplace=True)
         if y is None:
             return self.fmt.dequantize(self.output_codes(acc.to(torch.int64)), self.params)
+        # dequantize(clamp(y + z, qmin, qmax)) is clamp(y, qmin - z, qmax - z) * s: the codes are
+        # integers, so the float32 difference `q - z` the decoder takes is exact either way.
         zp = 0 if self.params.zero_point is None else int(self.params.zero_point.reshape(-1)[0])
-        return self.fmt.dequantize((y + zp).clamp(self.fmt.qmin, self.fmt.qmax), self.params)
+        y = y.clamp_(self.fmt.qmin - zp, self.fmt.qmax - zp).to(torch.float32)
+        return y.mul_(self.params.scale.to(torch.float32).reshape(()))
 
     def extra_repr(self) -> str:
         return f"group={self.group}, format={self.fmt.name}, requant={self.mode}/{self.rounding}"

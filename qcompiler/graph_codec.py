@@ -356,9 +356,10 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
     # Rebuilt from the plan group it names: its format and parameters live in the plan.
     "qcompiler.quantizers.FakeQuantize": (FakeQuantize, lambda m: {"group": m.group}),
     # model_requant's exact kernels and requantizers: arguments here, integer tensors as buffers.
-    "qcompiler.exact.ExactConv2d": (ExactConv2d, _with(_CONV, accumulator_bits=lambda m: m.accumulator_bits)),
-    "qcompiler.exact.ExactLinear": (ExactLinear, _with(_attrs("in_features", "out_features", "accumulator_bits"),
-                                                       bias=_has("bias"))),
+    "qcompiler.exact.ExactConv2d": (ExactConv2d, _with(_CONV, accumulator_bits=lambda m: m.accumulator_bits,
+                                                       float32_output=lambda m: m.float32_output)),
+    "qcompiler.exact.ExactLinear": (ExactLinear, _with(_attrs("in_features", "out_features", "accumulator_bits",
+                                                              "float32_output"), bias=_has("bias"))),
     "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),
     "qcompiler.exact.KernelRequantize": (KernelRequantize, _attrs("group", "channels", "channel_dim", "mode",

@@ -25,13 +25,21 @@ from .plan import GroupPlan, Plan
 from .requant import bias_fit_weight_scale, requant_constants
 
 
-def _exact_module(module: nn.Module, accumulator_bits: int) -> nn.Module:
+def _exact_module(module: nn.Module, accumulator_bits: int, float32_output: bool) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         return ExactConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                            module.padding, module.dilation, module.groups, module.bias is not None,
-                           module.padding_mode, accumulator_bits=accumulator_bits)
+                           module.padding_mode, accumulator_bits=accumulator_bits,
+                           float32_output=float32_output)
     return ExactLinear(module.in_features, module.out_features, module.bias is not None,
-                       accumulator_bits=accumulator_bits)
+                       accumulator_bits=accumulator_bits, float32_output=float32_output)
+
+
+def _float32_bounds(chain: KernelChain) -> bool:
+    """Whether every clamp bound of the chain is a float32 number (a float32 clamp then acts on
+    the accumulator exactly; see `qcompiler.exact`)."""
+    bounds = [b for step, arg in chain.steps if step == "clamp" for b in arg if b is not None]
+    return all(float(torch.tensor(b, dtype=torch.float32)) == b for b in bounds)
 
 
 def _weight_codes(plan_group, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +109,9 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan: Plan, spec) -> dict
                                 weight=original.weight, in_code_bound=in_bound, accumulator_bits=acc_bits)
     codes, w_scale = _weight_codes(wgroup, original.weight)
     acc_scale = s_in.double() * w_scale                    # exact: a product of two float32
-    exact = _exact_module(original, acc_bits)
+    # A residual joins on the accumulator grid in float64 arithmetic, so only chains without one
+    # may carry the accumulator's value in float32.
+    exact = _exact_module(original, acc_bits, chain.residual is None and _float32_bounds(chain))
     exact.train(original.training)
     with torch.no_grad():
         # The decoded weight, as convert stores it (unchanged when the weight was on its grid).

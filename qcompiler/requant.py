@@ -115,19 +115,25 @@ def rounding_right_shift(p: Tensor, shift: Tensor, rounding: str) -> Tensor:
 
 def round_float(x: Tensor, rounding: str) -> Tensor:
     """Round float values to integers (float64 result) with the given rounding mode."""
+    # float64 is exact for float32 inputs; the +-0.5 of the roundings below stays exact.
+    return round_float_(x.to(torch.float64, copy=True), rounding)
+
+
+def round_float_(x: Tensor, rounding: str) -> Tensor:
+    """`round_float` in place on a float64 tensor `x` (one temporary at most); returns `x`."""
     _check_rounding(rounding)
-    x = x.to(torch.float64)        # exact for float32 inputs; +-0.5 below stays exact
     if rounding == "half_even":
-        return torch.round(x)
+        return x.round_()
     if rounding == "half_up":
-        return torch.floor(x + 0.5)
+        return x.add_(0.5).floor_()
     if rounding == "half_down":
-        return torch.ceil(x - 0.5)
+        return x.sub_(0.5).ceil_()
     if rounding == "floor":
-        return torch.floor(x)
+        return x.floor_()
     if rounding == "toward_zero":
-        return torch.trunc(x)
-    return torch.copysign(torch.floor(x.abs() + 0.5), x)
+        return x.trunc_()
+    # half_away_from_zero: x + 0.5 rounds up for x >= 0 and x - 0.5 down for x < 0, then trunc.
+    return x.add_(torch.copysign(torch.full((), 0.5, dtype=x.dtype), x)).trunc_()
 
 
 def requantize(acc: Tensor, mode: str, rounding: str, multiplier: Tensor, shift: Tensor,
@@ -153,13 +159,14 @@ FLOAT64_SAFE = float(2 ** 52)
 
 def requantize_float64(acc: Tensor, mode: str, rounding: str, multiplier: Tensor, shift: Tensor,
                        float_multiplier: Tensor, factor: Tensor | None = None,
-                       acc_bound: float | None = None) -> Tensor | None:
+                       acc_bound: float | None = None, inplace: bool = False) -> Tensor | None:
     """`requantize` computed in float64 when that is provably exact, else None.
 
     `acc` holds integers (float64). For "fixed_point" and "shift", `acc * M * 2**-shift` is exact
     in float64 when `|acc| * M < 2**52` (the product is an integer scaled by a power of two, and
     adding one half for the rounding stays exact); the result equals the int64 computation.
-    `factor` may pass `M * 2**-shift` precomputed (float64), `acc_bound` a known bound on |acc|.
+    `factor` may pass `M * 2**-shift` precomputed (float64), `acc_bound` a known bound on |acc|;
+    `inplace` lets it overwrite a float64 `acc` (a temporary of the caller) with the result.
     """
     if mode == "float":
         return round_float(acc.to(torch.float32) * float_multiplier.to(torch.float32), rounding)
@@ -173,7 +180,20 @@ def requantize_float64(acc: Tensor, mode: str, rounding: str, multiplier: Tensor
         return None
     if factor is None:
         factor = torch.ldexp(m.to(torch.float64), -shift.to(torch.float64))
-    return round_float(acc.to(torch.float64) * factor, rounding)
+    x = acc.mul_(factor) if inplace and acc.dtype == torch.float64 else acc.to(torch.float64) * factor
+    if rounding == "half_away_from_zero" and acc_bound * float(m.max()) < _AWAY_SAFE and int(shift.min()) >= 0:
+        # x = n * 2**-s with |n| < 2**50 and s >= 0, so ulp(x) <= 2**(-2-s) / 2. Multiplying by
+        # 1 + 2**-52 moves x away from zero by one or two ulps: at most 2**(-2-s), less than the
+        # 2**-s by which any x that is not a tie (a multiple of 1/2 lying on x's grid) stands from
+        # the nearest tie, while a tie moves off it, outwards. Rounding to nearest-even then
+        # rounds ties away from zero and everything else as before: two fast in-place passes
+        # instead of a sign, an add and a truncation.
+        return x.mul_(_AWAY).round_()
+    return round_float_(x, rounding)
+
+
+_AWAY = 1.0 + 2.0 ** -52
+_AWAY_SAFE = float(2 ** 50)
 
 
 def requant_constants(real: Tensor, mode: str, multiplier_bits: int | None

@@ -1,6 +1,7 @@
 """The reference backend: integer-only, and bit-exact with the simulation that model_requant builds."""
 from __future__ import annotations
 
+import copy
 import math
 from fractions import Fraction
 
@@ -11,7 +12,7 @@ from torch import nn
 
 import qcompiler
 from qcompiler.errors import QCompileError
-from qcompiler.exact import ExactConv2d, KernelRequantize
+from qcompiler.exact import ExactConv2d, ExactLinear, KernelRequantize
 from qcompiler.backends.reference import Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, Quantize
 
 TARGETS = ("npu-int8", "npu-int4", "dsp-fixed-point", "cpu-x86-int8")
@@ -233,3 +234,63 @@ def test_shift_target_add_is_the_exactly_rounded_sum(tiny_models):
     for a, b, c in zip(q1.tolist(), q2.tolist(), got):
         want = math.floor((s1 * a + s2 * b) / s_out + Fraction(1, 2))
         assert c == min(max(want, -128), 127)
+
+
+def _kernel_output_dtypes(gm, x) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(out.dtype))
+             for m in gm.modules() if isinstance(m, (ExactConv2d, ExactLinear))]
+    try:
+        with torch.no_grad():
+            gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_float32_kernel_values_equal_the_float64_ones(torchvision_models, name):
+    """Kernels without a residual carry acc * s_acc in float32 where that round-trips exactly;
+    the outputs are bit-identical to the all-float64 simulation."""
+    compiled = torchvision_models[name]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    dtypes = _kernel_output_dtypes(compiled.simulated, x)
+    assert torch.float32 in dtypes                      # the fast path is taken
+    if name == "resnet18":
+        assert torch.float64 in dtypes                  # residual kernels keep float64
+    wide = copy.deepcopy(compiled.simulated)
+    for m in wide.modules():
+        if isinstance(m, (ExactConv2d, ExactLinear)):
+            m.float32_output = False
+    assert set(_kernel_output_dtypes(wide, x)) == {torch.float64}
+    with torch.no_grad():
+        assert torch.equal(wide(x), compiled.simulated(x))
+
+
+def test_float32_path_falls_back_per_call(tiny_models, monkeypatch):
+    """Accumulators at or above the round-trip limit send that call through float64; the codes
+    stay those of the reference backend."""
+    compiled = tiny_models["npu-int8"]
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        fast = compiled(x)
+    monkeypatch.setattr(qcompiler.exact, "FLOAT32_ROUND_TRIP", 4.0)
+    assert set(_kernel_output_dtypes(compiled.simulated, x)) == {torch.float64}
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fast)
+    assert torch.equal(compiled.lower("reference").codes(x), _sim_codes(compiled, x))
+
+
+def test_float32_round_trip_recovers_every_accumulator_below_the_limit():
+    """The bound the float32 path rests on: round(float32(acc * float32(s)) / s) == acc for
+    |acc| < 2**21, with s a product of two float32 scales (as s_in * s_w is)."""
+    g = torch.Generator().manual_seed(8)
+    limit = int(qcompiler.exact.FLOAT32_ROUND_TRIP)
+    acc = torch.cat([torch.arange(limit - 50_000, limit), -torch.arange(limit - 50_000, limit),
+                     torch.randint(-limit + 1, limit, (100_000,), generator=g)]).double()
+    for _ in range(20):
+        s_in, s_w = (torch.rand(2, generator=g) * 10.0 ** torch.randint(-6, 0, (2,), generator=g).float()).unbind()
+        s_acc = s_in.double() * s_w.double()
+        value = (acc.float() * s_acc.float())
+        assert torch.equal(torch.round(value.double() * s_acc.reciprocal()), acc)

@@ -131,7 +131,7 @@ def test_unknown_rounding_is_a_clear_error():
 
 
 @pytest.mark.parametrize("mode", ["fixed_point", "shift", "float"])
-@pytest.mark.parametrize("rounding", ["half_even", "half_away_from_zero", "half_up", "floor"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_float64_path_equals_the_int64_path(mode, rounding):
     from qcompiler.requant import requantize_float64
 
@@ -145,6 +145,34 @@ def test_float64_path_equals_the_int64_path(mode, rounding):
         acc[:20] = torch.arange(-10, 10).reshape(-1, 1) * (1 << (s - 1))
     fast = requantize_float64(acc.double(), mode, rounding, m, s, f)
     assert fast is not None
-    assert torch.equal(fast.to(torch.int64), requantize(acc, mode, rounding, m, s, f))
+    want = requantize(acc, mode, rounding, m, s, f)
+    assert torch.equal(fast.to(torch.int64), want)
+    # In place (the simulation's path): same result, written over the caller's temporary.
+    scratch = acc.double()
+    again = requantize_float64(scratch, mode, rounding, m, s, f, inplace=True)
+    assert torch.equal(again.to(torch.int64), want)
+    if mode != "float":
+        assert again.data_ptr() == scratch.data_ptr()
     if mode == "fixed_point":
         assert requantize_float64(torch.tensor([2.0**31]).reshape(1, 1).expand(1, 3), mode, rounding, m, s, f) is None
+
+
+@pytest.mark.parametrize("span", [2**17, 2**20])   # the ulp-nudge path (below 2**50 / M) and the general one
+@pytest.mark.parametrize("mode", ["fixed_point", "shift"])
+def test_float64_half_away_ties_equal_the_int64_path(mode, span):
+    """Ties of half_away_from_zero: factors 3/8, 5/8, 1/16 and 1/2 put many products exactly on
+    a half; both float64 roundings must send them away from zero as the integer path does."""
+    from qcompiler.requant import requantize_float64
+
+    g = torch.Generator().manual_seed(5)
+    reals = torch.tensor([0.375, 0.625, 0.0625, 0.5] if mode == "fixed_point" else [2.0**-1, 2.0**-3, 2.0**-4, 1.0],
+                         dtype=torch.float64)
+    m, s, f = requant_constants(reals, mode, 32)
+    acc = torch.randint(-span, span, (4000, 4), generator=g)
+    acc[:200] = torch.arange(-100, 100).reshape(-1, 1)          # small values: ties everywhere
+    acc[200:400] = torch.arange(-100, 100).reshape(-1, 1) * 8 + 4
+    want = requantize(acc, mode, "half_away_from_zero", m, s, f)
+    got = requantize_float64(acc.double(), mode, "half_away_from_zero", m, s, f, inplace=True)
+    assert torch.equal(got.to(torch.int64), want)
+    frac = (acc.double() * reals).remainder(1.0)
+    assert int((frac == 0.5).sum()) > 100          # the case under test occurs
