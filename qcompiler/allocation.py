@@ -132,6 +132,8 @@ class AllocationResult:
                          if self.defaults.get(m) else f"{m} {self.costs[m]:,.6g} <= {b:,.6g}")
         if "plan_check" in self.extra:
             parts.append(f"plan check: {self.extra['plan_check']}")
+        if "quality_search" in self.extra:
+            parts.append(f"accuracy target: {self.extra['quality_search'][0]}")
         return "; ".join(parts)
 
 

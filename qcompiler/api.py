@@ -19,6 +19,7 @@ from .errors import CaptureError, QCompileError
 from .options import CompileOptions
 from .pass_manager import PassManager, PassRun
 from .plan_check import check_plan
+from .quality_search import compile_to_quality, read_quality_target
 from .targets.spec import TargetSpec, load_target
 from .threads import torch_threads
 
@@ -84,7 +85,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
              sensitivity: str | None = None, host_fallback: bool = False,
              reconstruction: Any = None, plan_check: bool = True, validation_data: Any = None,
-             split: Sequence[str] | None = None, threads: int | None = None) -> CompiledModel:
+             split: Sequence[str] | None = None, threads: int | None = None,
+             target_quality: dict[str, Any] | None = None) -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -108,8 +110,14 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
     plan_check: with a budget, also finish the compile with the widest uniform plan that fits and
         keep whichever plan's output is closer to float (`qcompiler.plan_check`); this runs the
         passes after `convert` twice when the two plans differ.
-    validation_data: batches the plan check compares on (like calib_data); the calibration data
-        if None.
+    validation_data: batches the plan check and the accuracy-target search measure on (like
+        calib_data); the calibration data if None (optimistic: give data the compile did not see).
+    target_quality: instead of a budget, the least output quality to reach at the lowest cost,
+        e.g. {"sqnr_db": 25} or {"top1_agreement": 0.95}, optionally with "cost" (the metric to
+        minimise, "weight_memory" by default), "max_evaluations" (8) and "tolerance" (0.01).
+        A binary + interpolation search over budgets finishes and measures a few plans on
+        validation_data and keeps the cheapest that meets it (`qcompiler.quality_search`); the
+        report lists every plan tried.
     split: module paths to compile as separate graphs while the rest of the forward runs eagerly
         in float (`qcompiler.partition`). Without it, a model whose root torch.fx cannot trace
         (a detector: resizing, anchors, box decoding, NMS) is split automatically into its
@@ -132,12 +140,18 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         if not _root_untraceable(model, leaf_modules, concrete_args):
             raise
         return in_parts(None)
+    if target_quality is not None:
+        if budget is not None:
+            raise QCompileError("give either budget= (a cost limit) or target_quality= (a quality to reach at "
+                                "the least cost), not both")
+        if split is not None:
+            raise QCompileError("target_quality is not supported for split models yet; compile the parts with a budget")
     try:
         return _compile_whole(model, example_inputs, target=target, calib_data=calib_data, budget=budget,
                               observer=observer, passes=passes, progress=progress, seed=seed,
                               leaf_modules=leaf_modules, concrete_args=concrete_args, sensitivity=sensitivity,
                               host_fallback=host_fallback, reconstruction=reconstruction, plan_check=plan_check,
-                              validation_data=validation_data, threads=threads)
+                              validation_data=validation_data, threads=threads, target_quality=target_quality)
     except CaptureError as exc:
         if not exc.root_untraceable:
             raise
@@ -183,21 +197,35 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
 def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any, budget: Any,
                    observer: Any, passes: Any, progress: bool, seed: int, leaf_modules: Sequence[Any],
                    concrete_args: Any, sensitivity: Any, host_fallback: bool, reconstruction: Any,
-                   plan_check: bool, validation_data: Any, threads: int | None) -> CompiledModel:
+                   plan_check: bool, validation_data: Any, threads: int | None,
+                   target_quality: Any = None) -> CompiledModel:
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
                              seed=seed, threads=threads, **({"sensitivity": sensitivity} if sensitivity is not None else {}),
                              **({"reconstruction": reconstruction} if reconstruction is not None else {}))
+    if target_quality is not None:
+        spec = load_spec(target)
+        wanted = read_quality_target(target_quality, spec)
+        manager = pipeline(passes, budget=True)
+        run = start_run(manager, model, example_inputs, spec, calib_data, options, stop="sensitivity")
+        return CompiledModel.from_run(compile_to_quality(
+            run, lambda r: resume(manager, run=r, start="convert"), run.float_graph or model,
+            _validation_batches(run, validation_data, "target_quality"), wanted))
     manager = pipeline(passes, budget=budget is not None)
     if budget is None or not plan_check or manager.names.index("allocate_bits") + 1 == len(manager.names):
         return CompiledModel.from_run(start_run(manager, model, example_inputs, target, calib_data, options))
     run = start_run(manager, model, example_inputs, target, calib_data, options, stop="allocate_bits")
+    finished = check_plan(run, lambda r: resume(manager, run=r, start=manager.names[manager.names.index("allocate_bits") + 1]),
+                          run.float_graph or model, _validation_batches(run, validation_data, "plan_check"))
+    return CompiledModel.from_run(finished)
+
+
+def _validation_batches(run: PassRun, validation_data: Any, who: str) -> list[tuple[Any, ...]]:
+    """The batches plans are compared on: validation_data, else the calibration batches."""
     batches = run.ctx.calib_batches if validation_data is None else calibration_batches(
         validation_data, run.ctx.example_inputs, [n.target for n in run.gm.graph.nodes if n.op == "placeholder"])
     if not batches:
-        raise QCompileError("plan_check needs validation data (or calibration data) to compare plans on; "
-                            "give validation_data or pass plan_check=False")
-    finished = check_plan(run, lambda r: resume(manager, run=r, start=manager.names[manager.names.index("allocate_bits") + 1]),
-                          run.float_graph or model, batches)
-    return CompiledModel.from_run(finished)
+        raise QCompileError(f"{who} needs validation data (or calibration data) to compare plans on; "
+                            "give validation_data" + (" or pass plan_check=False" if who == "plan_check" else ""))
+    return batches

@@ -180,6 +180,9 @@ def build_report(compiled: CompiledModel) -> Report:
                                  f"{table.samples} samples, {table.seconds:.1f} s")
     if ctx is not None and ctx.allocation_result is not None:
         totals["bit allocation"] = ctx.allocation_result.summary()
+        steps = ctx.allocation_result.extra.get("quality_search", [])[1:]
+        if steps:
+            totals["accuracy-target search"] = " | ".join(f"{i}. {line}" for i, line in enumerate(steps, 1))
     if ctx is not None and ctx.reconstruction:
         totals["reconstruction"] = reconstruction_summary(ctx.reconstruction)
     fits = tuple(BiasFit(node=n.name, channels=tuple(n.meta["bias_fit"]["channels"]),
