@@ -259,6 +259,28 @@ def parse_budget(text: str) -> tuple[str, float]:
     return metric, number / 100 if unit == "%" else number * BYTE_UNITS.get(unit, 1)
 
 
+def _number(key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise CommandLineError(f"--target-quality {key}={value!r}: give a number") from None
+
+
+def parse_target_quality(text: str | None) -> dict[str, Any] | None:
+    """--target-quality "sqnr_db=25" or "top1_agreement=0.95,cost=bops" -> the dict qcompile takes."""
+    if text is None:
+        return None
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise CommandLineError(f"--target-quality {text!r}: {part!r} is not KEY=VALUE; e.g. "
+                                   "--target-quality sqnr_db=25 or --target-quality top1_agreement=0.95,cost=bops")
+        key, value = key.strip(), value.strip()
+        out[key] = value if key == "cost" else _number(key, value)
+    return out
+
+
 def parse_budgets(texts: Sequence[str] | None) -> dict[str, str]:
     """Repeated and/or comma-separated --budget values -> {metric: value text}; each metric once.
 
@@ -381,6 +403,13 @@ def _compile(args: argparse.Namespace) -> int:
     if unknown:
         raise BudgetError(f"--budget {unknown[0]}: target {spec.name!r} has no cost metric {unknown[0]!r}; "
                           f"its metrics are {', '.join(spec.cost) or 'none'}")
+    quality = parse_target_quality(args.target_quality)
+    if quality is not None:
+        from .quality_search import read_quality_target
+        if budget:
+            raise CommandLineError("give either --budget or --target-quality, not both")
+        read_quality_target(quality, spec)
+    validation = load_calib(args.validation) if args.validation is not None else None
     out = Path(args.out)
     _check_out_dir(out)
 
@@ -411,7 +440,9 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
                         observer=args.observer, progress=not args.no_progress, seed=args.seed,
                         sensitivity=args.sensitivity, reconstruction=args.reconstruction,
-                        plan_check=not args.no_plan_check, threads=args.threads)
+                        plan_check=not args.no_plan_check, threads=args.threads,
+                        validation_data=None if validation is None else list(validation.split(CALIB_BATCH)),
+                        target_quality=quality)
     written, drawing_note = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
@@ -452,6 +483,11 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", action="append", metavar="METRIC=VALUE",
                    help="a cost budget such as weight_memory=1.5MiB or bops=0.5 (a number in (0, 1] is a "
                         "fraction of the spec-default model's value); repeatable or comma-separated")
+    p.add_argument("--target-quality", metavar="METRIC=VALUE[,cost=METRIC]",
+                   help="instead of a budget: the cheapest plan whose output meets sqnr_db=DB or "
+                        "top1_agreement=FRACTION against float on --validation (else the calibration data)")
+    p.add_argument("--validation", metavar="FILE.pt",
+                   help="validation samples (a tensor [N, ...]) for the plan check and --target-quality")
     p.add_argument("--no-plan-check", action="store_true",
                    help="with a budget, keep the bit-allocation program's plan without comparing it to the "
                         "widest uniform plan that fits")

@@ -185,6 +185,30 @@ def test_compile_with_block_reconstruction_matches_qcompile(tmp_path, on_path, c
     assert "reconstruction: 3 blocks, 3 kernels" in (out / "report.md").read_text()
 
 
+def test_compile_with_a_quality_target_matches_qcompile(tmp_path, on_path, capsys):
+    calib, validation = _calib(16), _calib(8, seed=3)
+    torch.save(calib, tmp_path / "calib.pt")
+    torch.save(validation, tmp_path / "val.pt")
+    out = tmp_path / "out"
+    code = main(["compile", "test_cli:tiny_model", "--target", "npu-int4", "--calib", str(tmp_path / "calib.pt"),
+                 "--validation", str(tmp_path / "val.pt"), "--target-quality", "sqnr_db=20, cost=weight_memory",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    fresh = qcompile(tiny_model(), calib[:1], target="npu-int4", calib_data=list(calib.split(32)), progress=False,
+                     validation_data=[validation], target_quality={"sqnr_db": 20.0})
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(qcompiler.load(out / "model")(x), fresh(x))
+    assert "accuracy target: sqnr_db >= 20 dB" in (out / "report.md").read_text()
+    capsys.readouterr()
+    err = _run_error(capsys, ["compile", "test_cli:tiny_model", "--target", "npu-int4", "--target-quality",
+                              "sqnr_db", "--out", str(tmp_path / "o2")])
+    assert "is not KEY=VALUE" in err
+    err = _run_error(capsys, ["compile", "test_cli:tiny_model", "--target", "npu-int4", "--target-quality",
+                              "sqnr_db=20", "--budget", "weight_memory=0.8", "--out", str(tmp_path / "o3")])
+    assert "either --budget or --target-quality" in err
+
+
 def test_report_prints_the_table(compile_run, capsys):
     assert main(["report", str(compile_run["out"])]) == 0
     text = capsys.readouterr().out
