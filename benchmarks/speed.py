@@ -20,6 +20,10 @@ Parts:
   requantizers) against the fake-quant graph of the same plan (the stage before `model_requant`),
   at batch 1 and 8, --sim-rounds rounds with the two alternating in each round, 2 threads; and
   the simulation's output codes against `lower("reference")` on held-out crops (bit-exactness).
+- effort: `qcompile(effort=...)` on EfficientNet-Lite0: the npu-int8 compile on --calib crops
+  and the budgeted npu-int4 compile (weight memory at 75 %) on --budget-calib crops, each effort
+  timed over --rounds runs (fewer for the budgeted one) and measured against float on the held-out
+  crops. The settings were fixed before this was run, not tuned on these crops.
 - scaling: compile time and peak memory against graph size: stacks of residual blocks (conv,
   BatchNorm, ReLU, add; 4 channels at 8x8, so the graph, not the arithmetic, is what grows),
   npu-int8, 8 calibration samples, each size in its own process (its peak resident memory is
@@ -34,14 +38,14 @@ import time
 
 import torch
 
-from common import emit, header, load_split, out_path, parser, spread
+from common import agreement, emit, header, load_split, logits, out_path, parser, spread
 from mixed_precision import synthetic_problem
 from qcompiler.allocation import (
     SOLVERS, AllocationProblem, BitTie, CostTable, _Program, _solve_cp_sat, solve_allocation,
 )
 from qcompiler.threads import torch_threads
 
-PARTS = ("ilp", "threads", "budgeted", "simulation", "scaling")
+PARTS = ("ilp", "threads", "budgeted", "simulation", "effort", "scaling")
 
 
 def paired_problem(n: int, seed: int = 0) -> AllocationProblem:
@@ -184,6 +188,35 @@ def simulation_part(calib: int, heldout: int, rounds: int) -> list[str]:
             f"{exact['int_kernels']} integer kernels."]
 
 
+def effort_part(calib: int, budget_calib: int, heldout: int, rounds: int) -> list[str]:
+    from qcompiler import qcompile
+    from qcompiler.options import EFFORTS
+    from qcompiler.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0().eval()
+    held = load_split("heldout", heldout)
+    ref = logits(model, held.crops)
+    rows = ["| compile | effort | seconds: median (range, runs) | held-out top-1 agreement | held-out SQNR |",
+            "|---|---|---:|---:|---:|"]
+    runs = [("npu-int8", None, calib, EFFORTS, rounds),
+            ("npu-int4, weight memory 75 %", {"weight_memory": 0.75}, budget_calib, ("fast", "default"),
+             max(1, (rounds + 1) // 2))]
+    for label, budget, n, efforts, count in runs:
+        crops = load_split("calib", n).crops
+        target = "npu-int8" if budget is None else "npu-int4"
+        for effort in efforts:
+            times = []
+            for _ in range(count):
+                start = time.perf_counter()
+                compiled = qcompile(model, crops[:1], target=target, calib_data=list(crops.split(32)), budget=budget,
+                                    progress=False, effort=effort)
+                times.append(time.perf_counter() - start)
+            quality = agreement(ref, logits(compiled, held.crops), held.photos)
+            rows.append(f"| {label}, {n} crops | {effort} | {spread(times, ' s', 1)} | {quality.cell()} | "
+                        f"{quality.sqnr_db:.2f} dB |")
+    return rows
+
+
 SCALING_CHILD = """
 import resource, sys, time, torch
 from torch import nn
@@ -261,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"EfficientNet-Lite0, npu-int8 (default pipeline, {calib} calibration crops), 224x224, 2 threads. "
                 "Median (min-max, rounds) per batch; the ratio is taken within each round.", "",
                 *simulation_part(calib, held, 3 if args.quick else args.sim_rounds), ""]
+    if "effort" in parts:
+        calib, budget_calib, held = (16, 16, 8) if args.quick else (args.calib, args.budget_calib, 300)
+        out += ["## Effort settings", "",
+                "`qcompile(effort=...)` (`qcompiler.options.EFFORT_SETTINGS`), default thread choice; the same "
+                f"model is measured against float on {held} held-out crops (the last run of each row).", "",
+                *effort_part(calib, budget_calib, held, 1 if args.quick else max(1, rounds // 2 + 1)), ""]
     if "scaling" in parts:
         counts = [100, 200] if args.quick else [1000, 2000, 5000, 10000]
         out += ["## Compile time and memory against graph size", "",

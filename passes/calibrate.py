@@ -1,7 +1,7 @@
 """calibrate: run the calibration data through the observed graph.
 
 Before: a graph with observers (`insert_observers`). After: the same graph; every observer has
-seen every calibration batch. The data is `ctx.calib_batches` (made once from whatever the user
+seen every calibration batch (the first 64 samples with `effort="fast"`). The data is `ctx.calib_batches` (made once from whatever the user
 gave by `qcompiler.calibration.calibration_batches`), so later passes (sensitivity, rounding,
 the report) run over the same batches.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..calibration import calibration_batches, run_batches, tensors_of
+from ..calibration import calibration_batches, first_samples, run_batches, tensors_of
 from ..context import CompileContext
 from ..errors import CalibrationError
 
@@ -18,8 +18,10 @@ def calibrate(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.calib_batches is None:
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         ctx.calib_batches = calibration_batches(ctx.calib_data, ctx.example_inputs, names)
+    limit = ctx.options.effort_settings.calibration_samples
+    batches = ctx.calib_batches if limit is None else first_samples(ctx.calib_batches, limit)
     try:
-        run_batches(gm, ctx.calib_batches, ctx.options.progress, "calibrate")
+        run_batches(gm, batches, ctx.options.progress, "calibrate")
     except CalibrationError:
         raise
     except Exception as exc:

@@ -29,7 +29,7 @@ def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundC
     choice = ctx.options.reconstruction
     if config is None and choice != "layer":
         return _reconstruct(gm, ctx, choice)
-    cfg = config or AdaRoundConfig()
+    cfg = config or ctx.options.effort_settings.adaround
     kernels, skipped = roundable_kernels(gm, ctx.plan, ctx.float_kernels)
     for why in skipped:
         ctx.note(STAGE, f"kept round-to-nearest for {why}")

@@ -84,9 +84,9 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              passes: Sequence[Any] | PassManager | None = None, progress: bool = True, seed: int = 0,
              leaf_modules: Sequence[Any] = (), concrete_args: dict[str, Any] | None = None,
              sensitivity: str | None = None, host_fallback: bool = False,
-             reconstruction: Any = None, plan_check: bool = True, validation_data: Any = None,
+             reconstruction: Any = None, plan_check: bool | None = None, validation_data: Any = None,
              split: Sequence[str] | None = None, threads: int | None = None,
-             target_quality: dict[str, Any] | None = None) -> CompiledModel:
+             target_quality: dict[str, Any] | None = None, effort: str = "default") -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -109,7 +109,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         or "model" (EPTQ's whole-model Hessian-weighted distillation); or a ReconstructionConfig.
     plan_check: with a budget, also finish the compile with the widest uniform plan that fits and
         keep whichever plan's output is closer to float (`qcompiler.plan_check`); this runs the
-        passes after `convert` twice when the two plans differ.
+        passes after `convert` twice when the two plans differ. None (default): on, except with
+        effort="fast".
     validation_data: batches the plan check and the accuracy-target search measure on (like
         calib_data); the calibration data if None (optimistic: give data the compile did not see).
     target_quality: instead of a budget, the least output quality to reach at the lowest cost,
@@ -126,11 +127,16 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
     threads: torch threads while the passes run. None (default): the cores this process may use
         that other processes leave free, at most torch's own setting (`qcompiler.threads`); a
         busy machine then gets no spinning threads. The plan and artifact do not depend on it.
+    effort: "fast", "default" or "best" (`qcompiler.options.EFFORT_SETTINGS`): "fast" calibrates
+        on the first 64 samples, runs a third of AdaRound's steps over a quarter of its samples
+        and skips the plan check; "best" runs three times the steps over twice the samples.
+        What each costs and gives is in benchmarks/speed_effort.md.
     """
     def in_parts(parts: Sequence[str] | None) -> Any:
         return _compile_partitioned(model, example_inputs, target, calib_data, parts, budget=budget, observer=observer,
                                     passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
-                                    sensitivity=sensitivity, reconstruction=reconstruction, threads=threads)
+                                    sensitivity=sensitivity, reconstruction=reconstruction, threads=threads,
+                                    effort=effort)
 
     if split is not None:
         return in_parts(split)
@@ -151,7 +157,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
                               observer=observer, passes=passes, progress=progress, seed=seed,
                               leaf_modules=leaf_modules, concrete_args=concrete_args, sensitivity=sensitivity,
                               host_fallback=host_fallback, reconstruction=reconstruction, plan_check=plan_check,
-                              validation_data=validation_data, threads=threads, target_quality=target_quality)
+                              validation_data=validation_data, threads=threads, target_quality=target_quality,
+                              effort=effort)
     except CaptureError as exc:
         if not exc.root_untraceable:
             raise
@@ -197,12 +204,13 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
 def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any, budget: Any,
                    observer: Any, passes: Any, progress: bool, seed: int, leaf_modules: Sequence[Any],
                    concrete_args: Any, sensitivity: Any, host_fallback: bool, reconstruction: Any,
-                   plan_check: bool, validation_data: Any, threads: int | None,
-                   target_quality: Any = None) -> CompiledModel:
+                   plan_check: bool | None, validation_data: Any, threads: int | None,
+                   target_quality: Any = None, effort: str = "default") -> CompiledModel:
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
-                             seed=seed, threads=threads, **({"sensitivity": sensitivity} if sensitivity is not None else {}),
+                             seed=seed, threads=threads, effort=effort,
+                             **({"sensitivity": sensitivity} if sensitivity is not None else {}),
                              **({"reconstruction": reconstruction} if reconstruction is not None else {}))
     if target_quality is not None:
         spec = load_spec(target)
@@ -212,6 +220,8 @@ def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_
         return CompiledModel.from_run(compile_to_quality(
             run, lambda r: resume(manager, run=r, start="convert"), run.float_graph or model,
             _validation_batches(run, validation_data, "target_quality"), wanted))
+    if plan_check is None:
+        plan_check = effort != "fast"
     manager = pipeline(passes, budget=budget is not None)
     if budget is None or not plan_check or manager.names.index("allocate_bits") + 1 == len(manager.names):
         return CompiledModel.from_run(start_run(manager, model, example_inputs, target, calib_data, options))

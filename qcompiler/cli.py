@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import BudgetError, CalibrationError, QCompileError
-from .options import RECONSTRUCTIONS, SENSITIVITY_METHODS
+from .options import EFFORTS, RECONSTRUCTIONS, SENSITIVITY_METHODS
 from .outputs import prepare_output_dir, write_text
 
 
@@ -440,9 +440,9 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = qcompile(model, example, target=spec, calib_data=batches, budget=budget or None,
                         observer=args.observer, progress=not args.no_progress, seed=args.seed,
                         sensitivity=args.sensitivity, reconstruction=args.reconstruction,
-                        plan_check=not args.no_plan_check, threads=args.threads,
+                        plan_check=False if args.no_plan_check else None, threads=args.threads,
                         validation_data=None if validation is None else list(validation.split(CALIB_BATCH)),
-                        target_quality=quality)
+                        target_quality=quality, effort=args.effort)
     written, drawing_note = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
@@ -495,6 +495,9 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                    help="how mixed precision measures each group's sensitivity (default sqnr)")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS,
                    help="fit the rounding per layer (default), per block, or over the whole model")
+    p.add_argument("--effort", choices=EFFORTS, default="default",
+                   help="fast: 64 calibration samples, a third of AdaRound's steps, no plan check; "
+                        "best: three times the steps over twice the samples (default: default)")
     p.add_argument("--observer", help="observer for every activation (minmax, moving_average, "
                                       "percentile, mse, histogram); the target's default otherwise")
     p.add_argument("--seed", type=int, default=0, help="random seed of the compile (default 0)")

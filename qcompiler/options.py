@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .adaround import AdaRoundConfig
 from .errors import QCompileError
 from .threads import check_threads
 
@@ -20,6 +21,25 @@ DEFAULT_ALLOCATION_TIME_LIMIT = 60.0
 # How `optimize_rounding` fits the rounding: per "layer" (AdaRound), per "block" or the whole "model".
 RECONSTRUCTIONS: tuple[str, ...] = ("layer", "block", "model")
 DEFAULT_RECONSTRUCTION = "layer"
+
+
+@dataclass(frozen=True)
+class EffortSettings:
+    """What `qcompile(effort=...)` changes: the calibration samples the observers see (None: all)
+    and the per-layer AdaRound configuration. Fixed in advance, not tuned: "fast" runs a third of
+    the steps over a quarter of the samples, "best" three times the steps over twice the samples;
+    what each costs and gives on EfficientNet-Lite0 is in benchmarks/speed_effort.md."""
+
+    calibration_samples: int | None
+    adaround: AdaRoundConfig
+
+
+EFFORT_SETTINGS = {
+    "fast": EffortSettings(calibration_samples=64, adaround=AdaRoundConfig(steps=100, max_samples=32)),
+    "default": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig()),
+    "best": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig(steps=900, max_samples=256)),
+}
+EFFORTS: tuple[str, ...] = tuple(EFFORT_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,9 @@ class CompileOptions:
     seed: every random choice of the compile (probes, sampled rows) derives from it.
     threads: torch threads while the passes run; None: the cores other processes leave free
         (`qcompiler.threads`). The plan does not depend on it.
+    effort: "fast", "default" or "best": how many calibration samples the observers see and how
+        long per-layer AdaRound runs (`EFFORT_SETTINGS`); "fast" also skips the plan check
+        unless `qcompile(plan_check=True)` asks for it.
     """
 
     observer: str | Mapping[str, str] | None = None
@@ -53,8 +76,11 @@ class CompileOptions:
     progress: bool = True
     seed: int = 0
     threads: int | None = field(default=None, compare=False)
+    effort: str = "default"
 
     def __post_init__(self) -> None:
+        if self.effort not in EFFORTS:
+            raise QCompileError(f"effort={self.effort!r} is not a setting; choose one of {', '.join(EFFORTS)}")
         if self.sensitivity not in SENSITIVITY_METHODS:
             raise QCompileError(f"sensitivity={self.sensitivity!r} is not a method; choose one of "
                                 f"{', '.join(SENSITIVITY_METHODS)}")
@@ -68,3 +94,7 @@ class CompileOptions:
             raise QCompileError(f"seed must be an integer, got {self.seed!r}")
         check_threads(self.threads)
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+
+    @property
+    def effort_settings(self) -> EffortSettings:
+        return EFFORT_SETTINGS[self.effort]

@@ -185,6 +185,26 @@ def test_compile_with_block_reconstruction_matches_qcompile(tmp_path, on_path, c
     assert "reconstruction: 3 blocks, 3 kernels" in (out / "report.md").read_text()
 
 
+def test_compile_with_fast_effort_matches_qcompile(tmp_path, on_path, capsys):
+    calib = _calib(96)  # "fast" calibrates on the first 64
+    torch.save(calib, tmp_path / "calib.pt")
+    out = tmp_path / "out"
+    code = main(["compile", "test_cli:tiny_model", "--target", "npu-int4", "--calib", str(tmp_path / "calib.pt"),
+                 "--effort", "fast", "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    fast = qcompile(tiny_model(), calib[:1], target="npu-int4", calib_data=list(calib.split(32)), progress=False,
+                    effort="fast")
+    default = qcompile(tiny_model(), calib[:1], target="npu-int4", calib_data=list(calib.split(32)), progress=False)
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(qcompiler.load(out / "model")(x), fast(x))
+        assert not torch.equal(fast(x), default(x))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["compile", "test_cli:tiny_model", "--target", "npu-int4", "--effort", "quick", "--out", str(tmp_path / "o2")])
+    assert exc.value.code == 2 and "invalid choice: 'quick'" in capsys.readouterr().err
+
+
 def test_compile_with_a_quality_target_matches_qcompile(tmp_path, on_path, capsys):
     calib, validation = _calib(16), _calib(8, seed=3)
     torch.save(calib, tmp_path / "calib.pt")

@@ -1,0 +1,105 @@
+"""qcompile(effort=...): what each setting runs, checked on a trained digits model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trained_models import deterministic_torch, train_digits  # noqa: E402
+
+import qcompiler  # noqa: E402
+from qcompiler.adaround import AdaRoundConfig  # noqa: E402
+from qcompiler.errors import QCompileError  # noqa: E402
+from qcompiler.options import EFFORT_SETTINGS, CompileOptions  # noqa: E402
+
+SPEC = str(Path(__file__).parent.parent / "benchmarks" / "npu-w248.toml")  # 2-, 4-, 8-bit weights, default 8
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return train_digits()
+
+
+def _compile(model, calib, **kw):
+    with deterministic_torch():
+        return qcompiler.qcompile(model, calib[:1], target=SPEC, calib_data=list(calib.split(64)), progress=False,
+                                  **kw)
+
+
+def _input_scale(compiled) -> float:
+    placeholder = next(n.name for n in compiled.graph("capture").graph.nodes if n.op == "placeholder")
+    group = next(g for g in compiled.plan.groups if g.kind == "activation" and placeholder in g.tensors)
+    return float(group.params.scale)
+
+
+def _notes(compiled, stage: str) -> list[str]:
+    return compiled._run.ctx.notes.get(stage, [])
+
+
+def test_an_unknown_effort_is_refused_with_the_choices(digits):
+    with pytest.raises(QCompileError, match="effort='quick'.*fast, default, best"):
+        _compile(digits.model, digits.calib, effort="quick")
+    with pytest.raises(QCompileError, match="fast, default, best"):
+        CompileOptions(effort="")
+
+
+def test_default_effort_is_the_pipeline_as_it_was():
+    assert EFFORT_SETTINGS["default"].adaround == AdaRoundConfig()
+    assert EFFORT_SETTINGS["default"].calibration_samples is None
+    assert CompileOptions().effort == "default"
+
+
+def test_fast_calibrates_on_the_first_64_samples_and_rounds_over_fewer(digits):
+    # Samples past the 64th are blown up tenfold: only a compile that calibrates on them widens
+    # the input's range.
+    calib = digits.calib.clone()
+    assert len(calib) > 64
+    calib[64:] *= 10
+    fast, default = _compile(digits.model, calib, effort="fast"), _compile(digits.model, calib)
+    head_only = _compile(digits.model, calib[:64], effort="fast")
+    assert _input_scale(fast) == pytest.approx(_input_scale(head_only), rel=1e-6)
+    assert _input_scale(default) > 5 * _input_scale(fast)
+    fast_note = " ".join(_notes(fast, "optimize_rounding"))
+    default_note = " ".join(_notes(default, "optimize_rounding"))
+    fast_samples = EFFORT_SETTINGS["fast"].adaround.max_samples
+    assert f"over {fast_samples} samples" in fast_note
+    assert f"over {min(len(calib), AdaRoundConfig().max_samples)} samples" in default_note
+
+
+def test_fast_rounds_with_fewer_steps_and_best_with_more(digits, monkeypatch):
+    from qcompiler.passes import optimize_rounding as pass_module
+
+    seen: list[int] = []
+    real = pass_module.round_kernel
+
+    def spy(*args, **kwargs):
+        seen.append(args[7].steps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pass_module, "round_kernel", spy)
+    for effort in ("fast", "default", "best"):
+        seen.clear()
+        _compile(digits.model, digits.calib[:64], effort=effort)
+        assert seen and set(seen) == {EFFORT_SETTINGS[effort].adaround.steps}, effort
+    assert EFFORT_SETTINGS["fast"].adaround.steps < AdaRoundConfig().steps < EFFORT_SETTINGS["best"].adaround.steps
+
+
+def test_fast_skips_the_plan_check_unless_asked(digits):
+    budget = {"weight_memory": 0.55}
+    fast = _compile(digits.model, digits.calib, effort="fast", budget=budget)
+    asked = _compile(digits.model, digits.calib, effort="fast", budget=budget, plan_check=True)
+    default = _compile(digits.model, digits.calib, budget=budget)
+    assert "plan check" not in fast.report().totals["bit allocation"]
+    assert "plan check" in asked.report().totals["bit allocation"]
+    assert "plan check" in default.report().totals["bit allocation"]
+    for compiled in (fast, asked):
+        assert compiled.weight_memory_bytes <= 0.55 * _compile(digits.model, digits.calib[:64]).weight_memory_bytes
+
+
+def test_the_same_effort_gives_the_same_model(digits):
+    a, b = (_compile(digits.model, digits.calib, effort="fast") for _ in range(2))
+    x = digits.heldout[:32]
+    assert torch.equal(a(x), b(x))
