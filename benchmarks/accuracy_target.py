@@ -19,7 +19,7 @@ from common import SPLIT_NOTE, agreement, emit, header, load_split, logits, out_
 import qcompiler
 from qcompiler.zoo import efficientnet_lite0
 
-TARGETS = ("sqnr_db=20", "top1_agreement=0.9")
+TARGETS = ("sqnr_db=20", "top1_agreement=0.8")
 
 
 def parse(text: str) -> dict:
@@ -51,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         wanted = parse(text.strip())
         metric, value = next(iter(wanted.items()))
         start = time.perf_counter()
-        compiled = qcompiler.qcompile(model, calib.crops[:1], target="npu-int4", calib_data=list(calib.crops.split(32)),
-                                      validation_data=list(val.crops.split(32)), target_quality=wanted,
-                                      passes=passes, progress=False)
+        try:
+            compiled = qcompiler.qcompile(model, calib.crops[:1], target="npu-int4",
+                                          calib_data=list(calib.crops.split(32)), validation_data=list(val.crops.split(32)),
+                                          target_quality=wanted, passes=passes, progress=False)
+        except qcompiler.BudgetError as exc:  # out of reach: the row says so and the others still run
+            rows.append(f"| {metric} >= {value:g} | | | {exc} | | | | {time.perf_counter() - start:.0f} s |")
+            continue
         seconds = time.perf_counter() - start
         report = compiled.report()
         steps = report.totals["accuracy-target search"].split(" | ")
