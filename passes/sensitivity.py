@@ -23,7 +23,7 @@ def sensitivity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     groups = [g for g in ctx.groups
               if not g.fallback and (len(g.candidates) > 1 or (host and g.kind == "weight"))]
     table = measure_sensitivity(gm, groups, ctx.observers, ctx.calib_batches or [], options.sensitivity,
-                                options.seed, options.progress)
+                                options.seed, options.progress, options.executor)
     values = dict(table.values)
     for g in ctx.groups:
         if g.id not in values and not g.fallback:

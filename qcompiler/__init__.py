@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import qcompile
+from .api import compile_many, qcompile
 from . import backends
 from .backends import Backend, register_backend
 from .compiled import CompiledModel, load_compiled
@@ -37,7 +37,7 @@ def load_qpack(path: Any) -> Any:
 
 __all__ = [
     "Backend", "CompileContext", "CompileOptions", "CompiledModel", "ParetoResult", "PassManager", "PassRun",
-    "TargetSpec", "__version__", "capture", "list_targets", "load", "load_qpack", "load_target", "pareto",
+    "TargetSpec", "__version__", "capture", "compile_many", "list_targets", "load", "load_qpack", "load_target", "pareto",
     "qcompile", "register_backend", "register_pass",
     "ArtifactError", "BudgetError", "CalibrationError", "CaptureError", "GroupingError", "OnnxExportError",
     "PassError", "QCompileError", "SpecError",

@@ -6,6 +6,7 @@ which `pareto` and every sweep share.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from .calibration import calibration_batches
 from .compiled import CompiledModel
 from .context import CompileContext, as_input_tuple
 from .errors import CaptureError, QCompileError
+from .executor import check_executor, map_tasks
 from .options import CompileOptions
 from .pass_manager import PassManager, PassRun
 from .plan_check import check_plan
@@ -86,7 +88,8 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
              sensitivity: str | None = None, host_fallback: bool = False,
              reconstruction: Any = None, plan_check: bool | None = None, validation_data: Any = None,
              split: Sequence[str] | None = None, threads: int | None = None,
-             target_quality: dict[str, Any] | None = None, effort: str = "default") -> CompiledModel:
+             target_quality: dict[str, Any] | None = None, effort: str = "default",
+             executor: str = "local") -> CompiledModel:
     """Compile a float model for a target; returns the simulated quantized model.
 
     example_inputs: a tensor or a tuple of tensors, batch dimension included.
@@ -131,12 +134,15 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         on the first 64 samples, runs a third of AdaRound's steps over a quarter of its samples
         and skips the plan check; "best" runs three times the steps over twice the samples.
         What each costs and gives is in benchmarks/speed_effort.md.
+    executor: "local" (default) or "ray": with a budget, the sensitivity of the groups is measured
+        in Ray tasks (`qcompiler.executor`: a local Ray instance, or the cluster RAY_ADDRESS names).
+        The model is the same either way.
     """
     def in_parts(parts: Sequence[str] | None) -> Any:
         return _compile_partitioned(model, example_inputs, target, calib_data, parts, budget=budget, observer=observer,
                                     passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
                                     sensitivity=sensitivity, reconstruction=reconstruction, threads=threads,
-                                    effort=effort)
+                                    effort=effort, executor=executor)
 
     if split is not None:
         return in_parts(split)
@@ -158,11 +164,37 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
                               leaf_modules=leaf_modules, concrete_args=concrete_args, sensitivity=sensitivity,
                               host_fallback=host_fallback, reconstruction=reconstruction, plan_check=plan_check,
                               validation_data=validation_data, threads=threads, target_quality=target_quality,
-                              effort=effort)
+                              effort=effort, executor=executor)
     except CaptureError as exc:
         if not exc.root_untraceable:
             raise
         return in_parts(None)
+
+
+def compile_many(model: nn.Module, example_inputs: Any, jobs: Sequence[dict[str, Any]], *, calib_data: Any = None,
+                 executor: str = "local", **common: Any) -> list[CompiledModel]:
+    """One model compiled for many targets or budgets: `qcompile(model, example_inputs,
+    calib_data=calib_data, **common, **job)` for every job (a dict of qcompile keywords, e.g.
+    {"target": "npu-int4", "budget": {"weight_memory": 0.6}}), in order. executor="ray" runs each
+    compile as a Ray task, the model and data going once through Ray's object store
+    (`qcompiler.executor`); every model is the one `qcompile` gives in this process."""
+    check_executor(executor)
+    known = set(inspect.signature(qcompile).parameters) - {"model", "example_inputs", "calib_data", "executor"}
+    for i, job in enumerate([common, *jobs]):
+        where = "compile_many keywords" if i == 0 else f"job {i - 1}"
+        if not isinstance(job, dict):
+            raise QCompileError(f"{where} must be a dict of qcompile keywords, got {type(job).__name__}")
+        unknown = sorted(set(job) - known)
+        if unknown:
+            raise QCompileError(f"{where}: {', '.join(map(repr, unknown))} is not a qcompile keyword; "
+                                f"the keywords are {', '.join(sorted(known))}")
+    data = None if calib_data is None else list(calib_data)
+    return map_tasks(_compile_job, (model, example_inputs, data, common), list(jobs), executor)
+
+
+def _compile_job(shared: tuple, job: dict[str, Any]) -> CompiledModel:
+    model, example_inputs, calib_data, common = shared
+    return qcompile(model, example_inputs, calib_data=calib_data, **{**common, **job})
 
 
 def _root_untraceable(model: Any, leaf_modules: Sequence[Any], concrete_args: dict[str, Any] | None) -> bool:
@@ -205,11 +237,11 @@ def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_
                    observer: Any, passes: Any, progress: bool, seed: int, leaf_modules: Sequence[Any],
                    concrete_args: Any, sensitivity: Any, host_fallback: bool, reconstruction: Any,
                    plan_check: bool | None, validation_data: Any, threads: int | None,
-                   target_quality: Any = None, effort: str = "default") -> CompiledModel:
+                   target_quality: Any = None, effort: str = "default", executor: str = "local") -> CompiledModel:
     check_inputs(model, example_inputs)
     options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
-                             seed=seed, threads=threads, effort=effort,
+                             seed=seed, threads=threads, effort=effort, executor=executor,
                              **({"sensitivity": sensitivity} if sensitivity is not None else {}),
                              **({"reconstruction": reconstruction} if reconstruction is not None else {}))
     if target_quality is not None:

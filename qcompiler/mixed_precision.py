@@ -7,6 +7,8 @@ objective) and, on evaluation data (the calibration data if none is given), outp
 float and top-1 agreement. `MixedPrecisionSession` exposes the same steps for benchmarks that
 compare other allocations (uniform bit widths, greedy search) on equal terms. Both run the
 pipeline through the pass manager: once up to `sensitivity`, then a fork of that run per plan.
+With `executor="ray"` the sensitivity shards and the plans' compiles run as Ray tasks
+(`qcompiler.executor`); the points are the same as in one process.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .api import pipeline, resume, start_run
 from .calibration import calibration_batches
 from .compiled import CompiledModel
 from .errors import BudgetError
+from .executor import map_tasks
 from .options import CompileOptions
 from .plan_check import logits as _logits, output_sqnr_db
 
@@ -87,8 +90,8 @@ class MixedPrecisionSession:
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any,
                  sensitivity: str | None = None, observer: Any = None, progress: bool = True, seed: int = 0,
-                 passes: Sequence[Any] | None = None):
-        options = CompileOptions(observer=observer, progress=progress, seed=seed,
+                 passes: Sequence[Any] | None = None, executor: str = "local"):
+        options = CompileOptions(observer=observer, progress=progress, seed=seed, executor=executor,
                                  **({"sensitivity": sensitivity} if sensitivity is not None else {}))
         self.manager = pipeline(passes, budget=True)
         self.run = start_run(self.manager, model, example_inputs, target, calib_data, options, stop="sensitivity")
@@ -118,18 +121,21 @@ class MixedPrecisionSession:
 
 def pareto(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any,
            budgets: Sequence[Any], eval_data: Any = None, metric: str = "weight_memory",
-           sensitivity: str | None = None, progress: bool = True, seed: int = 0) -> ParetoResult:
+           sensitivity: str | None = None, progress: bool = True, seed: int = 0,
+           executor: str = "local") -> ParetoResult:
     """Solve the bit allocation for every budget from one sensitivity run, and measure each plan.
 
     budgets: values of `metric` (fractions of the spec-default model such as 0.6, "60%", or
         absolute values such as "1.5 MiB"), or dicts of several metrics.
     eval_data: batches (tensors or tuples) to measure output SQNR and top-1 agreement with
         float on; the calibration data (SQNR only) if None.
+    executor: "local" or "ray": run the sensitivity shards and each budget's compile as Ray tasks
+        (`qcompiler.executor`); the result is the same.
     """
     if not budgets:
         raise BudgetError("pareto needs at least one budget, e.g. budgets=[1.0, 0.75, 0.6, 0.5]")
     session = MixedPrecisionSession(model, example_inputs, target=target, calib_data=calib_data,
-                                    sensitivity=sensitivity, progress=progress, seed=seed)
+                                    sensitivity=sensitivity, progress=progress, seed=seed, executor=executor)
     if eval_data is None:
         batches, where = session.ctx.calib_batches, "calibration data"
     else:
@@ -138,24 +144,36 @@ def pareto(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: An
         where = "held-out data"
     ref = _logits(model.eval(), batches)
     default = {g: session.problem.defaults[g] for g in session.problem.candidates}
-    points = []
+    solved: list[tuple[dict[str, Any], Any]] = []
     for b in budgets:
         budget = dict(b) if isinstance(b, Mapping) else {metric: b}
         try:
-            result = session.solve(budget)
+            solved.append((budget, session.solve(budget)))
         except BudgetError:
+            solved.append((budget, None))
+    choices = [result.choice for _, result in solved if result is not None]
+    measured = iter(map_tasks(_measure_plan, (session, batches, ref, eval_data is not None), choices, executor))
+    points = []
+    for budget, result in solved:
+        if result is None:
             points.append(ParetoPoint(budget, math.nan, math.nan, math.nan, math.nan, math.nan, "INFEASIBLE", 0.0))
             continue
-        compiled = session.compile(result.choice)
-        out = _logits(compiled, batches)
-        top1 = float((out.argmax(1) == ref.argmax(1)).float().mean()) if eval_data is not None else math.nan
+        memory, bops, sqnr, top1 = next(measured)
         points.append(ParetoPoint(
-            budget=budget, weight_memory_bytes=float(compiled.weight_memory_bytes),
-            bops=float(compiled.cost("bops")) if "bops" in session.spec.cost else math.nan,
-            predicted=result.objective, sqnr_db=output_sqnr_db(ref, out), top1_agreement=top1,
-            status=result.status, solve_seconds=result.seconds, choice=dict(result.choice)))
+            budget=budget, weight_memory_bytes=memory, bops=bops, predicted=result.objective, sqnr_db=sqnr,
+            top1_agreement=top1, status=result.status, solve_seconds=result.seconds, choice=dict(result.choice)))
     return ParetoResult(points=points, sensitivity_seconds=session.table.seconds,
                         default_weight_memory_bytes=session.problem.cost("weight_memory", default)
                         if "weight_memory" in session.problem.costs else math.nan,
                         default_bops=session.problem.cost("bops", default) if "bops" in session.problem.costs else math.nan,
                         evaluated_on=where)
+
+
+def _measure_plan(shared: tuple, choice: Mapping[int, str]) -> tuple[float, float, float, float]:
+    """(weight memory, BOPs, output SQNR, top-1 agreement) of the session's model with `choice`."""
+    session, batches, ref, labelled = shared
+    compiled = session.compile(choice)
+    out = _logits(compiled, batches)
+    top1 = float((out.argmax(1) == ref.argmax(1)).float().mean()) if labelled else math.nan
+    bops = float(compiled.cost("bops")) if "bops" in session.spec.cost else math.nan
+    return float(compiled.weight_memory_bytes), bops, output_sqnr_db(ref, out), top1

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from .adaround import AdaRoundConfig
 from .errors import QCompileError
+from .executor import check_executor
 from .threads import check_threads
 
 # How `sensitivity` measures each (group, format); see qcompiler.sensitivity.
@@ -63,6 +64,8 @@ class CompileOptions:
     effort: "fast", "default" or "best": how many calibration samples the observers see and how
         long per-layer AdaRound runs (`EFFORT_SETTINGS`); "fast" also skips the plan check
         unless `qcompile(plan_check=True)` asks for it.
+    executor: "local" or "ray": where independent measurements (the sensitivity of many groups)
+        run (`qcompiler.executor`). The results do not depend on it.
     """
 
     observer: str | Mapping[str, str] | None = None
@@ -77,6 +80,7 @@ class CompileOptions:
     seed: int = 0
     threads: int | None = field(default=None, compare=False)
     effort: str = "default"
+    executor: str = field(default="local", compare=False)
 
     def __post_init__(self) -> None:
         if self.effort not in EFFORTS:
@@ -93,6 +97,7 @@ class CompileOptions:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise QCompileError(f"seed must be an integer, got {self.seed!r}")
         check_threads(self.threads)
+        check_executor(self.executor)
         object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
 
     @property

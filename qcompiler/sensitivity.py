@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from .adaround import AdaRoundConfig, round_alone
 from .calibration import batch_samples, sub_batches
 from .errors import QCompileError
+from .executor import cluster_cpus, map_tasks
 from .formats import IntFormat
 from .fx_util import tree_map_detach
 from .groups import QuantizerGroup
@@ -94,9 +95,11 @@ class SensitivityTable:
 
 def measure_sensitivity(gm: fx.GraphModule, groups: list[QuantizerGroup], observers: dict[int, Any],
                         batches: list[tuple[Any, ...]], method: str, seed: int = 0,
-                        progress: bool = True) -> SensitivityTable:
+                        progress: bool = True, executor: str = "local") -> SensitivityTable:
     """The sensitivity of every group in `groups` (those with a choice) by `method` (see the
-    module docstring); the observers keep their statistics (their stubs are off meanwhile)."""
+    module docstring); the observers keep their statistics (their stubs are off meanwhile).
+    executor="ray": "sqnr" measures the groups in shards, as Ray tasks (`qcompiler.executor`);
+    each group's value is the same as in one process."""
     if not batches:
         raise QCompileError("sensitivity needs calibration batches: run calibrate before it")
     start = time.perf_counter()
@@ -109,6 +112,8 @@ def measure_sensitivity(gm: fx.GraphModule, groups: list[QuantizerGroup], observ
             torch.manual_seed(seed)
             if method == "hessian":
                 values, samples = hessian_sensitivity(gm, groups, observers, batches, progress)
+            elif method == "sqnr" and executor != "local" and len(groups) > 1:
+                values, samples = _sqnr_in_shards(gm, groups, observers, batches, seed, executor)
             else:
                 values, samples = sqnr_sensitivity(gm, groups, observers, batches, progress,
                                                    rounded=method == "adaround")
@@ -289,6 +294,26 @@ def sqnr_sensitivity(gm: fx.GraphModule, groups: list[Any], observers: dict[int,
     for (gid, c), v in noise.items():
         values.setdefault(gid, {})[c] = v / signal
     return values, samples
+
+
+def _sqnr_in_shards(gm: fx.GraphModule, groups: list[Any], observers: dict[int, Any],
+                    batches: list[tuple[Any, ...]], seed: int, executor: str) -> tuple[dict[int, dict[str, float]], int]:
+    """`sqnr_sensitivity` over interleaved shards of the groups, one task each (two per CPU, so
+    that uneven shards even out). A group's noise does not depend on the other groups measured
+    with it, and every shard sees the same float outputs, so the values are those of one run."""
+    shards = min(len(groups), 2 * cluster_cpus(executor))
+    parts = map_tasks(_sqnr_shard, (gm, groups, observers, batches, seed),
+                      [[g.id for g in groups[i::shards]] for i in range(shards)], executor)
+    measured = {gid: v for values, _ in parts for gid, v in values.items()}
+    return {g.id: measured[g.id] for g in groups}, parts[0][1]
+
+
+def _sqnr_shard(shared: tuple, ids: list[int]) -> tuple[dict[int, dict[str, float]], int]:
+    gm, groups, observers, batches, seed = shared
+    chosen = set(ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return sqnr_sensitivity(gm, [g for g in groups if g.id in chosen], observers, batches, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

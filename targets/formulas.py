@@ -100,6 +100,10 @@ class Formula:
     def parse(cls, text: str | int | float, key: str = "formula") -> "Formula":
         return parse_formula(text, key)
 
+    def __reduce__(self) -> tuple:
+        # Pickled (by Ray, between processes) as its text, parsed again on arrival.
+        return parse_formula, (self.text, self.key)
+
     def evaluate(self, **values: float) -> float:
         """The formula's value; every name in `variables` must be given, others are ignored.
 

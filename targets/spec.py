@@ -120,6 +120,9 @@ class Unsupported:
     action: str = "refuse"
     host_cost: Mapping[str, Formula] = field(default_factory=lambda: MappingProxyType({}))
 
+    def __reduce__(self) -> tuple:
+        return _reduce_proxied(self)
+
     def __hash__(self) -> int:
         return hash((self.action, tuple(self.host_cost.items())))
 
@@ -147,6 +150,9 @@ class TargetSpec:
     def __repr__(self) -> str:
         return (f"TargetSpec({self.name!r}, version={self.version!r}, {len(self.formats)} formats, "
                 f"{len(self.ops)} op kinds, source={self.source!r})")
+
+    def __reduce__(self) -> tuple:
+        return _reduce_proxied(self)
 
     def __hash__(self) -> int:
         # Equal specs agree on these; the mappings themselves are not hashable.
@@ -201,6 +207,18 @@ class TargetSpec:
             values = {**values, "a_bits": 32, "out_bits": 32, "w_scales": 0,
                       "w_bits": 32 if values.get("params") else 0}
         return self.cost[metric].evaluate(**values)
+
+
+def _reduce_proxied(obj: Any) -> tuple:
+    """Pickle support for the frozen spec dataclasses (Ray moves specs between processes): their
+    read-only mappings travel as plain dicts and are wrapped again on arrival."""
+    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    proxied = tuple(k for k, v in values.items() if isinstance(v, MappingProxyType))
+    return _rebuild_proxied, (type(obj), {k: dict(v) if k in proxied else v for k, v in values.items()}, proxied)
+
+
+def _rebuild_proxied(cls: type, values: dict[str, Any], proxied: tuple[str, ...]) -> Any:
+    return cls(**{k: MappingProxyType(v) if k in proxied else v for k, v in values.items()})
 
 
 def _check_role(role: str) -> None:
