@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import BudgetError, CalibrationError, QCompileError
+from .executor import EXECUTORS
 from .options import EFFORTS, RECONSTRUCTIONS, SENSITIVITY_METHODS
 from .outputs import prepare_output_dir, write_text
 
@@ -442,7 +443,7 @@ def _compile(args: argparse.Namespace) -> int:
                         sensitivity=args.sensitivity, reconstruction=args.reconstruction,
                         plan_check=False if args.no_plan_check else None, threads=args.threads,
                         validation_data=None if validation is None else list(validation.split(CALIB_BATCH)),
-                        target_quality=quality, effort=args.effort)
+                        target_quality=quality, effort=args.effort, executor=args.executor)
     written, drawing_note = write_compile_outputs(compiled, out)
     if args.onnx:
         exported = compiled.export_onnx(str(out / "model.onnx"))
@@ -495,6 +496,9 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                    help="how mixed precision measures each group's sensitivity (default sqnr)")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS,
                    help="fit the rounding per layer (default), per block, or over the whole model")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="ray: run independent measurements as Ray tasks (a local Ray instance, or the cluster "
+                        "RAY_ADDRESS names); the result is the same (default: local)")
     p.add_argument("--effort", choices=EFFORTS, default="default",
                    help="fast: 64 calibration samples, a third of AdaRound's steps, no plan check; "
                         "best: three times the steps over twice the samples (default: default)")
@@ -630,7 +634,7 @@ def _pareto(args: argparse.Namespace) -> int:
     prepare_out_dir(out)
     result = pareto(model, calib[:1], target=args.target, calib_data=batches, budgets=budgets,
                     eval_data=evaluation, metric=args.metric, sensitivity=args.sensitivity,
-                    progress=not args.no_progress, seed=args.seed)
+                    progress=not args.no_progress, seed=args.seed, executor=args.executor)
     out.mkdir(parents=True, exist_ok=True)
     table = result.to_markdown()
     write_text(out / "pareto.md", table)
@@ -666,6 +670,9 @@ def add_pareto(subparsers: argparse._SubParsersAction) -> None:
                    help="with a budget, keep the bit-allocation program's plan without comparing it to the "
                         "widest uniform plan that fits")
     p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS, help="sensitivity method (default sqnr)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="ray: run independent measurements as Ray tasks (a local Ray instance, or the cluster "
+                        "RAY_ADDRESS names); the result is the same (default: local)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
