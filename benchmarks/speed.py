@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         out += ["## Effort settings", "",
                 "`qcompile(effort=...)` (`qcompiler.options.EFFORT_SETTINGS`), default thread choice; the same "
                 f"model is measured against float on {held} held-out crops (the last run of each row).", "",
-                *effort_part(calib, budget_calib, held, 1 if args.quick else max(1, rounds // 2 + 1)), ""]
+                *effort_part(calib, budget_calib, held, 1 if args.quick else rounds), ""]
     if "ray" in parts:
         calib = 16 if args.quick else args.budget_calib
         out += ["## Ray", "",
