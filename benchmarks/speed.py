@@ -32,7 +32,8 @@ Parts:
 - scaling: compile time and peak memory against graph size: stacks of residual blocks (conv,
   BatchNorm, ReLU, add; 4 channels at 8x8, so the graph, not the arithmetic, is what grows),
   npu-int8, 8 calibration samples, each size in its own process (its peak resident memory is
-  the process's).
+  the process's); and torchvision's resnet18 to resnet152 (random weights, 8 samples of
+  3x64x64, npu-int8), each in its own process.
 """
 from __future__ import annotations
 
@@ -312,8 +313,13 @@ class Block(nn.Module):
         return x + torch.relu(self.bn(self.conv(x)))
 
 torch.manual_seed(0)
-model = nn.Sequential(*[Block(4) for _ in range(int(sys.argv[1]))]).eval()
-data = [torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+if sys.argv[1].startswith("resnet"):
+    import torchvision
+    model = getattr(torchvision.models, sys.argv[1])().eval()
+    data = [torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+else:
+    model = nn.Sequential(*[Block(4) for _ in range(int(sys.argv[1]))]).eval()
+    data = [torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 start = time.perf_counter()
 compiled = qcompile(model, data[0], calib_data=data, progress=False)
 seconds = time.perf_counter() - start
@@ -322,15 +328,14 @@ print(len(compiled.graph("capture").graph.nodes), seconds, sum(compiled.timings.
 """
 
 
-def scaling_part(node_counts: list[int]) -> list[str]:
-    rows = ["| captured nodes | blocks | compile s | in the passes s | per 1k nodes s | peak memory MiB |",
-            "|---:|---:|---:|---:|---:|---:|"]
-    for count in node_counts:
-        blocks = max(1, count // 4)  # four nodes per block
-        out = subprocess.run([sys.executable, "-c", SCALING_CHILD, str(blocks)], capture_output=True, text=True,
-                             check=True)
+def scaling_part(node_counts: list[int], resnets: list[str]) -> list[str]:
+    rows = ["| graph | captured nodes | compile s | in the passes s | per 1k nodes s | peak memory MiB |",
+            "|---|---:|---:|---:|---:|---:|"]
+    runs = [(f"{max(1, count // 4):,} residual blocks", str(max(1, count // 4))) for count in node_counts]  # 4 nodes each
+    for label, arg in runs + [(name, name) for name in resnets]:
+        out = subprocess.run([sys.executable, "-c", SCALING_CHILD, arg], capture_output=True, text=True, check=True)
         nodes, seconds, in_passes, peak = out.stdout.split()
-        rows.append(f"| {int(nodes):,} | {blocks:,} | {float(seconds):.1f} | {float(in_passes):.1f} | "
+        rows.append(f"| {label} | {int(nodes):,} | {float(seconds):.1f} | {float(in_passes):.1f} | "
                     f"{float(seconds) / int(nodes) * 1000:.2f} | {float(peak):,.0f} |")
     return rows
 
@@ -343,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=256, help="calibration crops for the thread timings")
     ap.add_argument("--budget-calib", type=int, default=64, help="calibration crops for the budgeted compile")
     ap.add_argument("--sim-rounds", type=int, default=15, help="rounds of the simulation timing")
+    ap.add_argument("--sizes", default="1000,2000,5000,10000", help="node counts of the synthetic graphs (scaling)")
+    ap.add_argument("--resnets", default="resnet18,resnet34,resnet50,resnet101,resnet152",
+                    help="torchvision resnets of the scaling part")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
@@ -387,11 +395,12 @@ def main(argv: list[str] | None = None) -> int:
                 "2-core machine. Median (range, rounds); ratios within each round.", "",
                 *ray_part(calib, 2 if args.quick else rounds), ""]
     if "scaling" in parts:
-        counts = [100, 200] if args.quick else [1000, 2000, 5000, 10000]
+        counts = [100, 200] if args.quick else [int(n) for n in args.sizes.split(",") if n]
+        resnets = ["resnet18"] if args.quick else [n for n in args.resnets.split(",") if n]
         out += ["## Compile time and memory against graph size", "",
                 "Stacked residual blocks (see the script), one run per size; \"in the passes\" is the sum of "
                 "the pass timings, the rest is the stage snapshots kept for inspection and the final model.", "",
-                *scaling_part(counts), ""]
+                *scaling_part(counts, resnets), ""]
     emit("\n".join(out), out_path(__file__, args))
     return 0
 
