@@ -280,7 +280,14 @@ def ray_part(calib: int, rounds: int) -> list[str]:
                                     budgets=[0.9, 0.8, 0.75, 0.7], executor=executor)
                     curves[executor].append(time.perf_counter() - begin)
                 points[executor].append([(p.status, p.choice, p.weight_memory_bytes, p.sqnr_db) for p in result.points])
-        same_points = all(p == points["local"][0] for p in points["local"] + points["ray"])
+        # Each Ray task computes on one thread; one process on one thread is the like-for-like reference.
+        with torch_threads(1):
+            result = pareto(model, crops[:1], target="npu-int4", calib_data=batches, progress=False,
+                            budgets=[0.9, 0.8, 0.75, 0.7])
+        one_thread = [(p.status, p.choice, p.weight_memory_bytes, p.sqnr_db) for p in result.points]
+        same_plans = all([q[:3] for q in p] == [q[:3] for q in one_thread] for p in points["local"] + points["ray"])
+        same_as_one_thread = all(p == one_thread for p in points["ray"])
+        gap = max(abs(a[3] - b[3]) for p in points["local"] for a, b in zip(p, points["ray"][0]))
         pareto_ratios = [a / b for a, b in zip(curves["local"], curves["ray"])]
     finally:
         ray.shutdown()
@@ -291,7 +298,9 @@ def ray_part(calib: int, rounds: int) -> list[str]:
             f"{'yes, every value' if identical else 'NO'} |",
             f"| `pareto`, 4 budgets (calibration, sensitivity, 4 finished compiles) | {spread(curves['local'], ' s', 1)} | "
             f"{spread(curves['ray'], ' s', 1)} | {spread(pareto_ratios, 'x')} | "
-            f"{'yes, every point' if same_points else 'NO'} |", "",
+            f"plans and memory {'identical' if same_plans else 'DIFFER'}; every point "
+            f"{'identical' if same_as_one_thread else 'NOT identical'} to one process on 1 thread; "
+            f"SQNR within {gap:.3f} dB of one process on 2 threads |", "",
             f"Overhead: starting the local Ray instance and its two workers {started:.1f} s (once per process); "
             f"one trivial task {spread([t * 1000 for t in trivial], ' ms', 0)}; one task that receives the "
             f"calibrated session ({size:.0f} MiB serialised: graphs, observers, calibration data) "
