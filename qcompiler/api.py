@@ -129,7 +129,9 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         calib_data item are then whatever the model's forward takes (a list of images).
     threads: torch threads while the passes run. None (default): the cores this process may use
         that other processes leave free, at most torch's own setting (`qcompiler.threads`); a
-        busy machine then gets no spinning threads. The plan and artifact do not depend on it.
+        busy machine then gets no spinning threads. The plan does not depend on it; on large
+        models the optimised rounding may differ in the last bits (`qcompiler.threads`), so fix
+        it where artifacts must match bit for bit.
     effort: "fast", "default" or "best" (`qcompiler.options.EFFORT_SETTINGS`): "fast" calibrates
         on the first 64 samples, runs a third of AdaRound's steps over a quarter of its samples
         and skips the plan check; "best" runs three times the steps over twice the samples.

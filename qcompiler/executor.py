@@ -4,7 +4,8 @@
 `executor="ray"` every item is one Ray task: `shared` (a model, a calibrated graph, the data) is
 serialised once into Ray's object store and every task reads it from there; `fn` is a module-level
 function of qcompiler, which the workers import by name (nothing of the caller is pickled with
-it). Each task runs torch on `TASK_THREADS` thread, as Ray gives it one CPU.
+it). Each task runs torch on `TASK_THREADS` thread, as Ray gives it one CPU, so its results are
+those of one process on one thread (`qcompiler.threads` says what the thread count can change).
 
 Graphs travel whole. torch.fx pickles a GraphModule as its Python code and traces that code again
 on arrival, which renames nodes and drops `node.meta`, where the passes keep what they know about

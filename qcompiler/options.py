@@ -60,12 +60,12 @@ class CompileOptions:
     progress: show progress bars.
     seed: every random choice of the compile (probes, sampled rows) derives from it.
     threads: torch threads while the passes run; None: the cores other processes leave free
-        (`qcompiler.threads`). The plan does not depend on it.
+        (`qcompiler.threads`). The plan does not depend on it (the rounding may, in its last bits).
     effort: "fast", "default" or "best": how many calibration samples the observers see and how
         long per-layer AdaRound runs (`EFFORT_SETTINGS`); "fast" also skips the plan check
         unless `qcompile(plan_check=True)` asks for it.
     executor: "local" or "ray": where independent measurements (the sensitivity of many groups)
-        run (`qcompiler.executor`). The results do not depend on it.
+        run (`qcompiler.executor`). The results are those of one process on one thread per task.
     """
 
     observer: str | Mapping[str, str] | None = None

@@ -5,8 +5,11 @@ the machine, two threads on two cores made an EfficientNet-Lite0 compile 1.8-2x 
 thread (`benchmarks/speed.md`, "Threads"). So `qcompile(threads=None)` counts the cores this
 process may use (its CPU affinity), subtracts the cores other processes kept busy over a short
 sample of /proc/stat, and never goes above torch's own setting (`torch.get_num_threads()`, which a
-user may have lowered). `threads=N` fixes the count. The plan and the artifact do not depend on it
-(tested: the same compile at 1 and 2 threads gives the same tensors).
+user may have lowered). `threads=N` fixes the count. On small models the same compile at 1 and 2
+threads gives the same tensors (tested); on EfficientNet-Lite0 the plan is the same but float
+sums ordered by the thread count move the optimised rounding slightly (0.03 dB of output SQNR,
+`benchmarks/speed_ray.md`), so give `threads=N` where artifacts must match bit for bit across
+machines and loads.
 """
 from __future__ import annotations
 
