@@ -6,10 +6,10 @@ thread (`benchmarks/speed.md`, "Threads"). So `qcompile(threads=None)` counts th
 process may use (its CPU affinity), subtracts the cores other processes kept busy over a short
 sample of /proc/stat, and never goes above torch's own setting (`torch.get_num_threads()`, which a
 user may have lowered). `threads=N` fixes the count. On small models the same compile at 1 and 2
-threads gives the same tensors (tested); on EfficientNet-Lite0 the plan is the same but float
-sums ordered by the thread count move the optimised rounding slightly (0.03 dB of output SQNR,
-`benchmarks/speed_ray.md`), so give `threads=N` where artifacts must match bit for bit across
-machines and loads.
+threads gives the same tensors (tested); on EfficientNet-Lite0 the plan is the same, but float
+sums ordered by the thread count can move the optimised rounding in its last bits (seen with 16
+calibration crops, not with 64), so give `threads=N` where artifacts must match bit for bit
+across machines and loads.
 """
 from __future__ import annotations
 
