@@ -634,7 +634,7 @@ def _pareto(args: argparse.Namespace) -> int:
     prepare_out_dir(out)
     result = pareto(model, calib[:1], target=args.target, calib_data=batches, budgets=budgets,
                     eval_data=evaluation, metric=args.metric, sensitivity=args.sensitivity,
-                    progress=not args.no_progress, seed=args.seed, executor=args.executor)
+                    progress=not args.no_progress, seed=args.seed, executor=args.executor, effort=args.effort)
     out.mkdir(parents=True, exist_ok=True)
     table = result.to_markdown()
     write_text(out / "pareto.md", table)
@@ -670,6 +670,8 @@ def add_pareto(subparsers: argparse._SubParsersAction) -> None:
                    help="with a budget, keep the bit-allocation program's plan without comparing it to the "
                         "widest uniform plan that fits")
     p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS, help="sensitivity method (default sqnr)")
+    p.add_argument("--effort", choices=EFFORTS, default="default",
+                   help="calibration samples and AdaRound steps of every plan's compile, as for compile")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="ray: run independent measurements as Ray tasks (a local Ray instance, or the cluster "
                         "RAY_ADDRESS names); the result is the same (default: local)")

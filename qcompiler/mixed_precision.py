@@ -90,8 +90,8 @@ class MixedPrecisionSession:
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any,
                  sensitivity: str | None = None, observer: Any = None, progress: bool = True, seed: int = 0,
-                 passes: Sequence[Any] | None = None, executor: str = "local"):
-        options = CompileOptions(observer=observer, progress=progress, seed=seed, executor=executor,
+                 passes: Sequence[Any] | None = None, executor: str = "local", effort: str = "default"):
+        options = CompileOptions(observer=observer, progress=progress, seed=seed, executor=executor, effort=effort,
                                  **({"sensitivity": sensitivity} if sensitivity is not None else {}))
         self.manager = pipeline(passes, budget=True)
         self.run = start_run(self.manager, model, example_inputs, target, calib_data, options, stop="sensitivity")
@@ -122,7 +122,7 @@ class MixedPrecisionSession:
 def pareto(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any,
            budgets: Sequence[Any], eval_data: Any = None, metric: str = "weight_memory",
            sensitivity: str | None = None, progress: bool = True, seed: int = 0,
-           executor: str = "local") -> ParetoResult:
+           executor: str = "local", effort: str = "default") -> ParetoResult:
     """Solve the bit allocation for every budget from one sensitivity run, and measure each plan.
 
     budgets: values of `metric` (fractions of the spec-default model such as 0.6, "60%", or
@@ -131,11 +131,13 @@ def pareto(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: An
         float on; the calibration data (SQNR only) if None.
     executor: "local" or "ray": run the sensitivity shards and each budget's compile as Ray tasks
         (`qcompiler.executor`); the result is the same.
+    effort: as in `qcompile` (calibration samples and AdaRound of every plan's compile).
     """
     if not budgets:
         raise BudgetError("pareto needs at least one budget, e.g. budgets=[1.0, 0.75, 0.6, 0.5]")
     session = MixedPrecisionSession(model, example_inputs, target=target, calib_data=calib_data,
-                                    sensitivity=sensitivity, progress=progress, seed=seed, executor=executor)
+                                    sensitivity=sensitivity, progress=progress, seed=seed, executor=executor,
+                                    effort=effort)
     if eval_data is None:
         batches, where = session.ctx.calib_batches, "calibration data"
     else:

@@ -37,6 +37,7 @@ def logits(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> torch.Tensor
 
 
 def output_sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach(), out.detach()
     noise = float((out - ref).pow(2).sum())
     return math.inf if noise == 0 else 10 * math.log10(float(ref.pow(2).sum()) / noise)
 

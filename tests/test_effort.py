@@ -103,3 +103,24 @@ def test_the_same_effort_gives_the_same_model(digits):
     a, b = (_compile(digits.model, digits.calib, effort="fast") for _ in range(2))
     x = digits.heldout[:32]
     assert torch.equal(a(x), b(x))
+
+
+def test_pareto_compiles_every_plan_at_the_given_effort(digits, monkeypatch):
+    from qcompiler.passes import optimize_rounding as pass_module
+
+    seen: list[int] = []
+    real = pass_module.round_kernel
+
+    def spy(*args, **kwargs):
+        seen.append(args[7].steps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pass_module, "round_kernel", spy)
+    with deterministic_torch():
+        result = qcompiler.pareto(digits.model, digits.calib[:1], target=SPEC, calib_data=list(digits.calib.split(64)),
+                                  budgets=[1.0, 0.6], progress=False, effort="fast")
+    assert [p.status for p in result.points] == ["OPTIMAL", "OPTIMAL"]
+    assert seen and set(seen) == {EFFORT_SETTINGS["fast"].adaround.steps}
+    with pytest.raises(QCompileError, match="fast, default, best"):
+        qcompiler.pareto(digits.model, digits.calib[:1], target=SPEC, calib_data=[digits.calib], budgets=[1.0],
+                         progress=False, effort="quick")
