@@ -7,9 +7,9 @@ process may use (its CPU affinity), subtracts the cores other processes kept bus
 sample of /proc/stat, and never goes above torch's own setting (`torch.get_num_threads()`, which a
 user may have lowered). `threads=N` fixes the count. On small models the same compile at 1 and 2
 threads gives the same tensors (tested); on EfficientNet-Lite0 the plan is the same, but float
-sums ordered by the thread count can move the optimised rounding in its last bits (seen with 16
-calibration crops, not with 64), so give `threads=N` where artifacts must match bit for bit
-across machines and loads.
+sums ordered by the thread count can move the optimised rounding in its last bits (a budgeted
+npu-int4 compile on 16 crops differed from the AdaRound of `blocks.12` on; npu-int8 did not),
+so give `threads=N` where artifacts must match bit for bit across machines and loads.
 """
 from __future__ import annotations
 
