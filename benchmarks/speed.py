@@ -270,21 +270,22 @@ def ray_part(calib: int, rounds: int) -> list[str]:
             map_tasks(_nothing, session, [0], "ray")
             shipped.append(time.perf_counter() - begin)
         size = len(dumps(session, by_value=True)) / 2**20
+        def curve(executor: str) -> list[tuple]:
+            result = pareto(model, crops[:1], target="npu-int4", calib_data=batches, progress=False,
+                            budgets=[0.9, 0.8, 0.75, 0.7], executor=executor)
+            return [(p.status, p.choice, p.weight_memory_bytes, p.sqnr_db) for p in result.points]
+
         curves: dict[str, list[float]] = {"local": [], "ray": []}
         points: dict[str, list] = {"local": [], "ray": []}
         for _ in range(max(1, (rounds + 1) // 2)):
             for executor in ("local", "ray"):
                 with torch_threads(2):
                     begin = time.perf_counter()
-                    result = pareto(model, crops[:1], target="npu-int4", calib_data=batches, progress=False,
-                                    budgets=[0.9, 0.8, 0.75, 0.7], executor=executor)
+                    points[executor].append(curve(executor))
                     curves[executor].append(time.perf_counter() - begin)
-                points[executor].append([(p.status, p.choice, p.weight_memory_bytes, p.sqnr_db) for p in result.points])
         # Each Ray task computes on one thread; one process on one thread is the like-for-like reference.
         with torch_threads(1):
-            result = pareto(model, crops[:1], target="npu-int4", calib_data=batches, progress=False,
-                            budgets=[0.9, 0.8, 0.75, 0.7])
-        one_thread = [(p.status, p.choice, p.weight_memory_bytes, p.sqnr_db) for p in result.points]
+            one_thread = curve("local")
         same_plans = all([q[:3] for q in p] == [q[:3] for q in one_thread] for p in points["local"] + points["ray"])
         same_as_one_thread = all(p == one_thread for p in points["ray"])
         gap = max(abs(a[3] - b[3]) for p in points["local"] for a, b in zip(p, points["ray"][0]))

@@ -1,9 +1,10 @@
 """calibrate: run the calibration data through the observed graph.
 
 Before: a graph with observers (`insert_observers`). After: the same graph; every observer has
-seen every calibration batch (the first 64 samples with `effort="fast"`). The data is `ctx.calib_batches` (made once from whatever the user
-gave by `qcompiler.calibration.calibration_batches`), so later passes (sensitivity, rounding,
-the report) run over the same batches.
+seen every calibration batch (the first 64 samples with `effort="fast"`). The data is
+`ctx.calib_batches` (made once from whatever the user gave by
+`qcompiler.calibration.calibration_batches`), so later passes (sensitivity, rounding, the
+report) run over the same batches.
 """
 from __future__ import annotations
 

@@ -466,6 +466,12 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_executor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="ray: run independent measurements as Ray tasks (a local Ray instance, or the cluster "
+                        "RAY_ADDRESS names); the result is the same (default: local)")
+
+
 def add_compile(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compile", help="quantize a model for a target and write the model, report and graphs",
@@ -496,9 +502,7 @@ def add_compile(subparsers: argparse._SubParsersAction) -> None:
                    help="how mixed precision measures each group's sensitivity (default sqnr)")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS,
                    help="fit the rounding per layer (default), per block, or over the whole model")
-    p.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="ray: run independent measurements as Ray tasks (a local Ray instance, or the cluster "
-                        "RAY_ADDRESS names); the result is the same (default: local)")
+    add_executor_option(p)
     p.add_argument("--effort", choices=EFFORTS, default="default",
                    help="fast: 64 calibration samples, a third of AdaRound's steps, no plan check; "
                         "best: three times the steps over twice the samples (default: default)")
@@ -672,9 +676,7 @@ def add_pareto(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sensitivity", choices=SENSITIVITY_METHODS, help="sensitivity method (default sqnr)")
     p.add_argument("--effort", choices=EFFORTS, default="default",
                    help="calibration samples and AdaRound steps of every plan's compile, as for compile")
-    p.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="ray: run independent measurements as Ray tasks (a local Ray instance, or the cluster "
-                        "RAY_ADDRESS names); the result is the same (default: local)")
+    add_executor_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")

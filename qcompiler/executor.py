@@ -169,8 +169,6 @@ def _ray() -> Any:
     return ray
 
 
-def cluster_cpus(executor: str) -> int:
-    """CPUs tasks can run on at once: Ray's cluster total, or 1 here."""
-    if executor != "ray":
-        return 1
+def ray_cpus() -> int:
+    """CPUs Ray tasks can run on at once: the cluster's total."""
     return max(1, int(_ray().cluster_resources().get("CPU", 1)))

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .adaround import AdaRoundConfig, round_alone
 from .calibration import batch_samples, sub_batches
 from .errors import QCompileError
-from .executor import cluster_cpus, map_tasks
+from .executor import map_tasks, ray_cpus
 from .formats import IntFormat
 from .fx_util import tree_map_detach
 from .groups import QuantizerGroup
@@ -112,7 +112,7 @@ def measure_sensitivity(gm: fx.GraphModule, groups: list[QuantizerGroup], observ
             torch.manual_seed(seed)
             if method == "hessian":
                 values, samples = hessian_sensitivity(gm, groups, observers, batches, progress)
-            elif method == "sqnr" and executor != "local" and len(groups) > 1:
+            elif method == "sqnr" and executor == "ray" and len(groups) > 1:
                 values, samples = _sqnr_in_shards(gm, groups, observers, batches, seed, executor)
             else:
                 values, samples = sqnr_sensitivity(gm, groups, observers, batches, progress,
@@ -301,7 +301,7 @@ def _sqnr_in_shards(gm: fx.GraphModule, groups: list[Any], observers: dict[int, 
     """`sqnr_sensitivity` over interleaved shards of the groups, one task each (two per CPU, so
     that uneven shards even out). A group's noise does not depend on the other groups measured
     with it, and every shard sees the same float outputs, so the values are those of one run."""
-    shards = min(len(groups), 2 * cluster_cpus(executor))
+    shards = min(len(groups), 2 * ray_cpus())
     parts = map_tasks(_sqnr_shard, (gm, groups, observers, batches, seed),
                       [[g.id for g in groups[i::shards]] for i in range(shards)], executor)
     measured = {gid: v for values, _ in parts for gid, v in values.items()}

@@ -80,8 +80,8 @@ class _Tracer(fx.Tracer):
     """A Tracer with user leaves that remembers which module's forward raised."""
 
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_paths: Iterable[str] = ()):
-        # Defaults: torch.fx re-traces a GraphModule's code with its tracer class when it is
-        # unpickled (Ray moves graphs between processes), every module a leaf.
+        # Defaults: plain pickle.loads re-traces a GraphModule's code with its tracer class, every
+        # module a leaf (qcompiler.executor sends graphs node by node instead).
         super().__init__(autowrap_functions=registered_notrace_functions())
         self.leaf_types = leaf_types
         self.leaf_paths = set(leaf_paths)

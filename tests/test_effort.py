@@ -29,6 +29,22 @@ def _compile(model, calib, **kw):
                                   **kw)
 
 
+@pytest.fixture
+def adaround_steps(monkeypatch) -> list[int]:
+    """The AdaRound step count of every kernel the compiles in the test round, in order."""
+    from qcompiler.passes import optimize_rounding as pass_module
+
+    seen: list[int] = []
+    real = pass_module.round_kernel
+
+    def spy(*args, **kwargs):
+        seen.append(args[7].steps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pass_module, "round_kernel", spy)
+    return seen
+
+
 def _input_scale(compiled) -> float:
     placeholder = next(n.name for n in compiled.graph("capture").graph.nodes if n.op == "placeholder")
     group = next(g for g in compiled.plan.groups if g.kind == "activation" and placeholder in g.tensors)
@@ -69,17 +85,8 @@ def test_fast_calibrates_on_the_first_64_samples_and_rounds_over_fewer(digits):
     assert f"over {min(len(calib), AdaRoundConfig().max_samples)} samples" in default_note
 
 
-def test_fast_rounds_with_fewer_steps_and_best_with_more(digits, monkeypatch):
-    from qcompiler.passes import optimize_rounding as pass_module
-
-    seen: list[int] = []
-    real = pass_module.round_kernel
-
-    def spy(*args, **kwargs):
-        seen.append(args[7].steps)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pass_module, "round_kernel", spy)
+def test_fast_rounds_with_fewer_steps_and_best_with_more(digits, adaround_steps):
+    seen = adaround_steps
     for effort in ("fast", "default", "best"):
         seen.clear()
         _compile(digits.model, digits.calib[:64], effort=effort)
@@ -105,17 +112,8 @@ def test_the_same_effort_gives_the_same_model(digits):
     assert torch.equal(a(x), b(x))
 
 
-def test_pareto_compiles_every_plan_at_the_given_effort(digits, monkeypatch):
-    from qcompiler.passes import optimize_rounding as pass_module
-
-    seen: list[int] = []
-    real = pass_module.round_kernel
-
-    def spy(*args, **kwargs):
-        seen.append(args[7].steps)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pass_module, "round_kernel", spy)
+def test_pareto_compiles_every_plan_at_the_given_effort(digits, adaround_steps):
+    seen = adaround_steps
     with deterministic_torch():
         result = qcompiler.pareto(digits.model, digits.calib[:1], target=SPEC, calib_data=list(digits.calib.split(64)),
                                   budgets=[1.0, 0.6], progress=False, effort="fast")
