@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .allocation import check_metrics
+from .allocator import reuse_freed_memory
 from .calibration import calibration_batches
 from .compiled import CompiledModel
 from .context import CompileContext, as_input_tuple
@@ -71,10 +72,11 @@ def start_run(manager: PassManager, model: nn.Module, example_inputs: Any, targe
 
 def resume(manager: PassManager, *, run: PassRun | None = None, ctx: CompileContext | None = None,
            model: nn.Module | None = None, start: str | None = None, stop: str | None = None) -> PassRun:
-    """Run (or continue `run`) under the run's seed and thread count (`qcompiler.threads`),
-    restoring the caller's random state and thread count after."""
+    """Run (or continue `run`) under the run's seed and thread count (`qcompiler.threads`), with
+    freed buffers kept for reuse (`qcompiler.allocator`), restoring the caller's random state,
+    thread count and malloc settings after."""
     options = (run.ctx if run is not None else ctx).options
-    with torch.random.fork_rng(devices=[]), torch_threads(options.threads):
+    with torch.random.fork_rng(devices=[]), torch_threads(options.threads), reuse_freed_memory():
         torch.manual_seed(options.seed)
         if run is not None:
             return manager.run(resume=run, start=start, stop=stop)

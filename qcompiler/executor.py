@@ -32,6 +32,7 @@ import torch
 from torch import fx
 from torch.fx.node import map_arg
 
+from .allocator import reuse_freed_memory
 from .errors import QCompileError
 from .threads import torch_threads
 
@@ -152,7 +153,7 @@ def map_tasks(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any], 
 
 
 def _run_task(fn: Callable[[Any, Any], Any], shared: bytes, item: bytes) -> bytes:
-    with torch_threads(TASK_THREADS):
+    with torch_threads(TASK_THREADS), reuse_freed_memory():
         return dumps(fn(loads(shared), loads(item)), by_value=True)
 
 

@@ -49,7 +49,12 @@ class Observer:
     def update(self, x: Tensor) -> None:
         """Add one batch of observed values. NaN or inf anywhere raises CalibrationError."""
         rows = self._rows(x)
-        lo, hi = torch.aminmax(rows, dim=1)
+        if rows.shape[0] == 1:
+            # A whole-tensor reduction runs on every thread; one row reduced along dim 1 runs on
+            # one (18x slower on a 150 MB activation). Exact either way: min and max do not round.
+            lo, hi = (t.reshape(1) for t in torch.aminmax(rows))
+        else:
+            lo, hi = torch.aminmax(rows, dim=1)
         # min/max propagate NaN and expose inf, so this checks every element in one pass.
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise CalibrationError(
