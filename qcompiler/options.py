@@ -28,8 +28,10 @@ DEFAULT_RECONSTRUCTION = "layer"
 class EffortSettings:
     """What `qcompile(effort=...)` changes: the calibration samples the observers see (None: all)
     and the per-layer AdaRound configuration. Fixed in advance, not tuned: "fast" runs a third of
-    the steps over a quarter of the samples, "best" three times the steps over twice the samples;
-    what each costs and gives on EfficientNet-Lite0 is in benchmarks/speed_effort.md."""
+    the narrow kernels' steps over a quarter of the samples (8-bit kernels keep their short
+    schedule), "best" three times the steps on every kernel (no short schedule for 8-bit ones)
+    over twice the samples; what each costs and gives on EfficientNet-Lite0 is in
+    benchmarks/speed_effort.md."""
 
     calibration_samples: int | None
     adaround: AdaRoundConfig
@@ -38,7 +40,7 @@ class EffortSettings:
 EFFORT_SETTINGS = {
     "fast": EffortSettings(calibration_samples=64, adaround=AdaRoundConfig(steps=100, max_samples=32)),
     "default": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig()),
-    "best": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig(steps=900, max_samples=256)),
+    "best": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig(steps=900, max_samples=256, wide_bits=None)),
 }
 EFFORTS: tuple[str, ...] = tuple(EFFORT_SETTINGS)
 

@@ -216,7 +216,7 @@ def rounded_weights(gm: fx.GraphModule, groups: list[Any], batches: list[tuple[A
     """Each integer weight candidate of a conv or linear, rounded by AdaRound of its kernel alone
     (`steps` iterations) on the kernel's float inputs over the first `samples` samples (see
     "adaround"); keyed like `_candidates`' quantized weights."""
-    cfg = AdaRoundConfig(objective="symmetric", correct_bias=False, steps=steps)
+    cfg = AdaRoundConfig(objective="symmetric", correct_bias=False, steps=steps, wide_bits=None)
     runner = _Runner(gm)
     subs = list(sub_batches(batches, SUB_BATCH))
     kernels = {g.id: _kernel_node(gm, g) for g in groups if g.kind == "weight"}

@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 common = importlib.import_module("common")
 
-SCRIPTS = ("defaults", "detection", "effnet", "float_baseline", "mixed_precision", "onnx_export", "pipeline_timing",
+SCRIPTS = ("adaround_schedule", "defaults", "detection", "effnet", "float_baseline", "mixed_precision", "onnx_export", "pipeline_timing",
            "reference_backend", "segmentation", "speed", "zoo_sweep")
 
 

@@ -30,18 +30,36 @@ def _compile(model, calib, **kw):
 
 
 @pytest.fixture
-def adaround_steps(monkeypatch) -> list[int]:
-    """The AdaRound step count of every kernel the compiles in the test round, in order."""
-    from qcompiler.passes import optimize_rounding as pass_module
+def adaround_steps(monkeypatch) -> list[tuple[int, int]]:
+    """(weight bits, Adam iterations actually run) of every kernel the compiles in the test
+    round, in order. The iterations are counted from the objective's evaluations: one per step
+    plus three (nearest's error and power, the result's error)."""
+    from qcompiler import adaround
 
-    seen: list[int] = []
-    real = pass_module.round_kernel
+    seen: list[tuple[int, int]] = []
+    real = adaround.adaround_weight
 
-    def spy(*args, **kwargs):
-        seen.append(args[7].steps)
-        return real(*args, **kwargs)
+    class Counting:
+        def __init__(self, moments):
+            self.moments, self.calls = moments, 0
 
-    monkeypatch.setattr(pass_module, "round_kernel", spy)
+        def __getattr__(self, name):
+            return getattr(self.moments, name)
+
+        def apply(self, d):
+            self.calls += 1
+            return self.moments.apply(d)
+
+        def error(self, d):
+            return float((d * (self.apply(d) + 2 * self.moments.cross)).sum())
+
+    def spy(w, fmt, params, moments, cfg):
+        counting = Counting(moments)
+        out = real(w, fmt, params, counting, cfg)
+        seen.append((fmt.bits, counting.calls - 3))
+        return out
+
+    monkeypatch.setattr(adaround, "adaround_weight", spy)
     return seen
 
 
@@ -85,13 +103,29 @@ def test_fast_calibrates_on_the_first_64_samples_and_rounds_over_fewer(digits):
     assert f"over {min(len(calib), AdaRoundConfig().max_samples)} samples" in default_note
 
 
-def test_fast_rounds_with_fewer_steps_and_best_with_more(digits, adaround_steps):
+def test_each_effort_runs_its_schedule_on_narrow_and_wide_kernels(digits, adaround_steps):
+    # A budget below 8 bits everywhere leaves some kernels at 8 bits and puts others below.
     seen = adaround_steps
+    runs = {}
     for effort in ("fast", "default", "best"):
         seen.clear()
-        _compile(digits.model, digits.calib[:64], effort=effort)
-        assert seen and set(seen) == {EFFORT_SETTINGS[effort].adaround.steps}, effort
-    assert EFFORT_SETTINGS["fast"].adaround.steps < AdaRoundConfig().steps < EFFORT_SETTINGS["best"].adaround.steps
+        _compile(digits.model, digits.calib[:64], effort=effort, budget={"weight_memory": 0.6}, plan_check=False)
+        assert {bits >= 8 for bits, _ in seen} == {True, False}, effort
+        cfg = EFFORT_SETTINGS[effort].adaround
+        assert all(steps == cfg.schedule(bits)[0] for bits, steps in seen), (effort, seen)
+        runs[effort] = {bits >= 8: steps for bits, steps in seen}
+    assert runs["fast"][False] < runs["default"][False] < runs["best"][False]
+    assert runs["fast"][True] == runs["default"][True] < runs["best"][True]
+
+
+def test_the_adaround_schedule_depends_on_the_weight_width():
+    cfg = AdaRoundConfig()
+    assert cfg.schedule(8) == (cfg.wide_steps, cfg.wide_lr) == (100, 2e-2)
+    assert cfg.schedule(16) == cfg.schedule(8)
+    assert cfg.schedule(4) == cfg.schedule(7) == (cfg.steps, cfg.lr) == (300, 1e-2)
+    assert AdaRoundConfig(wide_bits=None).schedule(8) == (300, 1e-2)
+    with pytest.raises(QCompileError, match="wide_steps"):
+        AdaRoundConfig(wide_steps=0)
 
 
 def test_fast_skips_the_plan_check_unless_asked(digits):
@@ -118,7 +152,9 @@ def test_pareto_compiles_every_plan_at_the_given_effort(digits, adaround_steps):
         result = qcompiler.pareto(digits.model, digits.calib[:1], target=SPEC, calib_data=list(digits.calib.split(64)),
                                   budgets=[1.0, 0.6], progress=False, effort="fast")
     assert [p.status for p in result.points] == ["OPTIMAL", "OPTIMAL"]
-    assert seen and set(seen) == {EFFORT_SETTINGS["fast"].adaround.steps}
+    fast = EFFORT_SETTINGS["fast"].adaround
+    assert any(bits < 8 for bits, _ in seen)   # narrow kernels, where fast and default differ
+    assert all(steps == fast.schedule(bits)[0] for bits, steps in seen), seen
     with pytest.raises(QCompileError, match="fast, default, best"):
         qcompiler.pareto(digits.model, digits.calib[:1], target=SPEC, calib_data=[digits.calib], budgets=[1.0],
                          progress=False, effort="quick")
