@@ -5,6 +5,11 @@
     python benchmarks/speed.py --quick               # smoke run, prints only
 
 Parts:
+- peer: the default npu-int8 compile of EfficientNet-Lite0 (real weights) on --calib crops against
+  Sony MCT 2.6's 8-bit PTQ of the same model on the same crops (its defaults, in its own virtual
+  environment: `peers.py`), alternating in each round, on an idle machine and with a second
+  CPU-bound process spinning on one core; each tool's own call is timed, the ratio is taken
+  within each round. Both models are measured against float on the held-out crops.
 - ilp: the bit-allocation program on synthetic problems, each solver on the same program
   (`qcompiler.allocation`): 1,000 groups x 4 formats with one and two budgets, and 500 kernels whose
   bops couple a weight and an input group (six y booleans each). Median of --rounds runs with the
@@ -51,7 +56,7 @@ from qcompiler.allocation import (
 )
 from qcompiler.threads import torch_threads
 
-PARTS = ("ilp", "threads", "budgeted", "simulation", "effort", "ray", "scaling")
+PARTS = ("peer", "ilp", "threads", "budgeted", "simulation", "effort", "ray", "scaling")
 
 
 def paired_problem(n: int, seed: int = 0) -> AllocationProblem:
@@ -119,6 +124,52 @@ def ilp_part(rounds: int, quick: bool) -> list[str]:
 # threads
 # ---------------------------------------------------------------------------------------------
 
+def _busy(load: str) -> subprocess.Popen | None:
+    """A second process spinning on one core when `load` is "busy" (None when idle)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
+    time.sleep(1.0)  # the second process is up and spinning before anything is timed
+    return hog
+
+
+def _stop(hog: subprocess.Popen | None) -> None:
+    if hog is not None:
+        hog.kill()
+        hog.wait()
+
+
+def peer_part(calib: int, heldout: int, rounds: dict[str, int]) -> list[str]:
+    from peers import run_mct
+
+    from qcompiler import qcompile
+    from qcompiler.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0().eval()
+    crops = load_split("calib", calib).crops
+    held = load_split("heldout", heldout)
+    ref = logits(model, held.crops)
+    rows = ["| machine | qcompile npu-int8 s | MCT PTQ 8-bit s | ratio (within each round) | "
+            "qcompile held-out top-1 / SQNR | MCT held-out top-1 / SQNR |", "|---|---:|---:|---:|---|---|"]
+    for load, count in rounds.items():
+        ours, theirs, ratios = [], [], []
+        hog = _busy(load)
+        try:
+            for _ in range(count):
+                start = time.perf_counter()
+                compiled = qcompile(model, crops[:1], target="npu-int8", calib_data=list(crops.split(32)),
+                                    progress=False)
+                ours.append(time.perf_counter() - start)
+                mct = run_mct(calib, heldout)
+                theirs.append(mct["seconds"])
+                ratios.append(ours[-1] / theirs[-1])
+        finally:
+            _stop(hog)
+        q_ours = agreement(ref, logits(compiled, held.crops), held.photos)
+        q_mct = agreement(ref, mct["logits_quant"], held.photos)
+        rows.append(f"| {load} | {spread(ours, ' s', 1)} | {spread(theirs, ' s', 1)} | {spread(ratios, '', 2)} | "
+                    f"{q_ours.cell()} / {q_ours.sqnr_db:.2f} dB | {q_mct.cell()} / {q_mct.sqnr_db:.2f} dB |")
+    return rows
+
+
 def threads_part(calib: int, rounds: int, counts: list[int | None]) -> list[str]:
     from qcompiler import qcompile
     from qcompiler.zoo import efficientnet_lite0
@@ -128,8 +179,7 @@ def threads_part(calib: int, rounds: int, counts: list[int | None]) -> list[str]
     batches = list(crops.split(32))
     rows = ["| machine | threads | compile seconds: median (range, runs) |", "|---|---|---|"]
     for load in ("idle", "busy"):
-        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
-        time.sleep(1.0)  # the second process is up and spinning before anything is timed
+        hog = _busy(load)
         try:
             for threads in counts:
                 times, chosen = [], set()
@@ -144,9 +194,7 @@ def threads_part(calib: int, rounds: int, counts: list[int | None]) -> list[str]
                     f"default (chose {'/'.join(map(str, sorted(chosen)))})"
                 rows.append(f"| {load} | {label} | {spread(times, ' s', 1)} |")
         finally:
-            if hog is not None:
-                hog.kill()
-                hog.wait()
+            _stop(hog)
     return rows
 
 
@@ -357,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="runs per configuration (medians are quoted)")
     ap.add_argument("--calib", type=int, default=256, help="calibration crops for the thread timings")
     ap.add_argument("--budget-calib", type=int, default=64, help="calibration crops for the budgeted compile")
+    ap.add_argument("--peer-rounds", type=int, default=3, help="rounds of the MCT comparison, per machine state")
     ap.add_argument("--sim-rounds", type=int, default=15, help="rounds of the simulation timing")
     ap.add_argument("--sizes", default="1000,2000,5000,10000", help="node counts of the synthetic graphs (scaling)")
     ap.add_argument("--resnets", default="resnet18,resnet34,resnet50,resnet101,resnet152",
@@ -369,6 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 2 if args.quick else args.rounds
     out = [header("Compile speed", __file__, argv, passes=None,
                   notes=[f"torch threads available: {torch.get_num_threads()}."])]
+    if "peer" in parts:
+        calib, held = (16, 8) if args.quick else (args.calib, 300)
+        count = {"idle": 1, "busy": 1} if args.quick else {"idle": args.peer_rounds, "busy": args.peer_rounds}
+        out += ["## Against Sony MCT, same run", "",
+                f"EfficientNet-Lite0 on {calib} calibration crops: `qcompile(target=\"npu-int8\")` with every default "
+                "against MCT 2.6.0's `pytorch_post_training_quantization` with its defaults (8-bit per-channel "
+                "weights, 8-bit power-of-two activations, its default target platform; `peers.py`), alternating "
+                "in each round; \"busy\": a second process spins on one core throughout. Quality: the last round's "
+                f"model against float on {held} held-out crops (MCT also quantizes the logits, 8-bit with a "
+                "threshold of 8, so some of its top-1 misses are ties at the clipped maximum).", "",
+                *peer_part(calib, held, count), ""]
     if "ilp" in parts:
         out += ["## The bit-allocation program", "",
                 "Each solver gets the same integer program (`qcompiler.allocation._Program`); every status "
