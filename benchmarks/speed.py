@@ -10,6 +10,11 @@ Parts:
   environment: `peers.py`), alternating in each round, on an idle machine and with a second
   CPU-bound process spinning on one core; each tool's own call is timed, the ratio is taken
   within each round. Both models are measured against float on the held-out crops.
+- allocator: what reusing freed buffers (`qcompiler.allocator`) buys: the default npu-int8 compile
+  of EfficientNet-Lite0 on --calib crops in a fresh process with glibc's malloc left alone
+  (`QCOMPILER_KEEP_MALLOC=1`) and with the compile's thresholds, alternating, --rounds rounds;
+  seconds, the process's peak resident memory, and whether the two compiled models agree bit for
+  bit on held-out crops.
 - ilp: the bit-allocation program on synthetic problems, each solver on the same program
   (`qcompiler.allocation`): 1,000 groups x 4 formats with one and two budgets, and 500 kernels whose
   bops couple a weight and an input group (six y booleans each). Median of --rounds runs with the
@@ -42,10 +47,12 @@ Parts:
 """
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -56,7 +63,7 @@ from qcompiler.allocation import (
 )
 from qcompiler.threads import torch_threads
 
-PARTS = ("peer", "ilp", "threads", "budgeted", "simulation", "effort", "ray", "scaling")
+PARTS = ("peer", "allocator", "ilp", "threads", "budgeted", "simulation", "effort", "ray", "scaling")
 
 
 def paired_problem(n: int, seed: int = 0) -> AllocationProblem:
@@ -356,6 +363,42 @@ def ray_part(calib: int, rounds: int) -> list[str]:
             f"{spread(shipped, ' s', 2)}."]
 
 
+ALLOCATOR_CHILD = """
+import hashlib, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+from common import load_split
+from qcompiler import qcompile
+from qcompiler.zoo import efficientnet_lite0
+
+model = efficientnet_lite0().eval()
+crops = load_split("calib", int(sys.argv[1])).crops
+start = time.perf_counter()
+compiled = qcompile(model, crops[:1], target="npu-int8", calib_data=list(crops.split(32)), progress=False)
+seconds = time.perf_counter() - start
+out = compiled(load_split("heldout", 8).crops).detach().contiguous()
+print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hashlib.sha256(out.numpy().tobytes()).hexdigest())
+"""
+
+
+def allocator_part(calib: int, rounds: int) -> list[str]:
+    runs: dict[str, list[tuple[float, float, str]]] = {"kept": [], "reused": []}
+    for _ in range(rounds):
+        for mode in runs:
+            env = dict(os.environ, QCOMPILER_KEEP_MALLOC="1" if mode == "kept" else "0")
+            out = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, str(calib), str(Path(__file__).parent)],
+                                 capture_output=True, text=True, check=True, env=env)
+            seconds, peak, digest = out.stdout.split()
+            runs[mode].append((float(seconds), float(peak), digest))
+    ratios = [k[0] / r[0] for k, r in zip(runs["kept"], runs["reused"])]
+    same = len({d for v in runs.values() for _, _, d in v}) == 1
+    labels = {"kept": "glibc's defaults (`QCOMPILER_KEEP_MALLOC=1`)", "reused": "freed buffers reused (default)"}
+    rows = ["| malloc | compile seconds | peak resident MiB |", "|---|---:|---:|"]
+    rows += [f"| {labels[m]} | {spread([s for s, _, _ in v], ' s', 1)} | {spread([p for _, p, _ in v], '', 0)} |"
+             for m, v in runs.items()]
+    return rows + ["", f"Speed-up within each round: {spread(ratios, 'x')}. Outputs on 8 held-out crops: "
+                       f"{'bit-identical in every run' if same else 'NOT identical'}."]
+
+
 SCALING_CHILD = """
 import resource, sys, time, torch
 from torch import nn
@@ -429,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"model against float on {held} held-out crops (MCT also quantizes the logits, 8-bit with a "
                 "threshold of 8, so some of its top-1 misses are ties at the clipped maximum).", "",
                 *peer_part(calib, held, count), ""]
+    if "allocator" in parts:
+        calib = 16 if args.quick else args.calib
+        out += ["## Reusing freed buffers", "",
+                f"npu-int8 compile of EfficientNet-Lite0 on {calib} calibration crops, each run in a fresh process, "
+                "the two settings alternating; default thread choice.", "",
+                *allocator_part(calib, 1 if args.quick else rounds), ""]
     if "ilp" in parts:
         out += ["## The bit-allocation program", "",
                 "Each solver gets the same integer program (`qcompiler.allocation._Program`); every status "
