@@ -519,3 +519,27 @@ def test_host_float_is_identity():
     params = qparams_from_range(fmt, -1.0, 1.0)
     assert fmt.quantize(x, params) is x and fmt.dequantize(x, params) is x and fmt.fake_quant(x, params) is x
     assert qparams_from_tensor(fmt, x).scale == 1.0
+
+
+@pytest.mark.parametrize("fmt", [
+    IntFormat(8, symmetric=False),
+    IntFormat(8, narrow_range=True, granularity="per_channel"),
+    IntFormat(4, signed=False),
+    IntFormat(4, granularity="per_group", group_size=8),
+    IntFormat(3, symmetric=False, granularity="per_channel", scale_kind="pow2"),
+])
+def test_fake_quant_without_gradient_gives_the_values_of_the_gradient_path(fmt):
+    # The no-gradient path works in place; the gradient path encodes and decodes. Same values,
+    # bit for bit, including inputs far outside the range (clamped) and exact ties.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, 16, generator=gen) * 3
+    axis = 1 if fmt.granularity == "per_channel" else None
+    params = qparams_from_tensor(fmt, x * 0.5, axis=axis)   # half the range: many values clamp
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * params.scale.reshape(-1)[0]
+    fast = fmt.fake_quant(x, params)
+    slow = fmt.fake_quant(x.clone().requires_grad_(True), params).detach()
+    assert torch.equal(fast, slow)
+    assert fast.dtype == x.dtype and fast.shape == x.shape
+    half = x.half()
+    assert torch.equal(fmt.fake_quant(half, params),
+                       fmt.fake_quant(half.clone().requires_grad_(True), params).detach())

@@ -219,6 +219,9 @@ def test_thin_data_keeps_nearest_and_says_so():
     nn.Conv2d(4, 4, 5, padding="same", groups=4, padding_mode="reflect"),
     nn.Conv2d(4, 8, 4, padding="same", padding_mode="circular", groups=2),
     nn.Conv1d(4, 6, 3, stride=2, padding=2, groups=2),
+    nn.Conv2d(5, 5, 3, stride=2, padding=1, groups=5),
+    nn.Conv2d(3, 6, 3, padding=1, groups=3),
+    nn.Conv1d(4, 4, 5, padding=2, groups=4),
 ])
 def test_rows_times_weight_rows_is_the_convolution(conv):
     torch.manual_seed(0)
@@ -235,6 +238,25 @@ def test_rows_times_weight_rows_is_the_convolution(conv):
     expect = out.reshape(out.shape[0], conv.out_channels, -1).permute(0, 2, 1).reshape(-1, conv.groups, conv.out_channels // conv.groups)
     assert torch.allclose(got.transpose(0, 1), expect, atol=1e-5)
     assert torch.equal(orr.weight_from_rows(w, conv.weight), conv.weight.detach())
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(5, 5, 3, stride=2, padding=1, groups=5),
+    nn.Conv2d(4, 4, (5, 3), padding=(2, 1), dilation=(1, 2), groups=4),
+    nn.Conv2d(6, 4, 3, padding=1),
+])
+def test_rows_are_the_unfolded_patches_exactly(conv):
+    # Gathering copies values, so the rows equal unfold's patches bit for bit, in any layout.
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, 9, 10)
+    geo = orr._geometry(conv)
+    source = orr._RowSource(x, geo)
+    index = torch.randperm(source.count)[:17]
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    patches = cols.transpose(1, 2).reshape(-1, conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1])
+    g, per = conv.groups, conv.in_channels // conv.groups
+    expect = patches[index].reshape(len(index), g, per, -1).permute(1, 0, 3, 2).reshape(g, len(index), -1)
+    assert torch.equal(source.rows(index), expect)
 
 
 def test_low_rank_moments_equal_gram_moments():
