@@ -3,17 +3,16 @@
 glibc's malloc serves every block above its mmap threshold (at most 32 MiB, adapted at run time)
 with a fresh mmap and unmaps it on free. A compile frees and reallocates activations of 50 to
 150 MB per node and batch, so each new buffer is paid for again in page faults that zero it:
-on this project's 2-core machine a depthwise conv over a 154 MB activation took 184 ms this way
-and 36 ms with the buffer reused, and the npu-int8 compile of EfficientNet-Lite0 spent a quarter
-of its time there (`benchmarks/speed_effort.md`). PyTorch's CPU tuning guide recommends jemalloc or
+the npu-int8 compile of EfficientNet-Lite0 took 1.6 times as long that way
+(`benchmarks/speed_allocator.md`). PyTorch's CPU tuning guide recommends jemalloc or
 tcmalloc for the same reason; a library cannot swap the allocator under its caller, but it can
 set glibc's thresholds for the duration of its own work.
 
 `reuse_freed_memory()` raises the mmap and trim thresholds so that freed blocks stay in the heap
 and serve the next allocation, and on exit sets them to what glibc's own adaptation reaches on
 such a workload (32 MiB mmap, 64 MiB trim) and hands the heap's free memory back to the system
-(`malloc_trim`). Peak memory grows by the freed blocks held between allocations (about a fifth on
-that compile). Nothing changes where glibc is not the allocator, or where the user set the
+(`malloc_trim`). Peak memory grows by the freed blocks held between allocations (3.5 to 4.6 GiB
+on that compile). Nothing changes where glibc is not the allocator, or where the user set the
 thresholds themselves (`MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`, or
 `QCOMPILER_KEEP_MALLOC=1` to leave malloc alone). Results do not depend on it: only where
 buffers come from changes.
