@@ -204,8 +204,6 @@ class _RowSource:
     the feature vector of a linear layer. Rows come as [groups, rows, K] with K ordered
     (kernel tap, input channel): gathering whole channel vectors from a channels-last copy is
     several times faster than gathering single values, and `weight_rows` orders weights to match.
-    A depthwise kernel's rows come from a channel-major copy instead, gathered straight into
-    [groups, rows, taps].
     """
 
     def __init__(self, x: Tensor, geo: _Geometry):
@@ -219,10 +217,7 @@ class _RowSource:
         b, c, hp, wp = xp.shape
         self.ho, self.wo = _out_size(hp, 0, geo), _out_size(wp, 1, geo)
         self.hp, self.wp = hp, wp
-        # One channel per group (depthwise): channel-major, so that a gather of positions is
-        # already [G, rows, taps] (permuting a channels-last gather was most of the cost).
-        self.depthwise = geo.groups == c
-        self.flat = xp.transpose(0, 1).reshape(c, -1) if self.depthwise else xp.permute(0, 2, 3, 1).reshape(-1, c)
+        self.flat = xp.permute(0, 2, 3, 1).reshape(-1, c)
         self.count = b * self.ho * self.wo
         self.offsets = torch.tensor([i * geo.dilation[0] * wp + j * geo.dilation[1]
                                      for i in range(geo.kernel[0]) for j in range(geo.kernel[1])])
@@ -234,8 +229,6 @@ class _RowSource:
             top_left = (n * self.hp + rest // self.wo * geo.stride[0]) * self.wp + rest % self.wo * geo.stride[1]
             index = (top_left.unsqueeze(1) + self.offsets).reshape(-1)
         taps = self.offsets.numel()
-        if geo.conv and self.depthwise:
-            return self.flat.index_select(1, index).reshape(geo.groups, -1, taps)
         r = self.flat.index_select(0, index).reshape(-1, taps, geo.groups, self.flat.shape[1] // geo.groups)
         return r.permute(2, 0, 1, 3).reshape(geo.groups, r.shape[0], -1).contiguous()
 
