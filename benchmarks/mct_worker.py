@@ -24,19 +24,10 @@ sys.path.insert(0, str(REPO))
 
 import model_compression_toolkit as mct  # noqa: E402
 
-from benchmarks.common import load_split  # noqa: E402
+from benchmarks.common import load_split, logits  # noqa: E402
 from qcompiler.zoo import efficientnet_lite0  # noqa: E402
 
 BATCH = 32
-
-
-def logits(model: torch.nn.Module, crops: torch.Tensor) -> np.ndarray:
-    outs = []
-    with torch.no_grad():
-        for part in crops.split(BATCH):
-            out = model(part)
-            outs.append(out[0] if isinstance(out, (list, tuple)) else out)
-    return torch.cat(outs).float().cpu().numpy()
 
 
 def describe(model: torch.nn.Module) -> str:
@@ -62,7 +53,7 @@ def main() -> None:
     model = efficientnet_lite0().eval()
     calib = load_split("calib", args.calib).crops
     heldout = load_split("heldout", args.heldout).crops
-    logits_float = logits(model, heldout)  # before MCT sees the model, in case it touches it
+    logits_float = logits(model, heldout, BATCH).numpy()  # before MCT sees the model, in case it touches it
 
     def representative_data_gen():
         for batch in calib.split(BATCH):
@@ -76,7 +67,7 @@ def main() -> None:
     print(describe(quantized), file=sys.stderr)
 
     quantized.eval()
-    np.savez(args.out, seconds=np.float64(seconds), logits_quant=logits(quantized, heldout),
+    np.savez(args.out, seconds=np.float64(seconds), logits_quant=logits(quantized, heldout, BATCH).numpy(),
              logits_float=logits_float)
 
 
