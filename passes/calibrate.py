@@ -4,13 +4,17 @@ Before: a graph with observers (`insert_observers`). After: the same graph; ever
 seen every calibration batch (the first 64 samples with `effort="fast"`). The data is
 `ctx.calib_batches` (made once from whatever the user gave by
 `qcompiler.calibration.calibration_batches`), so later passes (sensitivity, rounding, the
-report) run over the same batches.
+report) run over the same batches. Image batches are kept channels-last when the graph gives the
+same output that way (`ctx.channels_last`): every later replay then runs its convolutions in the
+layout the CPU runs fastest.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from ..calibration import calibration_batches, first_samples, run_batches, tensors_of
+from ..calibration import (
+    as_channels_last, calibration_batches, first_samples, run_batches, runs_channels_last, tensors_of,
+)
 from ..context import CompileContext
 from ..errors import CalibrationError
 
@@ -18,7 +22,9 @@ from ..errors import CalibrationError
 def calibrate(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.calib_batches is None:
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        ctx.calib_batches = calibration_batches(ctx.calib_data, ctx.example_inputs, names)
+        batches = calibration_batches(ctx.calib_data, ctx.example_inputs, names)
+        ctx.channels_last = runs_channels_last(gm, batches[0])
+        ctx.calib_batches = [as_channels_last(b) for b in batches] if ctx.channels_last else batches
     limit = ctx.options.effort_settings.calibration_samples
     batches = ctx.calib_batches if limit is None else first_samples(ctx.calib_batches, limit)
     try:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .allocation import check_metrics
 from .allocator import reuse_freed_memory
-from .calibration import calibration_batches
+from .calibration import as_channels_last, calibration_batches
 from .compiled import CompiledModel
 from .context import CompileContext, as_input_tuple
 from .errors import CaptureError, QCompileError
@@ -271,6 +271,8 @@ def _validation_batches(run: PassRun, validation_data: Any, who: str) -> list[tu
     """The batches plans are compared on: validation_data, else the calibration batches."""
     batches = run.ctx.calib_batches if validation_data is None else calibration_batches(
         validation_data, run.ctx.example_inputs, [n.target for n in run.gm.graph.nodes if n.op == "placeholder"])
+    if validation_data is not None and run.ctx.channels_last:
+        batches = [as_channels_last(b) for b in batches]
     if not batches:
         raise QCompileError(f"{who} needs validation data (or calibration data) to compare plans on; "
                             "give validation_data" + (" or pass plan_check=False" if who == "plan_check" else ""))

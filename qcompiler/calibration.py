@@ -2,7 +2,9 @@
 
 `calibration_batches` turns a DataLoader or any iterable of tensors, tuples or dicts into a list
 of tuples of positional inputs, once, refusing empty or non-finite data with an error that names
-the batch. The helpers below cut those batches the ways the passes that replay them need.
+the batch. `runs_channels_last` decides whether the passes replay image batches channels-last
+(convolutions, depthwise ones above all, run several times faster that way on the CPU). The
+helpers below cut those batches the ways the passes that replay them need.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
+from .quantizers import ObserverStub
 
 Batch = tuple[Any, ...]  # positional inputs of the graph
 
@@ -87,6 +90,50 @@ def calibration_batches(data: Iterable[Any] | None, example_inputs: tuple[Any, .
             "(a few hundred samples is typical)"
         )
     return batches
+
+
+def as_channels_last(args: Batch) -> Batch:
+    """The batch with every 4-D floating-point tensor in channels-last memory (same values)."""
+    return tuple(a.contiguous(memory_format=torch.channels_last)
+                 if isinstance(a, torch.Tensor) and a.ndim == 4 and a.is_floating_point() else a for a in args)
+
+
+def runs_channels_last(gm: fx.GraphModule, args: Batch) -> bool:
+    """Whether the passes may replay the data channels-last: `args` has a 4-D floating-point
+    input and the graph gives the same output on its first sample either way.
+
+    The layout changes no value, only the order in which a convolution sums (outputs agree to
+    float32 round-off), but a forward that calls `.view` on an activation fails on a
+    channels-last one, and one that reads strides could silently differ: both keep the layout
+    the user gave. Observers are paused meanwhile."""
+    first = tuple(a[:1] if isinstance(a, torch.Tensor) and a.ndim > 0 else a for a in args)
+    relaid = as_channels_last(first)
+    if all(a is b for a, b in zip(first, relaid)):
+        return False
+    stubs = [m for m in gm.modules() if isinstance(m, ObserverStub)]
+    previous = [s.enabled for s in stubs]
+    for s in stubs:
+        s.enabled = False
+    try:
+        with torch.no_grad():
+            want, got = tensors_of(gm(*first)), tensors_of(gm(*relaid))
+    except Exception:
+        return False
+    finally:
+        for s, enabled in zip(stubs, previous):
+            s.enabled = enabled
+    return len(want) == len(got) and all(_same_up_to_rounding(a, b) for a, b in zip(want, got))
+
+
+def _same_up_to_rounding(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return False
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return a.numel() == 0 or float((a - b).abs().max()) <= 1e-4 * scale + 1e-6
 
 
 def run_batches(gm: fx.GraphModule, batches: list[Batch], progress: bool, desc: str) -> None:

@@ -38,6 +38,9 @@ class CompileContext:
     """The user's settings (frozen)."""
     calib_batches: list[tuple[Any, ...]] | None = None
     """The calibration data, materialised and checked once (`calibrate`)."""
+    channels_last: bool = False
+    """Whether `calib_batches` (and validation batches) hold image tensors channels-last
+    (`calibrate`, `qcompiler.calibration.runs_channels_last`)."""
     groups: list[QuantizerGroup] = field(default_factory=list)
     """Quantizer groups (`group_quantizers`), indexed by their id."""
     ties: list[Tie] = field(default_factory=list)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import QCompileError
-from .formats import Format, IntFormat, QParams
+from .formats import Format, IntFormat, QParams, aminmax_all
 from .opkinds import CLAMPS
 from .quantizers import FakeQuantize
 from .requant import requantize, requantize_float64
@@ -127,7 +127,7 @@ class _ExactKernel:
             if self._saturates:
                 acc.clamp_(lo, hi)
             if self.float32_output:
-                low, high = torch.aminmax(acc)
+                low, high = aminmax_all(acc)
                 if max(-float(low), float(high)) < FLOAT32_ROUND_TRIP:
                     return acc.mul_(self._view(scale, acc.ndim))
             return acc.to(torch.float64).mul_(self._view(self.acc_scale, acc.ndim))

@@ -841,6 +841,21 @@ def _reduce_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
+def dense_view(x: Tensor) -> Tensor:
+    """`x`'s elements as a contiguous view, in memory order: a channels-last tensor permuted to
+    NHWC, anything else unchanged. Only for what does not depend on the order (min, max, sums,
+    histograms): a reduction over a channels-last tensor runs up to 16x slower than over the
+    same memory viewed densely."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
+def aminmax_all(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(min, max) over every element of `x`, whatever its memory layout."""
+    return torch.aminmax(dense_view(x))
+
+
 def qparams_from_tensor(fmt: Format, x: Tensor, axis: int | None = None) -> QParams:
     """QParams computed from a tensor's own min/max at the format's granularity (weights).
 
@@ -863,7 +878,7 @@ def qparams_from_tensor(fmt: Format, x: Tensor, axis: int | None = None) -> QPar
     if fmt.granularity == "per_tensor":
         if axis is not None:
             raise ValueError(f"{fmt.name} is per-tensor: qparams_from_tensor takes no axis")
-        lo, hi = torch.aminmax(x)
+        lo, hi = aminmax_all(x)
         return fmt.qparams_from_range(lo, hi)
     if fmt.granularity == "per_channel":
         axis = _norm_axis(0 if axis is None else axis, x.ndim, fmt.name)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .errors import CalibrationError
 from .formats import (
-    FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format, QParams, as_per_channel,
+    FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format, QParams, as_per_channel, dense_view,
     qparams_from_range,
 )
 
@@ -127,7 +127,7 @@ class Observer:
         if x.dtype != torch.float32:
             x = x.to(torch.float32)
         if self.axis is None:
-            return x.reshape(1, -1)
+            return dense_view(x).reshape(1, -1)
         if not -x.ndim <= self.axis < x.ndim:
             raise CalibrationError(
                 f"{self._where()} observes channels along axis {self.axis} but received a "

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import QCompileError
+from .formats import aminmax_all
 
 ROUNDINGS = ("half_even", "half_up", "half_down", "half_away_from_zero", "floor", "toward_zero")
 MODES = ("float", "fixed_point", "shift")
@@ -174,7 +175,7 @@ def requantize_float64(acc: Tensor, mode: str, rounding: str, multiplier: Tensor
     if acc.numel() == 0:
         return acc.to(torch.float64)
     if acc_bound is None:
-        lo, hi = torch.aminmax(acc)
+        lo, hi = aminmax_all(acc)
         acc_bound = max(-float(lo), float(hi))
     if acc_bound * float(m.max()) >= FLOAT64_SAFE:
         return None

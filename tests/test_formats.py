@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from qcompiler.formats import (
     NF4_LEVELS, SCALE_EPS, FloatFormat, HostFloat, IntFormat, LUTFormat, NF4Format, QParams,
-    fit_codebook, minifloat_tables, qparams_from_range, qparams_from_tensor,
+    aminmax_all, dense_view, fit_codebook, minifloat_tables, qparams_from_range, qparams_from_tensor,
 )
 
 FAST = settings(max_examples=40, deadline=None)
@@ -543,3 +543,14 @@ def test_fake_quant_without_gradient_gives_the_values_of_the_gradient_path(fmt):
     half = x.half()
     assert torch.equal(fmt.fake_quant(half, params),
                        fmt.fake_quant(half.clone().requires_grad_(True), params).detach())
+
+
+def test_dense_view_keeps_the_elements_and_aminmax_all_is_exact_in_any_layout():
+    x = torch.randn(3, 5, 4, 6)
+    moved = x.contiguous(memory_format=torch.channels_last)
+    dense = dense_view(moved)
+    assert dense.is_contiguous() and dense.data_ptr() == moved.data_ptr()   # a view, no copy
+    assert torch.equal(dense.reshape(-1).sort().values, x.reshape(-1).sort().values)
+    assert dense_view(x) is x and dense_view(x.transpose(2, 3)).shape == (3, 5, 6, 4)
+    lo, hi = aminmax_all(moved)
+    assert float(lo) == float(x.min()) and float(hi) == float(x.max())

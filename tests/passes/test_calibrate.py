@@ -56,7 +56,9 @@ def test_each_group_range_is_the_min_and_max_of_its_tensors_over_every_batch(mod
     float_gm, gm, ctx = _observed(model, batches)
     calibrate(gm, ctx)
     assert [b[0].shape[0] for b in ctx.calib_batches] == [3, 3, 3, 1]
-    outputs = [_node_outputs(float_gm, b) for b in batches]
+    # The reference runs what the observers saw: the batches in the layout the pass chose.
+    assert all(torch.equal(b, c[0]) for b, c in zip(batches, ctx.calib_batches))
+    outputs = [_node_outputs(float_gm, b[0]) for b in ctx.calib_batches]
     for gid, observer in ctx.observers.items():
         group = ctx.groups[gid]
         assert observer.batches == len(batches) * len(group.tensors)
@@ -93,7 +95,7 @@ def test_batches_are_materialised_once_and_shared_with_later_passes():
     ctx.calib_batches = None
     calibrate(gm, ctx)
     assert len(consumed) == 2 and len(ctx.calib_batches) == 2
-    assert all(b[0] is c for b, c in zip(ctx.calib_batches, consumed))
+    assert all(torch.equal(b[0], c) for b, c in zip(ctx.calib_batches, consumed))
     # Calibrating again reuses the stored batches: the observers see them a second time.
     calibrate(gm, ctx)
     assert all(o.batches == 2 * 2 for o in ctx.observers.values())  # one tensor per group here
@@ -154,3 +156,76 @@ def test_data_that_does_not_fit_the_model_names_the_shapes():
     ctx.calib_data, ctx.calib_batches = [torch.randn(4, 5, 16, 16)], None  # 5 channels, the model takes 3
     with pytest.raises(CalibrationError, match=r"first batch shapes \[\(4, 5, 16, 16\)\].*shape of example_inputs"):
         calibrate(gm, ctx)
+
+
+def flatten_by_view(y: torch.Tensor) -> torch.Tensor:
+    return y.view(y.size(0), -1)
+
+
+torch.fx.wrap("flatten_by_view")   # kept whole by the tracer: its `.view` reaches the graph as is
+
+
+class FlattensWithView(nn.Module):
+    """Flattens with `.view` inside a function the tracer keeps whole: the view fails on a
+    channels-last activation (channels and pixels cannot be merged without a copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(flatten_by_view(self.conv(x)))
+
+
+class ReadsStrides(nn.Module):
+    """Reads its activation's memory as if it were NCHW: channels-last gives other values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.as_strided(y, y.shape, (y.shape[1] * y.shape[2] * y.shape[3], y.shape[2] * y.shape[3], y.shape[3], 1))
+
+
+def test_image_batches_are_replayed_channels_last_with_the_same_values():
+    batches = calib_batches(n=8, size=16, batch=4)
+    _, gm, ctx = _observed(small_net(), batches)
+    calibrate(gm, ctx)
+    assert ctx.channels_last
+    for given, kept in zip(batches, ctx.calib_batches):
+        assert kept[0].is_contiguous(memory_format=torch.channels_last) and not kept[0].is_contiguous()
+        assert torch.equal(given, kept[0])
+    assert batches[0].is_contiguous()   # the user's tensors are not touched
+
+
+@pytest.mark.parametrize("model", [FlattensWithView(), ReadsStrides()], ids=["view_fails", "strides_differ"])
+def test_a_forward_that_depends_on_the_layout_keeps_the_users(model):
+    batches = calib_batches(n=8, size=16, batch=4)
+    with torch.no_grad():   # the premise: channels-last fails or changes this forward's output
+        x = batches[0]
+        try:
+            moved = model(x.contiguous(memory_format=torch.channels_last))
+            assert not torch.allclose(moved, model(x), atol=1e-3)
+        except RuntimeError as exc:
+            assert "view" in str(exc)
+    _, gm, ctx = _observed(model.eval(), batches)
+    calibrate(gm, ctx)
+    assert not ctx.channels_last
+    assert all(b[0] is c for b, c in zip(ctx.calib_batches, batches))
+    assert all(o.batches > 0 for o in ctx.observers.values())
+
+
+def test_inputs_without_images_keep_their_layout_and_the_probe_leaves_observers_alone():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    batches = [torch.randn(4, 6) for _ in range(2)]
+    _, gm, ctx = _observed(model, batches)
+    calibrate(gm, ctx)
+    assert not ctx.channels_last and all(b[0] is c for b, c in zip(ctx.calib_batches, batches))
+    # The probe of an image model runs the graph once more: its observers must not count it.
+    images = calib_batches(n=8, size=16, batch=4)
+    _, gm, ctx = _observed(small_net(), images)
+    calibrate(gm, ctx)
+    assert ctx.channels_last and all(o.batches == len(images) for o in ctx.observers.values())
