@@ -3,7 +3,8 @@
 Before: a calibrated graph (`calibrate`). After: the same graph, unchanged; `ctx.sensitivity`
 holds a `qcompiler.sensitivity.SensitivityTable`: for every group with a choice of format and
 every candidate, the relative output noise power that quantizing that group alone in that format
-causes, measured the way `ctx.options.sensitivity` says ("hessian" or "sqnr"). Groups without a
+causes, measured the way `ctx.options.sensitivity` says ("hessian" or "sqnr") on the first
+calibration samples (as many as the effort setting's `sensitivity_samples`). Groups without a
 choice get 0. No labels are used.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import replace
 
 from torch import fx
 
+from ..calibration import first_samples
 from ..context import CompileContext
 from ..sensitivity import measure_sensitivity
 
@@ -22,7 +24,11 @@ def sensitivity(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     host = options.host_fallback and ctx.target.unsupported.action == "host"
     groups = [g for g in ctx.groups
               if not g.fallback and (len(g.candidates) > 1 or (host and g.kind == "weight"))]
-    table = measure_sensitivity(gm, groups, ctx.observers, ctx.calib_batches or [], options.sensitivity,
+    limit = options.effort_settings.sensitivity_samples
+    batches = ctx.calib_batches or []
+    if limit is not None:
+        batches = first_samples(batches, limit)
+    table = measure_sensitivity(gm, groups, ctx.observers, batches, options.sensitivity,
                                 options.seed, options.progress, options.executor)
     values = dict(table.values)
     for g in ctx.groups:

@@ -273,6 +273,12 @@ class _Moments:
             return torch.bmm(d, self.gram)
         return torch.bmm(torch.bmm(d, self.rows.transpose(1, 2)), self.rows).div_(self.count)
 
+    def gradient(self, d: Tensor) -> Tensor:
+        """H d + P (half the data term's gradient in D), in one fused product where H is shared."""
+        if self.gram is not None and self.gram.ndim == 3:
+            return torch.baddbmm(self.cross, d, self.gram)
+        return self.apply(d).add_(self.cross)
+
     def error(self, d: Tensor) -> float:
         return float((d * (self.apply(d) + 2 * self.cross)).sum())
 
@@ -424,10 +430,13 @@ def adaround_weight(w: Tensor, fmt: IntFormat, params: QParams, moments: _Moment
     power = float((d_nearest * moments.apply(d_nearest)).sum())
     if not math.isfinite(power) or power <= 0.0:
         return nearest, nearest, nearest_error, nearest_error
-    grad_norm = 2.0 * numel / power
-    # Where floor and floor + 1 do not both fit the grid, the rounding direction changes nothing.
+    # Where floor and floor + 1 do not both fit the grid, the rounding direction changes nothing:
+    # there the weight error is nearest's, whatever h; elsewhere it is affine in h.
     active = (floor_code >= fmt.qmin) & (floor_code < fmt.qmax)
-    dd_dh = torch.where(active, scale * (ZETA - GAMMA), torch.zeros(()))   # dD/dh times dh/dsigmoid
+    slope = torch.where(active, scale, torch.zeros(()))
+    base = torch.where(active, floor_code * scale - offset, d_nearest)
+    # dLoss/dh = 2 (H D + P) dD/dh, normalised; dD/dh times dh/dsigmoid folded into one factor.
+    factor = slope * (2.0 * numel / power * (ZETA - GAMMA))
     rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
     # Start where the soft rounding equals the weight's own fractional part: W_soft = W.
     v = rectified_sigmoid_inverse(rest)
@@ -436,23 +445,27 @@ def adaround_weight(w: Tensor, fmt: IntFormat, params: QParams, moments: _Moment
     steps, lr = cfg.schedule(fmt.bits)
     warm = int(cfg.warmup * steps)
     beta_hi, beta_lo = cfg.beta
+    low = torch.tensor(GAMMA)
+    # Each line below is one pass over the weights: on most layers the passes, not the product,
+    # are the cost, so the step is written in as few as the update needs.
     for step in range(steps):
         sig = torch.sigmoid(v)
-        h = (sig * (ZETA - GAMMA)).add_(GAMMA).clamp_(0.0, 1.0)
-        d = (floor_code + h).clamp_(fmt.qmin, fmt.qmax).mul_(scale).sub_(offset)
-        g = moments.apply(d).add_(moments.cross).mul_(grad_norm).mul_(dd_dh)
+        h_raw = torch.add(low, sig, alpha=ZETA - GAMMA)
+        h = h_raw.clamp(0.0, 1.0)
+        g = moments.gradient(torch.addcmul(base, h, slope)).mul_(factor)
         if step >= warm:
             beta = beta_hi + (beta_lo - beta_hi) * (step - warm) / max(1, steps - warm - 1)
             # d/dh of 1 - |2h - 1|^beta is -2 beta u |u|^(beta - 2), u = 2h - 1.
-            u = h * 2.0 - 1.0
-            g.add_(u.abs().pow_(beta - 2.0).mul_(u), alpha=-2.0 * beta * cfg.reg_weight * (ZETA - GAMMA))
-        # Through the sigmoid; zero where h is clamped at 0 or 1.
-        g.mul_(sig.sub_(sig * sig)).masked_fill_((h <= 0.0) | (h >= 1.0), 0.0)
-        m1.mul_(b1).add_(g, alpha=1 - b1)
+            u = h.mul_(2.0).sub_(1.0)
+            g.addcmul_(u.abs().pow_(beta - 2.0), u, value=-2.0 * beta * cfg.reg_weight * (ZETA - GAMMA))
+        # Through the sigmoid, sig (1 - sig); zero where h is clamped at 0 or 1 (hardtanh's
+        # backward is exactly that mask, in one pass).
+        g = torch.ops.aten.hardtanh_backward(g.mul_(torch.addcmul(sig, sig, sig, value=-1.0)), h_raw, 0.0, 1.0)
+        m1.lerp_(g, 1 - b1)
         m2.mul_(b2).addcmul_(g, g, value=1 - b2)
         t = step + 1
-        denom = m2.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(eps)
-        v.addcdiv_(m1, denom, value=-lr / (1 - b1 ** t))
+        root = math.sqrt(1 - b2 ** t)
+        v.addcdiv_(m1, m2.sqrt().add_(eps * root), value=-lr * root / (1 - b1 ** t))
     codes = (floor_code + (v >= 0).float()).clamp_(fmt.qmin, fmt.qmax)
     rounded_error = moments.error(codes * scale - offset)
     return codes, nearest, rounded_error, nearest_error

@@ -26,15 +26,18 @@ DEFAULT_RECONSTRUCTION = "layer"
 
 @dataclass(frozen=True)
 class EffortSettings:
-    """What `qcompile(effort=...)` changes: the calibration samples the observers see (None: all)
-    and the per-layer AdaRound configuration. Fixed in advance, not tuned: "fast" runs a third of
-    the narrow kernels' steps over a quarter of the samples (8-bit kernels keep their short
-    schedule), "best" three times the steps on every kernel (no short schedule for 8-bit ones)
-    over twice the samples; what each costs and gives on EfficientNet-Lite0 is in
-    benchmarks/speed_effort.md."""
+    """What `qcompile(effort=...)` changes: the calibration samples the observers see (None: all),
+    the per-layer AdaRound configuration, and the samples a budgeted compile's sensitivity is
+    measured on (None: all). Fixed in advance, not tuned: "fast" runs a third of the narrow
+    kernels' steps over a quarter of the samples (8-bit kernels keep their short schedule),
+    "best" three times the steps on every kernel (no short schedule for 8-bit ones) over twice
+    the samples; what each costs and gives on EfficientNet-Lite0 is in
+    benchmarks/speed_effort.md. The sensitivity's samples were chosen on validation crops
+    (benchmarks/sensitivity_samples.md)."""
 
     calibration_samples: int | None
     adaround: AdaRoundConfig
+    sensitivity_samples: int | None = None
 
 
 EFFORT_SETTINGS = {
