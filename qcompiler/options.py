@@ -41,8 +41,9 @@ class EffortSettings:
 
 
 EFFORT_SETTINGS = {
-    "fast": EffortSettings(calibration_samples=64, adaround=AdaRoundConfig(steps=100, max_samples=32)),
-    "default": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig()),
+    "fast": EffortSettings(calibration_samples=64, adaround=AdaRoundConfig(steps=100, max_samples=32),
+                           sensitivity_samples=16),
+    "default": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig(), sensitivity_samples=16),
     "best": EffortSettings(calibration_samples=None, adaround=AdaRoundConfig(steps=900, max_samples=256, wide_bits=None)),
 }
 EFFORTS: tuple[str, ...] = tuple(EFFORT_SETTINGS)

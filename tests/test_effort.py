@@ -82,6 +82,14 @@ def test_default_effort_is_the_pipeline_as_it_was():
     assert CompileOptions().effort == "default"
 
 
+def test_a_budgeted_compile_measures_sensitivity_on_as_many_samples_as_its_effort_says(digits):
+    budget = {"weight_memory": 0.55}
+    counts = {effort: _compile(digits.model, digits.calib, effort=effort, budget=budget)._run.ctx.sensitivity.samples
+              for effort in ("fast", "default", "best")}
+    assert len(digits.calib) > 16
+    assert counts == {"fast": 16, "default": 16, "best": len(digits.calib)}
+
+
 def test_fast_calibrates_on_the_first_64_samples_and_rounds_over_fewer(digits):
     # Samples past the 64th are blown up tenfold: only a compile that calibrates on them widens
     # the input's range.
