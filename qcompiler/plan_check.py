@@ -20,17 +20,20 @@ import torch
 from torch import nn
 
 from .allocation import AllocationProblem
+from .calibration import sub_batches
 from .pass_manager import PassRun
 
 # A plan's cost may exceed its budget by this relative slack (float round-off of the cost sums).
 _SLACK = 1e-9
+EVAL_BATCH = 8
 
 
 def logits(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> torch.Tensor:
-    """The model's first output over `batches`, one row per sample."""
+    """The model's first output over `batches`, one row per sample (run EVAL_BATCH samples at a
+    time: the simulation's element-wise passes then reuse the CPU's cache)."""
     with torch.no_grad():
         outs = []
-        for args in batches:
+        for args in sub_batches(list(batches), EVAL_BATCH):
             out = model(*args)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return torch.cat([o.reshape(o.shape[0], -1).float() for o in outs])
