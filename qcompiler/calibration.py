@@ -16,7 +16,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
-from .quantizers import ObserverStub
+from .quantizers import observers_paused
 
 Batch = tuple[Any, ...]  # positional inputs of the graph
 
@@ -110,18 +110,11 @@ def runs_channels_last(gm: fx.GraphModule, args: Batch) -> bool:
     relaid = as_channels_last(first)
     if all(a is b for a, b in zip(first, relaid)):
         return False
-    stubs = [m for m in gm.modules() if isinstance(m, ObserverStub)]
-    previous = [s.enabled for s in stubs]
-    for s in stubs:
-        s.enabled = False
     try:
-        with torch.no_grad():
+        with observers_paused(gm), torch.no_grad():
             want, got = tensors_of(gm(*first)), tensors_of(gm(*relaid))
     except Exception:
         return False
-    finally:
-        for s, enabled in zip(stubs, previous):
-            s.enabled = enabled
     return len(want) == len(got) and all(_same_up_to_rounding(a, b) for a, b in zip(want, got))
 
 

@@ -6,8 +6,9 @@ Weights are quantized once, at convert time, straight from the weight tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,21 @@ class ObserverStub(nn.Module):
 
     def extra_repr(self) -> str:
         return f"group={self.group}, observer={type(self.observer).__name__}"
+
+
+@contextlib.contextmanager
+def observers_paused(module: nn.Module) -> Iterator[None]:
+    """Run `module` meanwhile without its observer stubs recording anything; each stub gets back
+    the state it had."""
+    stubs = [m for m in module.modules() if isinstance(m, ObserverStub)]
+    previous = [s.enabled for s in stubs]
+    for s in stubs:
+        s.enabled = False
+    try:
+        yield
+    finally:
+        for s, enabled in zip(stubs, previous):
+            s.enabled = enabled
 
 
 class FakeQuantize(nn.Module):

@@ -48,7 +48,7 @@ from .formats import IntFormat
 from .fx_util import tree_map_detach
 from .groups import QuantizerGroup
 from .kernel_modules import functional_kernel_error
-from .quantizers import ObserverStub, quantize_weight, weight_axis, weight_qparams
+from .quantizers import ObserverStub, observers_paused, quantize_weight, weight_axis, weight_qparams
 
 # Samples per forward pass: bounds the memory of the cached float activations of one batch.
 SUB_BATCH = 16
@@ -103,23 +103,15 @@ def measure_sensitivity(gm: fx.GraphModule, groups: list[QuantizerGroup], observ
     if not batches:
         raise QCompileError("sensitivity needs calibration batches: run calibrate before it")
     start = time.perf_counter()
-    stubs = [s for s in gm.modules() if isinstance(s, ObserverStub)]
-    previous = {s: s.enabled for s in stubs}
-    for s in stubs:
-        s.enabled = False
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if method == "hessian":
-                values, samples = hessian_sensitivity(gm, groups, observers, batches, progress)
-            elif method == "sqnr" and executor == "ray" and len(groups) > 1:
-                values, samples = _sqnr_in_shards(gm, groups, observers, batches, seed, executor)
-            else:
-                values, samples = sqnr_sensitivity(gm, groups, observers, batches, progress,
-                                                   rounded=method == "adaround")
-    finally:
-        for s, enabled in previous.items():
-            s.enabled = enabled
+    with observers_paused(gm), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if method == "hessian":
+            values, samples = hessian_sensitivity(gm, groups, observers, batches, progress)
+        elif method == "sqnr" and executor == "ray" and len(groups) > 1:
+            values, samples = _sqnr_in_shards(gm, groups, observers, batches, seed, executor)
+        else:
+            values, samples = sqnr_sensitivity(gm, groups, observers, batches, progress,
+                                               rounded=method == "adaround")
     return SensitivityTable(method, values, tuple(g.id for g in groups), samples, time.perf_counter() - start)
 
 
