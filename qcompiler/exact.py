@@ -407,18 +407,27 @@ def global_pool_keepdim(gm, node) -> bool:
 # Element-wise add of two quantized tensors.
 
 # Inputs are shifted left by this many bits before their rescale (gemmlowp/TFLite's add), so
-# that rounding each rescaled input costs a 2**-20 fraction of an output code at most.
+# that rounding each rescaled input costs a 2**-20 fraction of an output code at most. Wider
+# inputs shift less (TFLite's int16 add: 15), so that a shifted input stays within 31 bits and
+# its product with a 32-bit multiplier within int64.
 ADD_LEFT_SHIFT = 20
 
 
+def add_left_shift(input_bits: int) -> int:
+    """The left shift of an integer add's inputs of `input_bits` bits: 20, or 31 - bits when
+    that is less (int16 inputs: 15)."""
+    return min(ADD_LEFT_SHIFT, 31 - int(input_bits))
+
+
 def add_codes(q1: Tensor, q2: Tensor, zero_points: tuple[int, int, int], qrange: tuple[int, int],
-              mode: str, rounding: str, multiplier: Tensor, shift: Tensor) -> Tensor:
-    """Integer add: each input (q - z) << 20 is rescaled to a common grid (constants 0 and 1), the
-    sum is requantized to the output (constant 2), offset and saturated. int64 in, int64 out."""
+              mode: str, rounding: str, multiplier: Tensor, shift: Tensor, left_shift: int = ADD_LEFT_SHIFT) -> Tensor:
+    """Integer add: each input (q - z) << left_shift is rescaled to a common grid (constants 0
+    and 1), the sum is requantized to the output (constant 2), offset and saturated. int64 in,
+    int64 out."""
     z1, z2, zo = zero_points
     zero = torch.zeros((), dtype=torch.float32)
-    a = requantize((q1.to(torch.int64) - z1) << ADD_LEFT_SHIFT, mode, rounding, multiplier[0], shift[0], zero)
-    b = requantize((q2.to(torch.int64) - z2) << ADD_LEFT_SHIFT, mode, rounding, multiplier[1], shift[1], zero)
+    a = requantize((q1.to(torch.int64) - z1) << left_shift, mode, rounding, multiplier[0], shift[0], zero)
+    b = requantize((q2.to(torch.int64) - z2) << left_shift, mode, rounding, multiplier[1], shift[1], zero)
     y = requantize(a + b, mode, rounding, multiplier[2], shift[2], zero)
     return (y + zo).clamp(*qrange)
 
@@ -428,14 +437,15 @@ class ExactAdd(nn.Module):
 
     Inputs are decoded values of their quantizers; the output is the decoded output code.
     Constants: rescale factors `s_i / (2 * max(s_1, s_2))` for the inputs and
-    `2 * max(s_1, s_2) / (2**20 * s_out)` for the sum, in the target's requant mode.
+    `2 * max(s_1, s_2) / (2**left_shift * s_out)` for the sum, in the target's requant mode.
     """
 
     def __init__(self, zero_points: tuple[int, int, int] = (0, 0, 0), qmin: int = -128, qmax: int = 127,
-                 mode: str = "fixed_point", rounding: str = "half_even"):
+                 mode: str = "fixed_point", rounding: str = "half_even", left_shift: int = ADD_LEFT_SHIFT):
         super().__init__()
         self.zero_points = tuple(int(z) for z in zero_points)
         self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        self.left_shift = int(left_shift)
         self.register_buffer("in_scales", torch.ones(2, dtype=torch.float32))
         self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("multiplier", torch.zeros(3, dtype=torch.int64))
@@ -445,8 +455,8 @@ class ExactAdd(nn.Module):
         q1 = torch.round(x1.to(torch.float32) * self.in_scales[0].reciprocal()) + self.zero_points[0]
         q2 = torch.round(x2.to(torch.float32) * self.in_scales[1].reciprocal()) + self.zero_points[1]
         c = add_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
-                      self.multiplier, self.shift)
+                      self.multiplier, self.shift, self.left_shift)
         return (c.to(torch.float32) - torch.tensor(float(self.zero_points[2]))) * self.out_scale
 
     def extra_repr(self) -> str:
-        return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+        return f"zero_points={self.zero_points}, left_shift={self.left_shift}, requant={self.mode}/{self.rounding}"

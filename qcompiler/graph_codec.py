@@ -360,7 +360,7 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
                                                        float32_output=lambda m: m.float32_output)),
     "qcompiler.exact.ExactLinear": (ExactLinear, _with(_attrs("in_features", "out_features", "accumulator_bits",
                                                               "float32_output"), bias=_has("bias"))),
-    "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding")),
+    "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),
     "qcompiler.exact.KernelRequantize": (KernelRequantize, _attrs("group", "channels", "channel_dim", "mode",
                                                                   "rounding")),

@@ -16,8 +16,8 @@ from torch import fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    ADD_LEFT_SHIFT, ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
-    quantizer_of,
+    ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    add_left_shift, quantizer_of,
 )
 from .formats import IntFormat
 from .fx_util import set_submodule
@@ -219,11 +219,12 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
         raise NotExact(f"{node.name}: broadcasting add")
     s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
     s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    left_shift = add_left_shift(max(q1.fmt.bits, q2.fmt.bits))
     twice_max = 2 * torch.maximum(s1, s2)
-    real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** ADD_LEFT_SHIFT * s_out)])
+    real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** left_shift * s_out)])
     multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
     zps = tuple(0 if q.params.zero_point is None else int(q.params.zero_point.reshape(-1)[0]) for q in (q1, q2, out_q))
-    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding)
+    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding, left_shift)
     add.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
     add.out_scale.copy_(out_q.params.scale.reshape(()).float())
     add.multiplier.copy_(multiplier)

@@ -294,3 +294,40 @@ def test_float32_round_trip_recovers_every_accumulator_below_the_limit():
         s_acc = s_in.double() * s_w.double()
         value = (acc.float() * s_acc.float())
         assert torch.equal(torch.round(value.double() * s_acc.reciprocal()), acc)
+
+
+def _int16_activation_spec(tmp_path):
+    """npu-int8 with 16-bit activations and no conv + add fusion: adds run on the integer adder."""
+    from importlib.resources import files
+
+    text = files("qcompiler.targets").joinpath("npu-int8.toml").read_text()
+    text = text.replace('name = "npu-int8"', 'name = "npu-int8-a16"')
+    text = text.replace('[formats.a8]\ntype = "int"\nbits = 8', '[formats.a8]\ntype = "int"\nbits = 16')
+    text = text.replace('    ["conv", "add"], ["conv", "add", "relu"],\n', '')
+    path = tmp_path / "npu-int8-a16.toml"
+    path.write_text(text)
+    return path
+
+
+def test_an_integer_add_of_16_bit_codes_stays_within_a_code_of_the_exact_sum(tmp_path):
+    """A 16-bit input shifted left by 20 bits times a 32-bit multiplier overflows int64; the add
+    shifts 16-bit inputs by 15 (TFLite's int16 add) and keeps within one code over the whole range."""
+    torch.manual_seed(0)
+    compiled = _compile(Tiny().eval(), str(_int16_activation_spec(tmp_path)))
+    ref = compiled.lower("reference")
+    add = next(m for m in ref.modules() if isinstance(m, IntegerAdd))
+    assert add.qmax == 2 ** 15 - 1 and add.left_shift == 15
+    sim_add = next(m for m in compiled.simulated.modules() if type(m).__name__ == "ExactAdd")
+    s1, s2 = (Fraction(float(s)) for s in sim_add.in_scales)
+    s_out = Fraction(float(sim_add.out_scale))
+    z1, z2, zo = add.zero_points
+    g = torch.Generator().manual_seed(7)
+    q1 = torch.randint(-2 ** 15, 2 ** 15, (300,), generator=g, dtype=torch.int32)
+    q2 = torch.randint(-2 ** 15, 2 ** 15, (300,), generator=g, dtype=torch.int32)
+    q1[:2], q2[:2] = torch.tensor([-2 ** 15, 2 ** 15 - 1]), torch.tensor([-2 ** 15, 2 ** 15 - 1])
+    for a, b, c in zip(q1.tolist(), q2.tolist(), add(q1, q2).tolist()):
+        exact = (s1 * (a - z1) + s2 * (b - z2)) / s_out + zo
+        want = min(max(exact, Fraction(add.qmin)), Fraction(add.qmax))
+        assert abs(c - want) <= 1, (a, b, c, float(want))
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ref.codes(x), _sim_codes(compiled, x))

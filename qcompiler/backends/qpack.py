@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from .. import graph_codec as codec
 from ..errors import ArtifactError
+from ..exact import ADD_LEFT_SHIFT
 from ..formats import QParams
 from ..fx_util import fetch_attr
 from ..plan import Plan
@@ -32,7 +33,7 @@ FORMAT_NAME = "qpack"
 FORMAT_VERSION = 1
 GRAPH_FILE = "graph.json"
 TENSOR_FILE = "tensors.safetensors"
-ADD_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding")
+ADD_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")
 POOL_ATTRS = ("window", "keepdim", "in_zero_point", "out_zero_point", "out_qmin", "out_qmax", "mode", "rounding")
 KERNEL_ATTRS = ("in_zero_point", "in_qmin", "in_qmax", "out_zero_point", "out_qmin", "out_qmax",
                 "accumulator_bits", "mode", "rounding", "residual_qmin")
@@ -212,6 +213,8 @@ class _QpackLoader(codec.ContainerReader):
                                  tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "add_int":
             attrs = record["attrs"]
+            if isinstance(attrs, dict) and "left_shift" not in attrs:
+                attrs = {**attrs, "left_shift": ADD_LEFT_SHIFT}  # packs written before it was recorded used 20
             if not isinstance(attrs, dict) or set(attrs) != set(ADD_ATTRS) or set(tensors) != set(IntegerAdd.TENSORS):
                 raise ValueError(f"an add_int has attrs {', '.join(ADD_ATTRS)} and tensors {', '.join(IntegerAdd.TENSORS)}")
             return IntegerAdd(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})

@@ -35,7 +35,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..exact import (
-    FLOAT64_EXACT, ChainIndex, ExactAdd, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from ..formats import Format, HostFloat, IntFormat, QParams
@@ -205,12 +205,13 @@ class IntegerAdd(nn.Module):
     TENSORS = ("multiplier", "shift")
 
     def __init__(self, zero_points: tuple[int, int, int], qmin: int, qmax: int, mode: str, rounding: str,
-                 tensors: dict[str, Tensor] | None = None):
+                 tensors: dict[str, Tensor] | None = None, left_shift: int = ADD_LEFT_SHIFT):
         super().__init__()
         self.zero_points = tuple(int(z) for z in zero_points)
         if len(self.zero_points) != 3:
             raise QCompileError("IntegerAdd needs three zero points (input 1, input 2, output)")
         self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        self.left_shift = int(left_shift)
         for name, t in (tensors or {}).items():
             self.register_buffer(name, t)
         if not all(hasattr(self, n) and tuple(getattr(self, n).shape) == (3,) for n in self.TENSORS):
@@ -218,10 +219,10 @@ class IntegerAdd(nn.Module):
 
     def forward(self, q1: Tensor, q2: Tensor) -> Tensor:
         return add_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
-                         self.multiplier, self.shift).to(torch.int32)
+                         self.multiplier, self.shift, self.left_shift).to(torch.int32)
 
     def extra_repr(self) -> str:
-        return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+        return f"zero_points={self.zero_points}, left_shift={self.left_shift}, requant={self.mode}/{self.rounding}"
 
 
 def _zero_point(params: QParams) -> int:
@@ -371,7 +372,7 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactAdd):
             add = gm.get_submodule(n.target)
             module = IntegerAdd(add.zero_points, add.qmin, add.qmax, add.mode, add.rounding,
-                                {k: getattr(add, k).clone() for k in IntegerAdd.TENSORS})
+                                {k: getattr(add, k).clone() for k in IntegerAdd.TENSORS}, add.left_shift)
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
