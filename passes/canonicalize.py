@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..attention import decompose_attention, masked_softmax
 from ..context import CompileContext
 from ..kernel_modules import explicit_module_padding, functional_kernels_to_modules
+from ..tracing import refresh_facts
 
 # kind -> (canonical target, every other spelling as a function, method name or module class).
 # Unary activations take (x,) plus the keyword arguments named in ACTIVATION_KWARGS.
@@ -87,7 +89,7 @@ FUNCTION_KINDS: dict[Any, str] = {
     F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
     F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
     F.adaptive_avg_pool3d: "adaptive_avg_pool", F.adaptive_max_pool2d: "adaptive_max_pool",
-    F.scaled_dot_product_attention: "scaled_dot_product_attention",
+    F.scaled_dot_product_attention: "scaled_dot_product_attention", masked_softmax: "softmax",
     F.interpolate: "interpolate", F.pad: "pad", F.pixel_shuffle: "pixel_shuffle",
     operator.getitem: "getitem", getattr: "size", torch.stack: "stack", torch.split: "split",
     torch.chunk: "chunk", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", torch.roll: "roll",
@@ -222,7 +224,26 @@ def _is_inference_identity(node: fx.Node) -> bool:
     return False
 
 
+def _decompose_attention(gm: fx.GraphModule, ctx: CompileContext | None) -> None:
+    """Attention into primitive ops (`qcompiler.attention`) unless the target runs it whole; the
+    new nodes get their facts from the inputs capture recorded."""
+    if "fact_inputs" not in gm.meta:
+        return
+    spec = ctx.target if ctx is not None else None
+    keep = tuple(k for k in ("multi_head_attention", "scaled_dot_product_attention") if spec is not None and k in spec.ops)
+    done, kept = decompose_attention(gm, keep)
+    if done:
+        refresh_facts(gm)
+    if ctx is not None:
+        if done:
+            ctx.note("canonicalize", f"{len(done)} attention op(s) decomposed into linears, matmuls and a softmax: "
+                                     f"{', '.join(done[:6])}{' ...' if len(done) > 6 else ''}")
+        for name, reason in kept.items():
+            ctx.note("canonicalize", f"attention {name} kept whole: {reason}")
+
+
 def canonicalize(gm: fx.GraphModule, ctx: CompileContext | None = None) -> fx.GraphModule:
+    _decompose_attention(gm, ctx)
     graph = gm.graph
     installed = functional_kernels_to_modules(gm)
     explicit_module_padding(gm)
@@ -245,7 +266,8 @@ def canonicalize(gm: fx.GraphModule, ctx: CompileContext | None = None) -> fx.Gr
         kind = op_kind(node, gm)
         if kind == "other" and node.op != "call_module" and node.meta.get("shape") is None:
             kind = "size"  # arithmetic on shapes and asserts: no tensor to quantize
-        if kind in CANONICAL and not node.meta.get("opaque"):
+        keeps_spelling = _hashable(spelling) and spelling in FUNCTION_KINDS  # e.g. masked_softmax
+        if kind in CANONICAL and not node.meta.get("opaque") and not keeps_spelling:
             rewritten = _rewrite(node, gm, kind)
             if rewritten is not None:
                 # Rewrite in place so the node keeps its name, users and facts.

@@ -4,7 +4,8 @@ Before: the user's `nn.Module`. After: a `GraphModule` (`qcompiler.tracing.captu
 which every node carries its shape, dtype, params, MACs and element counts, found by running the
 graph on the example inputs. Optional forward arguments the example inputs leave out are fixed
 at their defaults. Submodules that cannot be traced stay opaque leaves that run in
-float; each gets a note with the reason. A root that cannot be traced raises `CaptureError`.
+float; each gets a note with the reason. A root torch.fx cannot trace is captured by
+`torch.export` instead (`qcompiler.export_frontend`, noted); if that fails too, `CaptureError`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from ..tracing import capture_module
 def capture(model: Any, ctx: CompileContext) -> fx.GraphModule:
     options = ctx.options
     gm = capture_module(model, ctx.example_inputs, options.leaf_modules, options.concrete_args)
+    ctx.front_end = gm.meta.get("front_end", "torch.fx")
+    if ctx.front_end == "torch.export":
+        ctx.note("capture", f"captured by torch.export (torch.fx cannot trace the root: {gm.meta['fx_failure']})")
     for path, reason in gm.meta["opaque_modules"].items():
         ctx.note("capture", f"kept {path!r} opaque (runs in float on the host): {reason}")
     bound = gm.meta.get("bound_defaults", [])

@@ -174,6 +174,8 @@ def build_report(compiled: CompiledModel) -> Report:
         "quantizer_groups": len(compiled.plan.groups),
     }
     ctx = compiled._run.ctx if compiled._run is not None else None
+    if ctx is not None:
+        totals["captured_by"] = ctx.front_end
     if ctx is not None and ctx.sensitivity is not None:
         table = ctx.sensitivity
         totals["sensitivity"] = (f"{table.method}, {len(table.measured)} groups with a choice, "

@@ -36,6 +36,8 @@ class CompileContext:
     """The calibration data as the user gave it (DataLoader, list of batches, ...)."""
     options: CompileOptions = field(default_factory=CompileOptions)
     """The user's settings (frozen)."""
+    front_end: str = "torch.fx"
+    """What captured the graph: "torch.fx" or "torch.export" (`capture`)."""
     calib_batches: list[tuple[Any, ...]] | None = None
     """The calibration data, materialised and checked once (`calibrate`)."""
     channels_last: bool = False

@@ -21,6 +21,7 @@ import json
 import math
 import operator
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from torch import fx, nn
 
+from .attention import masked_softmax
 from .errors import ArtifactError
 from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelRequantize
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format
@@ -92,8 +94,35 @@ def _function_allowed(namespace: str, name: str, fn: Any) -> bool:
     return module == "torch.functional" or name in _TORCH_PRIVATE_ALLOWED
 
 
+# Graphs captured by torch.export keep the ATen operators qcompiler has no spelling for (mask
+# arithmetic, shape queries): saved as "torch.ops.aten.<op>.<overload>". Operator names may be
+# dunders (aten.__and__); the same denials as for torch apply.
+ATEN_PREFIX = "torch.ops.aten."
+_ATEN_NAME = re.compile(r"^(__)?[a-z][a-z0-9_]*[a-z0-9](__)?$")
+# qcompiler's own graph functions (fx-wrapped leaves that canonicalize writes).
+QCOMPILER_FUNCTIONS = {"qcompiler.attention.masked_softmax": masked_softmax}
+
+
+def _aten_name(fn: Any) -> str | None:
+    if not isinstance(fn, torch._ops.OpOverload) or fn.namespace != "aten":
+        return None
+    op, overload = fn._opname, fn._overloadname
+    return f"{ATEN_PREFIX}{op}.{overload}" if _aten_allowed(op, overload) else None
+
+
+def _aten_allowed(op: str, overload: str) -> bool:
+    return (bool(_ATEN_NAME.match(op)) and (overload == "default" or overload.isidentifier())
+            and op not in _TORCH_DENIED and not op.startswith(_TORCH_DENIED_PREFIXES))
+
+
 def function_name(fn: Any) -> str | None:
     """The qualified name under which `fn` is found in the allowlist, or None."""
+    aten = _aten_name(fn)
+    if aten is not None:
+        return aten
+    for qualified, own_fn in QCOMPILER_FUNCTIONS.items():
+        if fn is own_fn:
+            return qualified
     own = getattr(fn, "__name__", None)
     for namespace, ns in FUNCTION_NAMESPACES.items():
         if isinstance(own, str) and getattr(ns, own, None) is fn and _function_allowed(namespace, own, fn):
@@ -110,6 +139,15 @@ def resolve_function(qualified: Any) -> Callable[..., Any]:
     """The function a qualified name from a model.json names; ValueError if it is not allowed."""
     if not isinstance(qualified, str):
         raise ValueError(f"a function name must be a string, got {qualified!r}")
+    if qualified in QCOMPILER_FUNCTIONS:
+        return QCOMPILER_FUNCTIONS[qualified]
+    if qualified.startswith(ATEN_PREFIX):
+        op, _, overload = qualified[len(ATEN_PREFIX):].partition(".")
+        packet = getattr(torch.ops.aten, op, None) if _aten_allowed(op, overload) else None
+        fn = getattr(packet, overload, None) if packet is not None else None
+        if not isinstance(fn, torch._ops.OpOverload):
+            raise ValueError(f"function {qualified!r} is not one a saved graph may call")
+        return fn
     namespace, _, name = qualified.rpartition(".")
     if namespace not in FUNCTION_NAMESPACES:
         raise ValueError(

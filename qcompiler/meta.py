@@ -51,6 +51,10 @@ GRAPH_META: tuple[MetaKey, ...] = (
     MetaKey("opaque_details", "capture", "module path -> the reason, source line and fix", saved=False),
     MetaKey("bound_defaults", "capture",
             "optional forward arguments left out of example_inputs, traced at their defaults", saved=False),
+    MetaKey("front_end", "capture", "what captured the graph: 'torch.fx' or 'torch.export'", saved=False),
+    MetaKey("fx_failure", "capture", "with torch.export: why torch.fx could not trace the root", saved=False),
+    MetaKey("fact_inputs", "capture",
+            "the inputs the facts were recorded on (canonicalize records them again after a rewrite)", saved=False),
     MetaKey("target", "backends.qpack", "on a loaded qpack: the target's name, version and requantization",
             saved=False),
 )

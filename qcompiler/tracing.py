@@ -387,6 +387,7 @@ def record_facts(gm: fx.GraphModule, example_inputs: tuple[Any, ...], concrete_a
             f"{len(example_inputs)} example inputs given but the traced forward takes {len(placeholders)}: "
             f"{', '.join(p.target for p in placeholders)}"
         )
+    gm.meta["fact_inputs"] = tuple(example_inputs)
     # Run in eval mode so BatchNorm neither uses batch statistics nor updates the user's running
     # statistics, then give every module back the mode it had.
     modes = {m: m.training for m in gm.modules()}
@@ -404,6 +405,15 @@ def record_facts(gm: fx.GraphModule, example_inputs: tuple[Any, ...], concrete_a
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def refresh_facts(gm: fx.GraphModule) -> None:
+    """Record the facts again on the inputs capture used, after a rewrite added nodes."""
+    inputs = gm.meta.get("fact_inputs")
+    if inputs is None:
+        raise CaptureError("the graph was not captured by qcompiler.tracing (no example inputs recorded); "
+                           "capture it with capture_module first")
+    record_facts(gm, inputs)
 
 
 def unsupplied_defaults(model: nn.Module, given: int, concrete_args: dict[str, Any] | None) -> dict[str, Any]:
@@ -447,9 +457,34 @@ def capture_module(model: nn.Module, example_inputs: Any, leaf_modules: Iterable
     if not inputs:
         raise CaptureError("example_inputs is empty: give one tensor or a tuple of the forward's tensors")
     defaults = unsupplied_defaults(model, len(inputs), concrete_args)
-    gm = trace(model, leaf_modules, {**defaults, **(concrete_args or {})} or None)
+    try:
+        gm = trace(model, leaf_modules, {**defaults, **(concrete_args or {})} or None)
+    except CaptureError as exc:
+        if not getattr(exc, "root_untraceable", False):
+            raise
+        gm = _exported_or_raise(model, inputs, exc)
+        record_facts(gm, inputs)
+        return gm
+    gm.meta["front_end"] = "torch.fx"
     arg_names = list(inspect.signature(model.forward).parameters)
     gm.meta["bound_defaults"] = bind_defaults(gm, defaults, arg_names)
     kept = [n for n in arg_names if n not in gm.meta["bound_defaults"]]
     record_facts(gm, inputs, concrete_args, kept)
+    return gm
+
+
+def _exported_or_raise(model: nn.Module, inputs: tuple[Any, ...], fx_error: CaptureError) -> fx.GraphModule:
+    """The second front end (`qcompiler.export_frontend`) for a root torch.fx cannot trace; if it
+    fails too, torch.fx's error with export's reason added (still root_untraceable, so a model
+    with traceable parts is compiled in parts)."""
+    from .export_frontend import export_module
+
+    try:
+        gm = export_module(model, inputs)
+    except CaptureError as exc:
+        error = CaptureError(f"{fx_error}\n  {exc}")
+        error.root_untraceable = True
+        raise error from fx_error
+    gm.meta.update(front_end="torch.export", opaque_modules={}, opaque_details={}, bound_defaults=[],
+                   fx_failure=str(fx_error).splitlines()[0])
     return gm

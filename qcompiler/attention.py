@@ -1,0 +1,208 @@
+"""Attention as primitive ops, so that each of its parts is quantized like any other op.
+
+`nn.MultiheadAttention` and `F.scaled_dot_product_attention` are single nodes after capture. A
+target that runs attention as one kernel can say so (`multi_head_attention` or
+`scaled_dot_product_attention` among its `[ops]`); for every other target `decompose_attention`
+rewrites them into linears (the in- and out-projections, as module kernels), reshapes and
+transposes that split and merge the heads, two activation x activation matmuls, a scalar
+multiply by the softmax scale and a softmax. An attention mask enters only the softmax
+(`masked_softmax`): masked scores are never quantized, as on an NPU whose softmax kernel takes
+the mask beside its int8 input.
+
+What is not decomposed (it stays one node, runs where the target says, and the reason is noted):
+attention dropout, grouped-query attention, `add_bias_kv`, `add_zero_attn`, and a
+`nn.MultiheadAttention` whose averaged attention weights the model reads.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .fx_util import set_submodule
+
+
+@fx.wrap
+def masked_softmax(x: torch.Tensor, mask: torch.Tensor | None, dim: int, is_causal: bool = False) -> torch.Tensor:
+    """softmax(x) along `dim` over the positions `mask` allows, as `F.scaled_dot_product_attention`
+    applies its `attn_mask`: a boolean mask keeps the True positions, a float mask is added to
+    the scores; `is_causal` keeps position j of row i only where j <= i."""
+    if is_causal:
+        rows, cols = x.shape[-2], x.shape[-1]
+        causal = torch.ones(rows, cols, dtype=torch.bool, device=x.device).tril()
+        x = x.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        x = x.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else x + mask
+    return torch.softmax(x, dim)
+
+
+def _sdpa_arguments(node: fx.Node) -> dict[str, Any]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    found = dict(zip(names, node.args))
+    found.update(node.kwargs)
+    return found
+
+
+def _sdpa_reason(args: dict[str, Any]) -> str | None:
+    if args.get("dropout_p", 0.0) not in (0, 0.0):
+        return f"attention dropout p={args['dropout_p']} (it is applied even in eval mode)"
+    if args.get("enable_gqa"):
+        return "grouped-query attention"
+    if not isinstance(args.get("is_causal", False), bool) or isinstance(args.get("scale"), fx.Node):
+        return "a traced is_causal or scale"
+    return None
+
+
+def _decompose_sdpa(graph: fx.Graph, node: fx.Node) -> str | None:
+    """Replace one scaled_dot_product_attention call; returns why not, or None when done."""
+    args = _sdpa_arguments(node)
+    reason = _sdpa_reason(args)
+    if reason is not None:
+        return reason
+    q, k, v = args["query"], args["key"], args["value"]
+    head_dim = (q.meta.get("shape") or (None,))[-1] if isinstance(q, fx.Node) else None
+    scale = args.get("scale")
+    if scale is None:
+        if not isinstance(head_dim, int):
+            return "the query's head size is unknown"
+        scale = 1.0 / math.sqrt(head_dim)
+    mask, causal = args.get("attn_mask"), bool(args.get("is_causal", False))
+    with graph.inserting_before(node):
+        scores = graph.call_function(torch.matmul, (q, graph.call_function(torch.transpose, (k, -2, -1))))
+        scaled = graph.call_function(operator.mul, (scores, float(scale)))
+        if mask is None and not causal:
+            probs = graph.call_function(F.softmax, (scaled,), {"dim": -1})
+        else:
+            probs = graph.call_function(masked_softmax, (scaled, mask, -1, causal))
+        out = graph.call_function(torch.matmul, (probs, v))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return None
+
+
+class MultiheadAttentionParts(nn.Module):
+    """`nn.MultiheadAttention` without masks, written in primitive ops (same weights)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        e, heads = mha.embed_dim, mha.num_heads
+        self.num_heads, self.head_dim, self.batch_first = heads, e // heads, mha.batch_first
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.detach().split(e)
+            in_features = (e, e, e)
+        else:
+            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+            in_features = (e, mha.kdim, mha.vdim)
+        biases = mha.in_proj_bias.detach().split(e) if mha.in_proj_bias is not None else (None,) * 3
+        self.q_proj, self.k_proj, self.v_proj = (
+            _linear(w, b, n) for w, b, n in zip(weights, biases, in_features))
+        out = mha.out_proj
+        self.out_proj = _linear(out.weight.detach(), None if out.bias is None else out.bias.detach(), e)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if not self.batch_first:
+            query, key, value = (torch.transpose(t, 0, 1) for t in (query, key, value))
+        q = self._heads(self.q_proj(query))
+        k = self._heads(self.k_proj(key))
+        v = self._heads(self.v_proj(value))
+        scores = torch.matmul(q, torch.transpose(k, -2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        out = torch.matmul(F.softmax(scores, dim=-1), v)
+        out = torch.transpose(out, 1, 2)
+        out = self.out_proj(torch.reshape(out, (out.size(0), out.size(1), self.num_heads * self.head_dim)))
+        return out if self.batch_first else torch.transpose(out, 0, 1)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.transpose(torch.reshape(x, (x.size(0), x.size(1), self.num_heads, self.head_dim)), 1, 2)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> nn.Linear:
+    layer = nn.Linear(in_features, weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+_MHA_PARAMETERS = list(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
+
+
+def _mha_reason(mha: nn.MultiheadAttention, node: fx.Node) -> str | None:
+    bound = dict(zip(_MHA_PARAMETERS, node.args))
+    bound.update(node.kwargs)
+    for name in ("key_padding_mask", "attn_mask"):
+        if bound.get(name) is not None:
+            return f"an {name}"
+    if bound.get("is_causal"):
+        return "is_causal"
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "add_bias_kv or add_zero_attn"
+    if mha.dropout > 0 and mha.training:
+        return "attention dropout in training mode"
+    if mha.embed_dim % mha.num_heads:
+        return "an embedding size not divisible by the number of heads"
+    for user in node.users:
+        if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
+            return "its output tuple is used whole"
+        if user.args[1] == 1 and user.users:
+            return "the model reads its attention weights"
+    return None
+
+
+def _decompose_mha(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    mha = gm.get_submodule(node.target)
+    reason = _mha_reason(mha, node)
+    if reason is not None:
+        return reason
+    bound = dict(zip(_MHA_PARAMETERS, node.args))
+    bound.update(node.kwargs)
+    parts = MultiheadAttentionParts(mha).to(mha.out_proj.weight.device)
+    set_submodule(gm, node.target, parts)
+    sub = fx.symbolic_trace(parts)
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    val_map = {p: bound[name] for p, name in zip(placeholders, ("query", "key", "value"))}
+    before = set(gm.graph.nodes)
+    with gm.graph.inserting_before(node):
+        out = gm.graph.graph_copy(sub.graph, val_map)
+    for new in gm.graph.nodes:
+        if new not in before and new.op in ("call_module", "get_attr"):
+            new.target = f"{node.target}.{new.target}"
+    for user in list(node.users):
+        if user.args[1] == 0:
+            user.replace_all_uses_with(out)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    return None
+
+
+def decompose_attention(gm: fx.GraphModule, keep: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """Rewrite every attention node whose kind is not in `keep` into primitive ops. Returns the
+    names of the nodes decomposed and, for those left whole, the reason."""
+    done: list[str] = []
+    kept: dict[str, str] = {}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            if "scaled_dot_product_attention" in keep:
+                continue
+            name, reason = node.name, _decompose_sdpa(gm.graph, node)
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention) \
+                and not node.meta.get("opaque"):
+            if "multi_head_attention" in keep:
+                continue
+            name, reason = node.name, _decompose_mha(gm, node)
+        else:
+            continue
+        if reason is None:
+            done.append(name)
+        else:
+            kept[name] = reason
+    if done:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return done, kept
