@@ -12,7 +12,9 @@ accumulator; a fused residual add joins it on the accumulator grid. Global avera
 (adaptive pooling to 1x1, mean over height and width) become an exact sum of codes and one
 requantization that divides by the window (`ExactGlobalAvgPool`). Adds of two quantized tensors
 on fixed-point and shift targets rescale each input to a common grid and requantize the sum
-(`ExactAdd`).
+(`ExactAdd`). Element-wise activations (GELU, sigmoid, tanh, SiLU, hardswish, ...) between two
+per-tensor integer quantizers on those targets become a table from input code to output code
+(`ExactLUT`).
 
 Everything else keeps its float fake-quant form, which the reference backend reproduces by
 running the same float op between a dequantize and a quantize. It runs last: it reads the final
@@ -24,8 +26,8 @@ from torch import fx
 
 from ..context import CompileContext
 from ..errors import QCompileError
-from ..exact import ChainIndex, KernelChain, NotExact
-from ..integer_kernels import POOL_KINDS, make_exact, make_exact_add, make_exact_pool
+from ..exact import LUT_KINDS, ChainIndex, KernelChain, NotExact
+from ..integer_kernels import POOL_KINDS, make_exact, make_exact_add, make_exact_lut, make_exact_pool
 
 STAGE = "model_requant"
 
@@ -39,6 +41,9 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
     if kind in POOL_KINDS:
         make_exact_pool(gm, node, ctx.target)
         return "pool"
+    if kind in LUT_KINDS and node.op in ("call_function", "call_method", "call_module"):
+        make_exact_lut(gm, node, ctx.target)
+        return "table"
     if "weight_group" not in node.meta or node.meta.get("role") != "chip":
         return None
     group = make_exact(gm, KernelChain(gm, node, index), ctx.plan, ctx.target)["group"]
@@ -54,7 +59,7 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
 def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.plan is None or ctx.target is None:
         raise QCompileError("model_requant runs after convert: the graph has no quantization plan yet")
-    done = {"kernel": 0, "pool": 0, "add": 0}
+    done = {"kernel": 0, "pool": 0, "add": 0, "table": 0}
     kept = []
     index = ChainIndex(gm)
     for node in list(gm.graph.nodes):
@@ -68,7 +73,8 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if kind is not None:
             done[kind] += 1
     ctx.note(STAGE, f"{done['kernel']} kernels, {done['pool']} global pools and {done['add']} adds compute "
-                    f"with integer accumulators and {ctx.target.requant.mode} requantization")
+                    f"with integer accumulators and {ctx.target.requant.mode} requantization; "
+                    f"{done['table']} activations run as look-up tables over their input codes")
     for why in kept:
         ctx.note(STAGE, f"float fake-quant kept: {why}")
     gm.delete_all_unused_submodules()

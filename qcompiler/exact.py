@@ -460,3 +460,44 @@ class ExactAdd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"zero_points={self.zero_points}, left_shift={self.left_shift}, requant={self.mode}/{self.rounding}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise activations as look-up tables over the input codes.
+
+# Activations an integer target runs as a table (int8 in: 256 entries; int16 in: 65,536).
+LUT_KINDS = ("gelu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "exp", "elu", "mish", "leaky_relu")
+LUT_MAX_BITS = 16
+
+
+class ExactLUT(nn.Module):
+    """An element-wise activation as integer hardware runs it: a table that maps each input code
+    to an output code. Entry i is the output code of input code `in_qmin + i`, built once from
+    the activation in float (`qcompiler.integer_kernels.make_exact_lut`); the simulation and
+    the reference backend read the same table, so they agree bit for bit.
+
+    The input is a decoded value of the input quantizer; the output is the decoded output code.
+    Extra arguments (the activation's own, such as GELU's `approximate`) are kept on the node for
+    exporters and ignored here: the table already holds their effect.
+    """
+
+    def __init__(self, entries: int, in_qmin: int = -128, in_zero_point: int = 0, out_zero_point: int = 0):
+        super().__init__()
+        self.entries, self.in_qmin = int(entries), int(in_qmin)
+        self.in_zero_point, self.out_zero_point = int(in_zero_point), int(out_zero_point)
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("table", torch.zeros(self.entries, dtype=torch.int32))
+
+    def index(self, codes: Tensor) -> Tensor:
+        """Table positions of integer input codes (saturated to the table)."""
+        return (codes.to(torch.int64) - self.in_qmin).clamp_(0, self.entries - 1)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        codes = torch.round(x.to(torch.float32) * self.in_scale.reciprocal()) + self.in_zero_point
+        out = self.table[self.index(codes)]
+        return (out.to(torch.float32) - float(self.out_zero_point)) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return (f"entries={self.entries}, in_qmin={self.in_qmin}, in_zero_point={self.in_zero_point}, "
+                f"out_zero_point={self.out_zero_point}")

@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .attention import masked_softmax
 from .errors import ArtifactError
-from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelRequantize
+from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, ExactLUT, KernelRequantize
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format
 from .layers import Affine
 from .plan import Plan
@@ -399,6 +399,7 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
     "qcompiler.exact.ExactLinear": (ExactLinear, _with(_attrs("in_features", "out_features", "accumulator_bits",
                                                               "float32_output"), bias=_has("bias"))),
     "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")),
+    "qcompiler.exact.ExactLUT": (ExactLUT, _attrs("entries", "in_qmin", "in_zero_point", "out_zero_point")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),
     "qcompiler.exact.KernelRequantize": (KernelRequantize, _attrs("group", "channels", "channel_dim", "mode",
                                                                   "rounding")),

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    LUT_MAX_BITS, ExactAdd, ExactConv2d, ExactLUT, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
     add_left_shift, quantizer_of,
 )
 from .formats import IntFormat
@@ -231,4 +231,44 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     add.shift.copy_(shift)
     target = f"exact_{node.name}"
     gm.add_submodule(target, add)
+    node.op, node.target = "call_module", target
+
+
+def make_exact_lut(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """An element-wise activation between two per-tensor integer quantizers -> ExactLUT: the
+    activation evaluated once on every input code (as the simulation decodes it) and quantized
+    by the output quantizer. Float-requant targets keep the float activation (ONNX Runtime's
+    QLinear* activations compute in float, which the fake-quant activation already is)."""
+    if spec.requant.mode == "float":
+        raise NotExact(f"{node.name}: float requantization computes activations in float")
+    if node.meta.get("role") != "chip" or node.meta.get("kernel", node.name) != node.name:
+        raise NotExact(f"{node.name}: not an activation of its own")
+    inputs = node.all_input_nodes
+    if len(inputs) != 1 or not node.args or node.args[0] is not inputs[0]:
+        raise NotExact(f"{node.name}: not an activation of one tensor")
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    in_q, out_q = quantizer_of(gm, inputs[0]), quantizer_of(gm, users[0])
+    if max(in_q.fmt.bits, out_q.fmt.bits) > LUT_MAX_BITS:
+        raise NotExact(f"{node.name}: a table over more than {LUT_MAX_BITS}-bit codes")
+    z_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
+    z_out = 0 if out_q.params.zero_point is None else int(out_q.params.zero_point.reshape(-1)[0])
+    s_in, s_out = in_q.params.scale.reshape(()).float(), out_q.params.scale.reshape(()).float()
+    codes = torch.arange(in_q.fmt.qmin, in_q.fmt.qmax + 1, dtype=torch.float32)
+    with torch.no_grad():
+        x = in_q.fmt.dequantize(codes.to(torch.int32), in_q.params)   # the values the simulation decodes
+        if node.op == "call_module":
+            y = gm.get_submodule(node.target)(x)
+        elif node.op == "call_function":
+            y = node.target(x, *node.args[1:], **node.kwargs)
+        else:
+            y = getattr(x, node.target)(*node.args[1:], **node.kwargs)
+        out_codes = out_q.fmt.quantize(y.float(), out_q.params)
+    lut = ExactLUT(codes.numel(), in_q.fmt.qmin, z_in, z_out)
+    lut.in_scale.copy_(s_in)
+    lut.out_scale.copy_(s_out)
+    lut.table.copy_(out_codes.to(torch.int32))
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, lut)
     node.op, node.target = "call_module", target

@@ -27,7 +27,7 @@ from torch import fx, nn
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..layers import Affine
-from ..exact import ExactAdd, ExactGlobalAvgPool
+from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLUT
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -594,6 +594,9 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         # GlobalAveragePool keeps ONNX Runtime's integer pooling kernel within reach.
         pooled = b.emit("GlobalAveragePool", [b.arg(node.args[0])], node.name)
         return pooled if m.keepdim else b.emit("Flatten", [pooled], node.name, axis=1)
+    if isinstance(m, ExactLUT):
+        # The simulation's table of an activation; ONNX Runtime computes the activation in float.
+        return _activation(b, node, kind)
     if isinstance(m, ExactAdd) and len(node.args) == 2:
         # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values.
         return b.emit("Add", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)

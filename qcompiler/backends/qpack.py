@@ -26,7 +26,7 @@ from ..formats import QParams
 from ..fx_util import fetch_attr
 from ..plan import Plan
 from .reference import (
-    Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, OnCodes, Quantize, ReferenceModule, build_reference,
+    Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, IntegerLUT, OnCodes, Quantize, ReferenceModule, build_reference,
 )
 
 FORMAT_NAME = "qpack"
@@ -115,6 +115,9 @@ def export_qpack(simulated: fx.GraphModule, plan: Plan, target: Any, path: str |
                 record.update(op="add_int", attrs={k: getattr(module, k) for k in ADD_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
                                        for k in IntegerAdd.TENSORS})
+            elif isinstance(module, IntegerLUT):
+                record.update(op="lut_int", attrs={"in_qmin": module.in_qmin},
+                              tensors={"table": _tensor(tensors, index, f"{node.name}.table", module.table)})
             elif isinstance(module, IntegerGlobalAvgPool):
                 record.update(op="global_avg_pool_int", attrs={k: getattr(module, k) for k in POOL_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
@@ -218,6 +221,11 @@ class _QpackLoader(codec.ContainerReader):
             if not isinstance(attrs, dict) or set(attrs) != set(ADD_ATTRS) or set(tensors) != set(IntegerAdd.TENSORS):
                 raise ValueError(f"an add_int has attrs {', '.join(ADD_ATTRS)} and tensors {', '.join(IntegerAdd.TENSORS)}")
             return IntegerAdd(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
+        if op == "lut_int":
+            attrs = record["attrs"]
+            if not isinstance(attrs, dict) or set(attrs) != {"in_qmin"} or set(tensors) != set(IntegerLUT.TENSORS):
+                raise ValueError("a lut_int has attrs in_qmin and tensors table")
+            return IntegerLUT(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "global_avg_pool_int":
             attrs = record["attrs"]
             if not isinstance(attrs, dict) or set(attrs) != set(POOL_ATTRS) or set(tensors) != set(IntegerGlobalAvgPool.TENSORS):

@@ -15,7 +15,9 @@ tensors between kernels are integer codes:
 - every global average pool is one `IntegerGlobalAvgPool`: the sum of the codes over the window,
   requantized by one multiplier that also divides by the window;
 - every add of two quantized tensors on a fixed-point or shift target is one `IntegerAdd`: each
-  input's `(q - z) << 20` rescaled to a common grid, summed, requantized;
+  input's `(q - z) << 20` (15 for 16-bit inputs) rescaled to a common grid, summed, requantized;
+- every element-wise activation the simulation runs as a table (`ExactLUT`) is one `IntegerLUT`:
+  the output code read from the table at the input code;
 - every other op (other pooling, element-wise activations, shared-scale cat, host-float fallback ops)
   runs as the simulation runs it: its code inputs are decoded to their exact values
   (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
@@ -35,7 +37,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..exact import (
-    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLUT, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from ..formats import Format, HostFloat, IntFormat, QParams
@@ -196,6 +198,27 @@ class IntegerGlobalAvgPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"window={self.window}, requant={self.mode}/{self.rounding}"
+
+
+class IntegerLUT(nn.Module):
+    """An element-wise activation on codes: `table[q - in_qmin]` (the simulation's `ExactLUT`)."""
+
+    TENSORS = ("table",)
+
+    def __init__(self, in_qmin: int, tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.in_qmin = int(in_qmin)
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        if not hasattr(self, "table") or self.table.ndim != 1 or self.table.dtype != torch.int32:
+            raise QCompileError("IntegerLUT needs a one-dimensional int32 table")
+
+    def forward(self, q: Tensor) -> Tensor:
+        index = (q.to(torch.int64) - self.in_qmin).clamp_(0, self.table.numel() - 1)
+        return self.table[index]
+
+    def extra_repr(self) -> str:
+        return f"entries={self.table.numel()}, in_qmin={self.in_qmin}"
 
 
 class IntegerAdd(nn.Module):
@@ -375,6 +398,12 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
                                 {k: getattr(add, k).clone() for k in IntegerAdd.TENSORS}, add.left_shift)
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
+            domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactLUT) \
+                and domain.get(n.args[0].name) is not None:
+            lut = gm.get_submodule(n.target)
+            target = _install(root, f"int_{n.name}", IntegerLUT(lut.in_qmin, {"table": lut.table.clone()}))
+            env[n.name] = graph.call_module(target, (env[n.args[0].name],))
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize):
             q = gm.get_submodule(n.target)
