@@ -331,3 +331,55 @@ def test_an_integer_add_of_16_bit_codes_stays_within_a_code_of_the_exact_sum(tmp
         assert abs(c - want) <= 1, (a, b, c, float(want))
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     assert torch.equal(ref.codes(x), _sim_codes(compiled, x))
+
+
+class Activations(nn.Module):
+    """Element-wise activations between linears: each runs as a table on an integer target."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.nn.functional.gelu(self.fc1(x))
+        x = torch.sigmoid(self.fc2(x)) * 2.0
+        x = torch.nn.functional.silu(self.fc3(x))
+        return self.fc4(torch.tanh(x))
+
+
+@pytest.mark.parametrize("target", ["npu-int8", "dsp-fixed-point"])
+def test_activations_run_as_tables_of_codes(target, tmp_path):
+    from qcompiler.backends.reference import IntegerLUT
+
+    torch.manual_seed(0)
+    compiled = _compile(Activations().eval(), target, shape=(16, 12))
+    ref = compiled.lower("reference")
+    luts = [m for m in ref.modules() if isinstance(m, IntegerLUT)]
+    assert len(luts) == 4                              # gelu, sigmoid, silu, tanh
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(3)) * 2
+    assert torch.equal(ref.codes(x), _sim_codes(compiled, x))
+    # The GELU table against GELU in float64 on the decoded input codes: the same code, or one
+    # away where float32 and float64 round a near-tie differently.
+    sim = compiled.simulated
+    node = next(n for n in sim.graph.nodes if n.meta.get("op_kind") == "gelu")
+    lut = sim.get_submodule(node.target)
+    out_q = sim.get_submodule(next(iter(node.users)).target)
+    codes = torch.arange(lut.in_qmin, lut.in_qmin + lut.entries, dtype=torch.float64)
+    values = (codes - lut.in_zero_point) * float(lut.in_scale)
+    zo = 0 if out_q.params.zero_point is None else float(out_q.params.zero_point.reshape(-1)[0])
+    want = torch.round(torch.nn.functional.gelu(values) / float(out_q.params.scale.reshape(()).double()) + zo)
+    want = want.clamp(out_q.fmt.qmin, out_q.fmt.qmax)
+    diff = (lut.table.double() - want).abs()
+    assert diff.max() <= 1 and float((diff == 0).double().mean()) >= 0.99
+    # A qpack carries the tables.
+    compiled.export(tmp_path / "acts.qpack", format="qpack")
+    loaded = qcompiler.load_qpack(tmp_path / "acts.qpack")
+    assert torch.equal(loaded.codes(x), ref.codes(x))
+
+
+def test_a_float_requant_target_keeps_activations_in_float():
+    from qcompiler.backends.reference import IntegerLUT
+
+    torch.manual_seed(0)
+    compiled = _compile(Activations().eval(), "cpu-x86-int8", shape=(16, 12))
+    assert not any(isinstance(m, IntegerLUT) for m in compiled.lower("reference").modules())
