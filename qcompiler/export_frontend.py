@@ -58,11 +58,6 @@ def _binary(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     return (tuple(args), {}) if len(args) == 2 and not kwargs else None
 
 
-def _dropout(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    # aten.dropout(input, p, train): F.dropout(input, p, training); canonicalize removes it.
-    return (args[0],), {}
-
-
 RETARGET: dict[Any, tuple[Callable, _Adapt]] = {
     aten.linear.default: (F.linear, _same),
     aten.conv1d.default: (F.conv1d, _same),
@@ -86,7 +81,8 @@ RETARGET: dict[Any, tuple[Callable, _Adapt]] = {
     aten.sigmoid.default: (torch.sigmoid, _same),
     aten.tanh.default: (torch.tanh, _same),
     aten.exp.default: (torch.exp, _same),
-    aten.dropout.default: (F.dropout, _dropout),
+    # aten.dropout(input, p, train) is F.dropout(input, p, training); canonicalize removes it.
+    aten.dropout.default: (F.dropout, _same),
     aten.add.Tensor: (operator.add, _binary),
     aten.sub.Tensor: (operator.sub, _binary),
     aten.mul.Tensor: (operator.mul, _binary),
