@@ -174,7 +174,7 @@ def build_report(compiled: CompiledModel) -> Report:
         "quantizer_groups": len(compiled.plan.groups),
     }
     ctx = compiled._run.ctx if compiled._run is not None else None
-    if ctx is not None:
+    if ctx is not None and ctx.front_end != "torch.fx":
         totals["captured_by"] = ctx.front_end
     if ctx is not None and ctx.sensitivity is not None:
         table = ctx.sensitivity

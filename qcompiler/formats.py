@@ -852,8 +852,9 @@ def dense_view(x: Tensor) -> Tensor:
 
 
 def aminmax_all(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(min, max) over every element of `x`, whatever its memory layout."""
-    return torch.aminmax(dense_view(x))
+    """(min, max) over every element of `x`, whatever its memory layout (no gradient: bounds
+    decide code paths, never values that are differentiated)."""
+    return torch.aminmax(dense_view(x.detach()))
 
 
 def qparams_from_tensor(fmt: Format, x: Tensor, axis: int | None = None) -> QParams:

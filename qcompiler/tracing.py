@@ -387,7 +387,7 @@ def record_facts(gm: fx.GraphModule, example_inputs: tuple[Any, ...], concrete_a
             f"{len(example_inputs)} example inputs given but the traced forward takes {len(placeholders)}: "
             f"{', '.join(p.target for p in placeholders)}"
         )
-    gm.meta["fact_inputs"] = tuple(example_inputs)
+    gm.meta["fact_inputs"] = RecordedInputs(tuple(example_inputs))
     # Run in eval mode so BatchNorm neither uses batch statistics nor updates the user's running
     # statistics, then give every module back the mode it had.
     modes = {m: m.training for m in gm.modules()}
@@ -407,13 +407,35 @@ def record_facts(gm: fx.GraphModule, example_inputs: tuple[Any, ...], concrete_a
             m.training = mode
 
 
+@dataclass(frozen=True, eq=False)
+class RecordedInputs:
+    """The inputs a graph's facts were recorded on (`gm.meta["fact_inputs"]`). Equal when their
+    tensors are equal, so graphs that carry them still compare by value."""
+
+    values: tuple[Any, ...]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RecordedInputs) and _same_values(self.values, other.values)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def refresh_facts(gm: fx.GraphModule) -> None:
     """Record the facts again on the inputs capture used, after a rewrite added nodes."""
     inputs = gm.meta.get("fact_inputs")
     if inputs is None:
         raise CaptureError("the graph was not captured by qcompiler.tracing (no example inputs recorded); "
                            "capture it with capture_module first")
-    record_facts(gm, inputs)
+    record_facts(gm, inputs.values)
 
 
 def unsupplied_defaults(model: nn.Module, given: int, concrete_args: dict[str, Any] | None) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class _Builder:
         self.quant: dict[str, QuantInfo] = {}      # ONNX tensor name -> its quantization
         self.producer: dict[str, int] = {}         # ONNX tensor name -> index of the node writing it
         self.notes: list[str] = []
+        self.fixed_shapes = False
         self._counter = 0
 
     # -- helpers ------------------------------------------------------------------------
@@ -432,6 +433,12 @@ def _linear(b: _Builder, node: fx.Node, m: nn.Linear) -> str:
     shape = node.args[0].meta.get("shape") if isinstance(node.args[0], fx.Node) else None
     if shape is not None and len(shape) == 2:
         return b.emit("Gemm", [x, w] + ([bias] if bias else []), node.name, transB=1)
+    if shape is not None and b.fixed_shapes:
+        # A Gemm on the rows, between two reshapes: ONNX Runtime's QDQ rules fuse it into an
+        # integer kernel, where a MatMul on a transposed weight is not fused.
+        rows = b.emit("Reshape", [x, b.const(f"{node.name}_rows", np.array([-1, shape[-1]], np.int64))], node.name)
+        y = b.emit("Gemm", [rows, w] + ([bias] if bias else []), node.name, transB=1)
+        return b.emit("Reshape", [y, b.const(f"{node.name}_out", np.array(node.meta["shape"], np.int64))], node.name)
     wt = b.emit("Transpose", [w], f"{node.name}_wT", perm=[1, 0])
     y = b.emit("MatMul", [x, wt], node.name)
     return b.emit("Add", [y, bias], node.name) if bias else y
@@ -586,7 +593,8 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return b.emit("Add", [b.emit("Mul", [x, s], node.name), t], node.name)
     if kind in ("relu", "relu6", "hardtanh", "clamp", "leaky_relu", "sigmoid", "tanh", "exp", "hardswish",
                 "hardsigmoid", "silu", "gelu", "softmax", "log_softmax", "elu"):
-        if m is not None:
+        # An ExactLUT is the simulation's table of the activation; ONNX Runtime computes it in float.
+        if m is not None and not isinstance(m, ExactLUT):
             raise OnnxExportError(f"{node.name}: activation module {type(m).__name__} was not canonicalized")
         return _activation(b, node, kind)
     if isinstance(m, ExactGlobalAvgPool):
@@ -594,9 +602,6 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         # GlobalAveragePool keeps ONNX Runtime's integer pooling kernel within reach.
         pooled = b.emit("GlobalAveragePool", [b.arg(node.args[0])], node.name)
         return pooled if m.keepdim else b.emit("Flatten", [pooled], node.name, axis=1)
-    if isinstance(m, ExactLUT):
-        # The simulation's table of an activation; ONNX Runtime computes the activation in float.
-        return _activation(b, node, kind)
     if isinstance(m, ExactAdd) and len(node.args) == 2:
         # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values.
         return b.emit("Add", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
@@ -619,7 +624,10 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return _mean(b, node)
     if kind == "reshape":
         shape = _kw(node, "shape", 1, None)
-        if not all(isinstance(s, int) for s in shape):
+        if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) for s in shape):
+            if b.fixed_shapes:      # computed from input sizes: the shape the capture recorded
+                return b.emit("Reshape", [b.arg(node.args[0]), b.const(f"{node.name}_shape", np.array(
+                    node.meta["shape"], np.int64))], node.name)
             raise OnnxExportError(f"{node.name}: reshape to a computed shape is not exported")
         shape = list(shape)
         batch = node.args[0].meta["shape"][0]
@@ -628,6 +636,13 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return b.emit("Reshape", [b.arg(node.args[0]), b.const(f"{node.name}_shape", np.array(shape, np.int64))], node.name)
     if kind == "contiguous":
         return b.arg(node.args[0])
+    if kind in ("transpose", "permute"):
+        return _transpose(b, node, kind)
+    if kind == "expand" and b.fixed_shapes:
+        return b.emit("Expand", [b.arg(node.args[0]), b.const(f"{node.name}_shape", np.array(
+            node.meta["shape"], np.int64))], node.name)
+    if kind == "layer_norm":
+        return _layer_norm(b, node, m)
     if node.op == "call_function" and node.target in (operator.neg, torch.neg) and len(node.args) == 1:
         return b.emit("Neg", [b.arg(node.args[0])], node.name)
     if kind == "getitem" and isinstance(node.args[0], fx.Node) and isinstance(b.names.get(node.args[0]), str):
@@ -636,6 +651,45 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         f"node {node.name} (op kind {kind!r}, {node.op} {getattr(node.target, '__name__', node.target)}){_source(node)} "
         "has no ONNX translation yet; run it outside the compiled part of the model or extend qcompiler.backends.onnx"
     )
+
+
+def _transpose(b: _Builder, node: fx.Node, kind: str) -> str:
+    rank = len(node.args[0].meta["shape"])
+    if kind == "permute":
+        dims = _kw(node, "dims", 1, None)
+        perm = [int(d) % rank for d in dims]
+    else:
+        d0, d1 = int(_kw(node, "dim0", 1, 0)) % rank, int(_kw(node, "dim1", 2, 1)) % rank
+        perm = list(range(rank))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    return b.emit("Transpose", [b.arg(node.args[0])], node.name, perm=perm)
+
+
+def _layer_norm(b: _Builder, node: fx.Node, m: nn.Module | None) -> str:
+    """LayerNormalization (opset 17) over the trailing `normalized_shape` dimensions."""
+    x = b.arg(node.args[0])
+    if m is not None:
+        shape, eps = tuple(m.normalized_shape), float(m.eps)
+        weight = m.weight.detach() if m.weight is not None else None
+        bias = m.bias.detach() if m.bias is not None else None
+    else:
+        shape, eps = tuple(_kw(node, "normalized_shape", 1, None)), float(_kw(node, "eps", 4, 1e-5))
+        weight, bias = (_constant_of(b, _kw(node, k, i, None)) for k, i in (("weight", 2), ("bias", 3)))
+    size = int(np.prod(shape))
+    w = b.const(f"{node.name}_weight", (weight if weight is not None else torch.ones(shape)).float().numpy())
+    ins = [x, w] + ([b.const(f"{node.name}_bias", bias.float().numpy())] if bias is not None else [])
+    del size
+    return b.emit("LayerNormalization", ins, node.name, axis=-len(shape), epsilon=eps)
+
+
+def _constant_of(b: _Builder, a: Any) -> torch.Tensor | None:
+    if a is None:
+        return None
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        from ..fx_util import fetch_attr
+
+        return fetch_attr(b.gm, a.target).detach()
+    raise OnnxExportError(f"{a}: a layer norm's weight must be a constant to export")
 
 
 def _source(node: fx.Node) -> str:
@@ -685,6 +739,13 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
     gm = simulated
     b = _Builder(gm, plan, opset, strict)
     onnx, TP, helper, _ = b.onnx, b.TP, b.helper, b.numpy_helper
+    # A graph that computes shapes from its input's sizes (x.shape, x.size(0)) is written with the
+    # shapes the capture recorded: its batch is then fixed.
+    b.fixed_shapes = any(n.meta.get("op_kind") == "size" for n in gm.graph.nodes)
+    if b.fixed_shapes and dynamic_batch:
+        dynamic_batch = False
+        b.notes.append("the graph computes shapes from its inputs' sizes: exported with the example "
+                       "inputs' shapes (batch fixed)")
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             shape = node.meta.get("shape")
@@ -704,7 +765,14 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
                         if shape is not None else None)
                 b.outputs.append(helper.make_tensor_value_info(name, TP.FLOAT, dims))
         elif node.op == "get_attr":
-            raise OnnxExportError(f"node {node.name}: graph constants (get_attr {node.target}) are not exported yet")
+            from ..fx_util import fetch_attr
+
+            value = fetch_attr(gm, node.target)
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise OnnxExportError(f"node {node.name}: graph constant {node.target} is not a float tensor")
+            b.names[node] = b.const(node.name, value.detach().float().numpy())
+        elif b.fixed_shapes and (node.meta.get("op_kind") == "size" or not isinstance(node.meta.get("shape"), tuple)):
+            b.names[node] = None        # sizes and shapes: the shapes they compute are written as recorded
         else:
             b.names[node] = _export_node(b, node)
     b.prune()
