@@ -501,3 +501,74 @@ class ExactLUT(nn.Module):
     def extra_repr(self) -> str:
         return (f"entries={self.entries}, in_qmin={self.in_qmin}, in_zero_point={self.in_zero_point}, "
                 f"out_zero_point={self.out_zero_point}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax on integer codes.
+
+# exp(-d * s_in) for d = 0, 1, 2, ... input codes below the row's largest, in Q15 fixed point.
+SOFTMAX_EXP_BITS = 15
+# Fractional bits of the output multiplier 2**f / s_out.
+SOFTMAX_OUT_BITS = 16
+
+
+def softmax_codes(q: Tensor, mask: Tensor | None, dim: int, exp_table: Tensor, out_multiplier: int,
+                  out_zero_point: int, qrange: tuple[int, int]) -> Tensor:
+    """Integer softmax along `dim` of input codes `q` (int64 in, int64 out):
+
+    d = max(q) - q over the positions `mask` keeps (True: kept; None: all),
+    e = exp_table[min(d, len - 1)] (Q15 values of exp(-d * s_in); masked positions 0),
+    out = floor((e * M + sum(e) * 2**15) / (sum(e) * 2**16)) + z_out, saturated,
+
+    with M = round(2**16 / s_out): the probability e / sum(e) rounded half up to the output grid.
+    A row with nothing kept gives zero probabilities."""
+    q = q.to(torch.int64)
+    low = torch.iinfo(torch.int64).min
+    kept = q if mask is None else q.masked_fill(~mask, low)
+    d = kept.amax(dim=dim, keepdim=True) - q
+    e = exp_table[d.clamp(0, exp_table.numel() - 1)]
+    if mask is not None:
+        e = e.masked_fill(~mask, 0)
+    total = e.sum(dim=dim, keepdim=True).clamp_min(1)
+    out = torch.div(e * out_multiplier + total * 2 ** (SOFTMAX_OUT_BITS - 1), total * 2 ** SOFTMAX_OUT_BITS,
+                    rounding_mode="floor")
+    return (out + out_zero_point).clamp(*qrange)
+
+
+class ExactSoftmax(nn.Module):
+    """Softmax as integer hardware computes it (`softmax_codes`): a table of exp over code
+    differences, an integer sum and one integer division per element. Input: decoded values of
+    the input quantizer (and an optional boolean mask); output: the decoded output code. The
+    simulation and the reference backend run the same function on the same codes."""
+
+    def __init__(self, entries: int, dim: int = -1, is_causal: bool = False, out_zero_point: int = 0,
+                 qmin: int = -128, qmax: int = 127, out_multiplier: int = 1):
+        super().__init__()
+        self.entries, self.dim, self.is_causal = int(entries), int(dim), bool(is_causal)
+        self.out_zero_point, self.qmin, self.qmax = int(out_zero_point), int(qmin), int(qmax)
+        self.out_multiplier = int(out_multiplier)
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("exp_table", torch.zeros(self.entries, dtype=torch.int64))
+
+    def mask_of(self, q: Tensor, mask: Tensor | None) -> Tensor | None:
+        if self.is_causal:
+            rows, cols = q.shape[-2], q.shape[-1]
+            causal = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
+            mask = causal if mask is None else mask & causal
+        if mask is not None and mask.dtype != torch.bool:
+            raise QCompileError("an integer softmax takes a boolean mask (True: attend), not an additive one")
+        return None if mask is None else mask.expand(q.shape)
+
+    def codes(self, q: Tensor, mask: Tensor | None = None) -> Tensor:
+        return softmax_codes(q, self.mask_of(q, mask), self.dim, self.exp_table, self.out_multiplier,
+                             self.out_zero_point, (self.qmin, self.qmax))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())   # differences need no zero point
+        out = self.codes(q, mask)
+        return (out.to(torch.float32) - float(self.out_zero_point)) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return (f"entries={self.entries}, dim={self.dim}, is_causal={self.is_causal}, "
+                f"out_zero_point={self.out_zero_point}, out_multiplier={self.out_multiplier}")

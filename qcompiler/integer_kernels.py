@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    LUT_MAX_BITS, ExactAdd, ExactConv2d, ExactLUT, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    LUT_MAX_BITS, SOFTMAX_EXP_BITS, SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactLUT, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
     add_left_shift, quantizer_of,
 )
 from .formats import IntFormat
@@ -272,3 +273,48 @@ def make_exact_lut(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     target = f"exact_{node.name}"
     gm.add_submodule(target, lut)
     node.op, node.target = "call_module", target
+
+
+def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """A softmax (or masked softmax) between two per-tensor integer quantizers -> ExactSoftmax,
+    on fixed-point and shift targets."""
+    from .attention import masked_softmax
+
+    if spec.requant.mode == "float":
+        raise NotExact(f"{node.name}: float requantization computes softmax in float")
+    if node.meta.get("role") != "chip":
+        raise NotExact(f"{node.name}: not a softmax of the target")
+    if node.op != "call_function" or node.target not in (F.softmax, masked_softmax):
+        raise NotExact(f"{node.name}: softmax spelled {node.target}")
+    if node.target is F.softmax:
+        x, mask, causal = node.args[0], None, False
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if set(node.kwargs) - {"dim"}:
+            raise NotExact(f"{node.name}: softmax with {sorted(node.kwargs)}")
+    else:
+        x, mask, dim, causal = (list(node.args) + [False])[:4]
+    if not isinstance(dim, int):
+        raise NotExact(f"{node.name}: softmax over dim {dim!r}")
+    if mask is not None and not (isinstance(mask, fx.Node) and mask.meta.get("dtype") == torch.bool):
+        raise NotExact(f"{node.name}: an additive attention mask")
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    in_q, out_q = quantizer_of(gm, x), quantizer_of(gm, users[0])
+    if max(in_q.fmt.bits, out_q.fmt.bits) > LUT_MAX_BITS:
+        raise NotExact(f"{node.name}: a table over more than {LUT_MAX_BITS}-bit codes")
+    s_in = float(in_q.params.scale.reshape(()))
+    s_out = float(out_q.params.scale.reshape(()))
+    entries = in_q.fmt.qmax - in_q.fmt.qmin + 1
+    d = torch.arange(entries, dtype=torch.float64)
+    table = torch.round(torch.exp(-d * s_in) * 2 ** SOFTMAX_EXP_BITS).to(torch.int64)
+    z_out = 0 if out_q.params.zero_point is None else int(out_q.params.zero_point.reshape(-1)[0])
+    module = ExactSoftmax(entries, dim, bool(causal), z_out, out_q.fmt.qmin, out_q.fmt.qmax,
+                          round(2 ** SOFTMAX_OUT_BITS / s_out))
+    module.in_scale.fill_(s_in)
+    module.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    module.exp_table.copy_(table)
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target = "call_module", target
+    node.args, node.kwargs = ((x,) if mask is None else (x, mask)), {}

@@ -240,6 +240,11 @@ def test_minilm_reference_backend_and_a_saved_model_agree_with_the_simulation(mi
     _, tok = minilm
     ids, mask = tok(texts[1][:8])
     compiled = minilm_compiled["npu-int8-transformer"]
+    from qcompiler.exact import ExactLUT, ExactSoftmax
+
+    modules = list(compiled.simulated.modules())
+    assert sum(isinstance(m, ExactSoftmax) for m in modules) == 6      # masked, on integers
+    assert sum(isinstance(m, ExactLUT) for m in modules) == 6          # GELU tables
     with torch.no_grad():
         simulated = compiled(ids, mask).last_hidden_state
         reference = compiled.lower("reference")(ids, mask)
@@ -271,3 +276,53 @@ def test_vit_exports_to_onnx_and_runs_in_onnx_runtime(vit_compiled, target, tmp_
         want = compiled(x)
     assert output_sqnr_db(want.double(), got.double()) >= 20.0
     assert int((got.argmax(1) == want.argmax(1)).sum()) >= 3
+
+
+# -- integer softmax ------------------------------------------------------------------------------
+
+def _python_softmax_codes(row, kept, s_in, s_out, z_out, qmin, qmax):
+    """The integer softmax of one row in Python integers (the definition in qcompiler.exact)."""
+    import math
+
+    top = max(q for q, k in zip(row, kept) if k) if any(kept) else 0
+    e = [round(math.exp(-(top - q) * s_in) * 2 ** 15) if k else 0 for q, k in zip(row, kept)]
+    total = max(sum(e), 1)
+    m = round(2 ** 16 / s_out)
+    return [min(max((v * m + total * 2 ** 15) // (total * 2 ** 16) + z_out, qmin), qmax) for v in e]
+
+
+def test_integer_softmax_equals_its_definition_in_python_integers():
+    from qcompiler.exact import ExactSoftmax
+
+    s_in, s_out, z_out = 0.0625, 1 / 255, -128
+    module = ExactSoftmax(256, dim=-1, out_zero_point=z_out, qmin=-128, qmax=127, out_multiplier=round(2 ** 16 / s_out))
+    module.in_scale.fill_(s_in)
+    module.out_scale.fill_(s_out)
+    d = torch.arange(256, dtype=torch.float64)
+    module.exp_table.copy_(torch.round(torch.exp(-d * s_in) * 2 ** 15).to(torch.int64))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (6, 9), generator=g)
+    mask = torch.rand(6, 9, generator=g) > 0.3
+    mask[0] = False                                  # a row with nothing to attend to
+    got = module.codes(q, mask)
+    for row, kept, out in zip(q.tolist(), mask.tolist(), got.tolist()):
+        assert out == _python_softmax_codes(row, kept, s_in, s_out, z_out, -128, 127)
+    # Against float softmax over the input range: within one output code everywhere.
+    x = (q * s_in).float()
+    full = module.codes(q, None)
+    want = torch.softmax(x, -1) / s_out + z_out
+    assert float((full - want).abs().max()) <= 1.0
+
+
+def test_softmax_runs_on_integers_in_the_simulation_reference_and_qpack(vit_compiled, tmp_path):
+    from qcompiler.backends.reference import IntegerSoftmax
+    from qcompiler.exact import ExactSoftmax
+
+    compiled = vit_compiled["npu-int8"]
+    assert sum(isinstance(m, ExactSoftmax) for m in compiled.simulated.modules()) == 2
+    ref = compiled.lower("reference")
+    assert sum(isinstance(m, IntegerSoftmax) for m in ref.modules()) == 2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    compiled.export(tmp_path / "vit.qpack", format="qpack")
+    assert torch.equal(qcompiler.load_qpack(tmp_path / "vit.qpack").codes(x), ref.codes(x))
+    assert not any(isinstance(m, ExactSoftmax) for m in vit_compiled["cpu-x86-int8"].simulated.modules())

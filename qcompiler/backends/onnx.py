@@ -27,7 +27,7 @@ from torch import fx, nn
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..layers import Affine
-from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLUT
+from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLUT, ExactSoftmax
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -591,6 +591,11 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         s = b.const(f"{node.name}_scale", m.scale.detach().float().reshape(view).numpy())
         t = b.const(f"{node.name}_shift", m.shift.detach().float().reshape(view).numpy())
         return b.emit("Add", [b.emit("Mul", [x, s], node.name), t], node.name)
+    if isinstance(m, ExactSoftmax):
+        # The simulation's integer softmax; ONNX Runtime computes it in float.
+        if len(node.args) > 1 or m.is_causal:
+            raise OnnxExportError(f"{node.name}: a masked softmax is not exported yet")
+        return b.emit("Softmax", [b.arg(node.args[0])], node.name, axis=m.dim)
     if kind in ("relu", "relu6", "hardtanh", "clamp", "leaky_relu", "sigmoid", "tanh", "exp", "hardswish",
                 "hardsigmoid", "silu", "gelu", "softmax", "log_softmax", "elu"):
         # An ExactLUT is the simulation's table of the activation; ONNX Runtime computes it in float.

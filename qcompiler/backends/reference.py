@@ -18,6 +18,7 @@ tensors between kernels are integer codes:
   input's `(q - z) << 20` (15 for 16-bit inputs) rescaled to a common grid, summed, requantized;
 - every element-wise activation the simulation runs as a table (`ExactLUT`) is one `IntegerLUT`:
   the output code read from the table at the input code;
+- every softmax the simulation computes on integers (`ExactSoftmax`) is one `IntegerSoftmax`;
 - every other op (other pooling, element-wise activations, shared-scale cat, host-float fallback ops)
   runs as the simulation runs it: its code inputs are decoded to their exact values
   (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
@@ -37,7 +38,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..exact import (
-    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLUT, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLUT, ExactSoftmax, softmax_codes, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from ..formats import Format, HostFloat, IntFormat, QParams
@@ -221,6 +222,33 @@ class IntegerLUT(nn.Module):
         return f"entries={self.table.numel()}, in_qmin={self.in_qmin}"
 
 
+class IntegerSoftmax(nn.Module):
+    """Softmax on codes (`qcompiler.exact.softmax_codes`), the simulation's `ExactSoftmax`."""
+
+    TENSORS = ("exp_table",)
+
+    def __init__(self, dim: int, is_causal: bool, out_zero_point: int, qmin: int, qmax: int, out_multiplier: int,
+                 tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.dim, self.is_causal, self.out_zero_point = int(dim), bool(is_causal), int(out_zero_point)
+        self.qmin, self.qmax, self.out_multiplier = int(qmin), int(qmax), int(out_multiplier)
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        if not hasattr(self, "exp_table") or self.exp_table.ndim != 1 or self.exp_table.dtype != torch.int64:
+            raise QCompileError("IntegerSoftmax needs a one-dimensional int64 exp_table")
+
+    def forward(self, q: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.is_causal:
+            causal = torch.ones(q.shape[-2], q.shape[-1], dtype=torch.bool, device=q.device).tril()
+            mask = causal if mask is None else mask & causal
+        mask = None if mask is None else mask.expand(q.shape)
+        return softmax_codes(q, mask, self.dim, self.exp_table, self.out_multiplier, self.out_zero_point,
+                             (self.qmin, self.qmax)).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, is_causal={self.is_causal}, out_zero_point={self.out_zero_point}"
+
+
 class IntegerAdd(nn.Module):
     """The add of two quantized tensors on codes: `qcompiler.exact.add_codes` with the constants
     `multiplier`/`shift` (input 1, input 2, sum)."""
@@ -398,6 +426,15 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
                                 {k: getattr(add, k).clone() for k in IntegerAdd.TENSORS}, add.left_shift)
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
+            domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactSoftmax) \
+                and domain.get(n.args[0].name) is not None:
+            sm = gm.get_submodule(n.target)
+            module = IntegerSoftmax(sm.dim, sm.is_causal, sm.out_zero_point, sm.qmin, sm.qmax, sm.out_multiplier,
+                                    {"exp_table": sm.exp_table.clone()})
+            target = _install(root, f"int_{n.name}", module)
+            args = (env[n.args[0].name],) + tuple(as_float(a) for a in n.args[1:])
+            env[n.name] = graph.call_module(target, args)
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactLUT) \
                 and domain.get(n.args[0].name) is not None:
