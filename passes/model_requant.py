@@ -15,7 +15,8 @@ on fixed-point and shift targets rescale each input to a common grid and requant
 (`ExactAdd`). Element-wise activations (GELU, sigmoid, tanh, SiLU, hardswish, ...) between two
 per-tensor integer quantizers on those targets become a table from input code to output code
 (`ExactLUT`); softmaxes become an integer kernel (`ExactSoftmax`: a table of exp over code
-differences, an integer sum and division).
+differences, an integer sum and division) and LayerNorms another (`ExactLayerNorm`: integer mean,
+variance and square root).
 
 Everything else keeps its float fake-quant form, which the reference backend reproduces by
 running the same float op between a dequantize and a quantize. It runs last: it reads the final
@@ -28,7 +29,9 @@ from torch import fx
 from ..context import CompileContext
 from ..errors import QCompileError
 from ..exact import LUT_KINDS, ChainIndex, KernelChain, NotExact
-from ..integer_kernels import POOL_KINDS, make_exact, make_exact_add, make_exact_lut, make_exact_pool, make_exact_softmax
+from ..integer_kernels import (
+    POOL_KINDS, make_exact, make_exact_add, make_exact_layer_norm, make_exact_lut, make_exact_pool, make_exact_softmax,
+)
 
 STAGE = "model_requant"
 
@@ -48,6 +51,9 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
     if kind == "softmax":
         make_exact_softmax(gm, node, ctx.target)
         return "softmax"
+    if kind == "layer_norm":
+        make_exact_layer_norm(gm, node, ctx.target)
+        return "layer_norm"
     if "weight_group" not in node.meta or node.meta.get("role") != "chip":
         return None
     group = make_exact(gm, KernelChain(gm, node, index), ctx.plan, ctx.target)["group"]
@@ -63,7 +69,7 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
 def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.plan is None or ctx.target is None:
         raise QCompileError("model_requant runs after convert: the graph has no quantization plan yet")
-    done = {"kernel": 0, "pool": 0, "add": 0, "table": 0, "softmax": 0}
+    done = {"kernel": 0, "pool": 0, "add": 0, "table": 0, "softmax": 0, "layer_norm": 0}
     kept = []
     index = ChainIndex(gm)
     for node in list(gm.graph.nodes):
@@ -79,7 +85,7 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ctx.note(STAGE, f"{done['kernel']} kernels, {done['pool']} global pools and {done['add']} adds compute "
                     f"with integer accumulators and {ctx.target.requant.mode} requantization; "
                     f"{done['table']} activations run as look-up tables over their input codes, "
-                    f"{done['softmax']} softmaxes on integers")
+                    f"{done['softmax']} softmaxes and {done['layer_norm']} layer norms on integers")
     for why in kept:
         ctx.note(STAGE, f"float fake-quant kept: {why}")
     gm.delete_all_unused_submodules()

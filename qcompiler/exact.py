@@ -572,3 +572,81 @@ class ExactSoftmax(nn.Module):
     def extra_repr(self) -> str:
         return (f"entries={self.entries}, dim={self.dim}, is_causal={self.is_causal}, "
                 f"out_zero_point={self.out_zero_point}, out_multiplier={self.out_multiplier}")
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm on integer codes.
+
+# Fractional bits: of the mean (K), of the standard deviation (P), of the normalised value (F),
+# of the per-channel output multipliers (G).
+LAYER_NORM_MEAN_BITS = 4
+LAYER_NORM_STD_BITS = 8
+LAYER_NORM_VALUE_BITS = 16
+LAYER_NORM_GAIN_BITS = 8
+
+
+def isqrt(v: Tensor) -> Tensor:
+    """floor(sqrt(v)) of non-negative int64 values below 2**62, exactly: the float64 root, then
+    corrected until r*r <= v < (r+1)*(r+1)."""
+    r = torch.sqrt(v.to(torch.float64)).floor().to(torch.int64)
+    for _ in range(2):
+        r = torch.where(r * r > v, r - 1, r)
+        r = torch.where((r + 1) * (r + 1) <= v, r + 1, r)
+    return r
+
+
+def layer_norm_codes(q: Tensor, in_zero_point: int, size: int, eps_codes: int, gain: Tensor, offset: Tensor,
+                     out_zero_point: int, qrange: tuple[int, int]) -> Tensor:
+    """Integer LayerNorm over the last `size` = n elements of input codes `q` (int64 in and out):
+
+    c = (q - z_in) * 2**K;  m = round(sum(c) / n)  (half up: the mean with K fractional bits);
+    v = sum((c - m)**2) * 2**(2P - 2K) // n + eps_codes;  r = isqrt(v)  (the standard deviation
+    in codes with P fractional bits);  y = ((c - m) * 2**(F + P - K)) // r  (the normalised value,
+    F fractional bits);  out = clamp(((y * gain + offset) + 2**(F + G - 1)) >> (F + G) + z_out,
+    qmin, qmax)
+
+    with gain = round(gamma / s_out * 2**G) and offset = round(beta / s_out * 2**(F + G)) per
+    channel, and eps_codes = round(eps / s_in**2 * 2**(2P))."""
+    k, p, f, g = LAYER_NORM_MEAN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LAYER_NORM_GAIN_BITS
+    shape = q.shape
+    c = (q.to(torch.int64).reshape(-1, size) - in_zero_point) * 2 ** k
+    m = torch.div(2 * c.sum(dim=1, keepdim=True) + size, 2 * size, rounding_mode="floor")
+    centred = c - m
+    var = torch.div((centred * centred).sum(dim=1, keepdim=True) * 2 ** (2 * p - 2 * k), size,
+                    rounding_mode="floor") + eps_codes
+    r = isqrt(var).clamp_min(1)
+    y = torch.div(centred * 2 ** (f + p - k), r, rounding_mode="floor")
+    total = y * gain.reshape(1, -1) + offset.reshape(1, -1)
+    out = torch.bitwise_right_shift(total + 2 ** (f + g - 1), f + g) + out_zero_point
+    return out.clamp(*qrange).reshape(shape)
+
+
+class ExactLayerNorm(nn.Module):
+    """LayerNorm as integer hardware computes it (`layer_norm_codes`): integer mean, variance and
+    square root, a division per element and per-channel integer gain and offset. Input: decoded
+    values of the input quantizer; output: the decoded output code."""
+
+    def __init__(self, size: int, in_zero_point: int = 0, eps_codes: int = 0, out_zero_point: int = 0,
+                 qmin: int = -128, qmax: int = 127, eps: float = 0.0):
+        super().__init__()
+        self.size, self.in_zero_point, self.eps_codes = int(size), int(in_zero_point), int(eps_codes)
+        self.out_zero_point, self.qmin, self.qmax = int(out_zero_point), int(qmin), int(qmax)
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("gain", torch.zeros(self.size, dtype=torch.int64))
+        self.register_buffer("offset", torch.zeros(self.size, dtype=torch.int64))
+        # The float LayerNorm it stands for, for exporters that compute it in float (ONNX).
+        self.eps = float(eps)
+        self.register_buffer("float_weight", torch.ones(self.size, dtype=torch.float32))
+        self.register_buffer("float_bias", torch.zeros(self.size, dtype=torch.float32))
+
+    def codes(self, q: Tensor) -> Tensor:
+        return layer_norm_codes(q, self.in_zero_point, self.size, self.eps_codes, self.gain, self.offset,
+                                self.out_zero_point, (self.qmin, self.qmax))
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal()) + self.in_zero_point
+        return (self.codes(q).to(torch.float32) - float(self.out_zero_point)) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, in_zero_point={self.in_zero_point}, out_zero_point={self.out_zero_point}"

@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .attention import masked_softmax
 from .errors import ArtifactError
-from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLinear, ExactLUT, ExactSoftmax, KernelRequantize
+from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLayerNorm, ExactLinear, ExactLUT, ExactSoftmax, KernelRequantize
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format
 from .layers import Affine
 from .plan import Plan
@@ -400,6 +400,8 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
                                                               "float32_output"), bias=_has("bias"))),
     "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")),
     "qcompiler.exact.ExactLUT": (ExactLUT, _attrs("entries", "in_qmin", "in_zero_point", "out_zero_point")),
+    "qcompiler.exact.ExactLayerNorm": (ExactLayerNorm, _attrs("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin",
+                                                              "qmax", "eps")),
     "qcompiler.exact.ExactSoftmax": (ExactSoftmax, _attrs("entries", "dim", "is_causal", "out_zero_point", "qmin", "qmax",
                                                           "out_multiplier")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),

@@ -17,7 +17,8 @@ from torch import fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    LUT_MAX_BITS, SOFTMAX_EXP_BITS, SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactLUT, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    LAYER_NORM_GAIN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS, SOFTMAX_EXP_BITS,
+    SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactLayerNorm, ExactLUT, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
     add_left_shift, quantizer_of,
 )
 from .formats import IntFormat
@@ -318,3 +319,71 @@ def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     gm.add_submodule(target, module)
     node.op, node.target = "call_module", target
     node.args, node.kwargs = ((x,) if mask is None else (x, mask)), {}
+
+
+def _layer_norm_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float]:
+    """(normalised size, weight, bias, eps) of a LayerNorm node (module or F.layer_norm with
+    constant weights)."""
+    from .fx_util import fetch_attr
+
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.LayerNorm):
+            raise NotExact(f"{node.name}: a {type(m).__name__}, not nn.LayerNorm")
+        shape, eps = tuple(m.normalized_shape), float(m.eps)
+        weight = None if m.weight is None else m.weight.detach()
+        bias = None if m.bias is None else m.bias.detach()
+    elif node.op == "call_function" and node.target is F.layer_norm:
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        found = dict(zip(names, node.args))
+        found.update(node.kwargs)
+        shape, eps = tuple(found["normalized_shape"]), float(found.get("eps", 1e-5))
+
+        def constant(a):
+            if a is None:
+                return None
+            if isinstance(a, fx.Node) and a.op == "get_attr":
+                return fetch_attr(gm, a.target).detach()
+            raise NotExact(f"{node.name}: LayerNorm weights computed in the graph")
+        weight, bias = constant(found.get("weight")), constant(found.get("bias"))
+    else:
+        raise NotExact(f"{node.name}: layer norm spelled {node.target}")
+    if len(shape) != 1:
+        raise NotExact(f"{node.name}: LayerNorm over {len(shape)} dimensions")
+    return int(shape[0]), weight, bias, eps
+
+
+def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """A LayerNorm over the last dimension between two per-tensor integer quantizers ->
+    ExactLayerNorm, on fixed-point and shift targets."""
+    if spec.requant.mode == "float":
+        raise NotExact(f"{node.name}: float requantization computes layer norm in float")
+    if node.meta.get("role") != "chip":
+        raise NotExact(f"{node.name}: not a layer norm of the target")
+    size, weight, bias, eps = _layer_norm_parameters(gm, node)
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    in_q, out_q = quantizer_of(gm, node.args[0]), quantizer_of(gm, users[0])
+    if in_q.fmt.bits > LUT_MAX_BITS:
+        raise NotExact(f"{node.name}: inputs wider than {LUT_MAX_BITS} bits")
+    # sum((c - m)**2) * 2**(2P) must stay below 2**62.
+    if size * (2 ** (in_q.fmt.bits + 1)) ** 2 * 2 ** (2 * LAYER_NORM_STD_BITS) >= 2 ** 62:
+        raise NotExact(f"{node.name}: {size} channels of {in_q.fmt.bits}-bit codes overflow the integer variance")
+    s_in = float(in_q.params.scale.reshape(()))
+    s_out = float(out_q.params.scale.reshape(()))
+    weight = torch.ones(size, dtype=torch.float64) if weight is None else weight.to(torch.float64)
+    bias = torch.zeros(size, dtype=torch.float64) if bias is None else bias.to(torch.float64)
+    z_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
+    z_out = 0 if out_q.params.zero_point is None else int(out_q.params.zero_point.reshape(-1)[0])
+    module = ExactLayerNorm(size, z_in, round(eps / s_in ** 2 * 2 ** (2 * LAYER_NORM_STD_BITS)), z_out,
+                            out_q.fmt.qmin, out_q.fmt.qmax, eps)
+    module.in_scale.fill_(s_in)
+    module.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    module.gain.copy_(torch.round(weight / s_out * 2 ** LAYER_NORM_GAIN_BITS).to(torch.int64))
+    module.offset.copy_(torch.round(bias / s_out * 2 ** (LAYER_NORM_VALUE_BITS + LAYER_NORM_GAIN_BITS)).to(torch.int64))
+    module.float_weight.copy_(weight.float())
+    module.float_bias.copy_(bias.float())
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target, node.args, node.kwargs = "call_module", target, (node.args[0],), {}

@@ -1,4 +1,4 @@
-"""Functional convolutions and linears whose weights are constants become module kernels.
+"""Functional convolutions, linears and LayerNorms whose weights are constants become modules.
 
 Models call `F.conv2d(x, w, b, ...)` or `F.linear(x, w, b)` where `w` is a parameter of theirs
 (timm's `Linear` and `Conv2dSame` subclasses trace through to the functional call) or a tensor
@@ -28,8 +28,11 @@ KERNELS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
     F.conv1d: (nn.Conv1d, ("weight", "bias", "stride", "padding", "dilation", "groups")),
     F.conv2d: (nn.Conv2d, ("weight", "bias", "stride", "padding", "dilation", "groups")),
     F.conv3d: (nn.Conv3d, ("weight", "bias", "stride", "padding", "dilation", "groups")),
+    # A functional LayerNorm (torch.export's graphs) holds its weights as graph constants, which
+    # later passes would take for activations to quantize; as a module they are its parameters.
+    F.layer_norm: (nn.LayerNorm, ("normalized_shape", "weight", "bias", "eps")),
 }
-_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "eps": 1e-5}
 
 
 def functional_kernel_error(name: str) -> str:
@@ -119,7 +122,12 @@ def _build(cls: type[nn.Module], values: dict[str, Any]) -> nn.Module | None:
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or (
             bias is not None and not isinstance(bias, torch.Tensor)):
         return None
-    if cls is nn.Linear:
+    if cls is nn.LayerNorm:
+        shape = values["normalized_shape"]
+        if not isinstance(shape, (tuple, list)) or tuple(weight.shape) != tuple(shape) or not isinstance(values["eps"], float):
+            return None
+        module = nn.LayerNorm(tuple(shape), eps=values["eps"], bias=bias is not None, device="meta")
+    elif cls is nn.Linear:
         if weight.dim() != 2:
             return None
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")

@@ -240,11 +240,12 @@ def test_minilm_reference_backend_and_a_saved_model_agree_with_the_simulation(mi
     _, tok = minilm
     ids, mask = tok(texts[1][:8])
     compiled = minilm_compiled["npu-int8-transformer"]
-    from qcompiler.exact import ExactLUT, ExactSoftmax
+    from qcompiler.exact import ExactLayerNorm, ExactLUT, ExactSoftmax
 
     modules = list(compiled.simulated.modules())
     assert sum(isinstance(m, ExactSoftmax) for m in modules) == 6      # masked, on integers
     assert sum(isinstance(m, ExactLUT) for m in modules) == 6          # GELU tables
+    assert sum(isinstance(m, ExactLayerNorm) for m in modules) == 13   # the embeddings' and two per layer
     with torch.no_grad():
         simulated = compiled(ids, mask).last_hidden_state
         reference = compiled.lower("reference")(ids, mask)
@@ -326,3 +327,54 @@ def test_softmax_runs_on_integers_in_the_simulation_reference_and_qpack(vit_comp
     compiled.export(tmp_path / "vit.qpack", format="qpack")
     assert torch.equal(qcompiler.load_qpack(tmp_path / "vit.qpack").codes(x), ref.codes(x))
     assert not any(isinstance(m, ExactSoftmax) for m in vit_compiled["cpu-x86-int8"].simulated.modules())
+
+
+# -- integer LayerNorm ----------------------------------------------------------------------------
+
+def _python_layer_norm_codes(row, z_in, eps_codes, gain, offset, z_out, qmin, qmax):
+    """The integer LayerNorm of one row in Python integers (the definition in qcompiler.exact)."""
+    import math
+
+    n = len(row)
+    c = [(q - z_in) * 16 for q in row]                # 4 fractional bits for the mean
+    m = (2 * sum(c) + n) // (2 * n)
+    v = sum((x - m) ** 2 for x in c) * 2 ** 8 // n + eps_codes
+    r = max(math.isqrt(v), 1)
+    out = []
+    for x, g, o in zip(c, gain, offset):
+        y = (x - m) * 2 ** 20 // r
+        out.append(min(max(((y * g + o) + 2 ** 23 >> 24) + z_out, qmin), qmax))
+    return out
+
+
+def test_integer_layer_norm_equals_its_definition_and_float_within_a_code():
+    from qcompiler.exact import ExactLayerNorm
+
+    g = torch.Generator().manual_seed(0)
+    size, s_in, s_out, z_in, z_out = 24, 0.05, 0.02, 3, -2
+    gamma, beta = torch.rand(size, generator=g) + 0.5, torch.randn(size, generator=g) * 0.3
+    module = ExactLayerNorm(size, z_in, round(1e-5 / s_in ** 2 * 2 ** 16), z_out, -128, 127, 1e-5)
+    module.gain.copy_(torch.round(gamma.double() / s_out * 2 ** 8).long())
+    module.offset.copy_(torch.round(beta.double() / s_out * 2 ** 24).long())
+    q = torch.randint(-128, 128, (7, size), generator=g)
+    q[0] = 5                                          # a constant row: zero variance
+    got = module.codes(q)
+    for row, out in zip(q.tolist(), got.tolist()):
+        assert out == _python_layer_norm_codes(row, z_in, module.eps_codes, module.gain.tolist(),
+                                               module.offset.tolist(), z_out, -128, 127)
+    x = ((q - z_in) * s_in).double()
+    want = torch.nn.functional.layer_norm(x, (size,), gamma.double(), beta.double(), 1e-5) / s_out + z_out
+    assert float((got - want.clamp(-128, 127)).abs().max()) <= 1.0
+
+
+def test_layer_norm_runs_on_integers_in_the_simulation_reference_and_qpack(vit_compiled, tmp_path):
+    from qcompiler.backends.reference import IntegerLayerNorm
+    from qcompiler.exact import ExactLayerNorm
+
+    compiled = vit_compiled["npu-int8-transformer"]
+    assert sum(isinstance(m, ExactLayerNorm) for m in compiled.simulated.modules()) == 5
+    ref = compiled.lower("reference")
+    assert sum(isinstance(m, IntegerLayerNorm) for m in ref.modules()) == 5
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    compiled.export(tmp_path / "vit.qpack", format="qpack")
+    assert torch.equal(qcompiler.load_qpack(tmp_path / "vit.qpack").codes(x), ref.codes(x))

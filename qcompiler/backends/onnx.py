@@ -27,7 +27,7 @@ from torch import fx, nn
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..layers import Affine
-from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLUT, ExactSoftmax
+from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactSoftmax
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -673,7 +673,9 @@ def _transpose(b: _Builder, node: fx.Node, kind: str) -> str:
 def _layer_norm(b: _Builder, node: fx.Node, m: nn.Module | None) -> str:
     """LayerNormalization (opset 17) over the trailing `normalized_shape` dimensions."""
     x = b.arg(node.args[0])
-    if m is not None:
+    if isinstance(m, ExactLayerNorm):      # the simulation's integer LayerNorm; ONNX Runtime's is float
+        shape, eps, weight, bias = (m.size,), float(m.eps), m.float_weight, m.float_bias
+    elif m is not None:
         shape, eps = tuple(m.normalized_shape), float(m.eps)
         weight = m.weight.detach() if m.weight is not None else None
         bias = m.bias.detach() if m.bias is not None else None

@@ -18,7 +18,8 @@ tensors between kernels are integer codes:
   input's `(q - z) << 20` (15 for 16-bit inputs) rescaled to a common grid, summed, requantized;
 - every element-wise activation the simulation runs as a table (`ExactLUT`) is one `IntegerLUT`:
   the output code read from the table at the input code;
-- every softmax the simulation computes on integers (`ExactSoftmax`) is one `IntegerSoftmax`;
+- every softmax and LayerNorm the simulation computes on integers (`ExactSoftmax`,
+  `ExactLayerNorm`) is one `IntegerSoftmax` or `IntegerLayerNorm`;
 - every other op (other pooling, element-wise activations, shared-scale cat, host-float fallback ops)
   runs as the simulation runs it: its code inputs are decoded to their exact values
   (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
@@ -38,7 +39,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..exact import (
-    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLUT, ExactSoftmax, softmax_codes, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLayerNorm, ExactLUT, ExactSoftmax, layer_norm_codes, softmax_codes, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from ..formats import Format, HostFloat, IntFormat, QParams
@@ -249,6 +250,30 @@ class IntegerSoftmax(nn.Module):
         return f"dim={self.dim}, is_causal={self.is_causal}, out_zero_point={self.out_zero_point}"
 
 
+class IntegerLayerNorm(nn.Module):
+    """LayerNorm on codes (`qcompiler.exact.layer_norm_codes`), the simulation's `ExactLayerNorm`."""
+
+    TENSORS = ("gain", "offset")
+
+    def __init__(self, size: int, in_zero_point: int, eps_codes: int, out_zero_point: int, qmin: int, qmax: int,
+                 tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.size, self.in_zero_point, self.eps_codes = int(size), int(in_zero_point), int(eps_codes)
+        self.out_zero_point, self.qmin, self.qmax = int(out_zero_point), int(qmin), int(qmax)
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        if not all(hasattr(self, n) and tuple(getattr(self, n).shape) == (self.size,) and
+                   getattr(self, n).dtype == torch.int64 for n in self.TENSORS):
+            raise QCompileError(f"IntegerLayerNorm needs int64 gain and offset of shape ({self.size},)")
+
+    def forward(self, q: Tensor) -> Tensor:
+        return layer_norm_codes(q, self.in_zero_point, self.size, self.eps_codes, self.gain, self.offset,
+                                self.out_zero_point, (self.qmin, self.qmax)).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, in_zero_point={self.in_zero_point}, out_zero_point={self.out_zero_point}"
+
+
 class IntegerAdd(nn.Module):
     """The add of two quantized tensors on codes: `qcompiler.exact.add_codes` with the constants
     `multiplier`/`shift` (input 1, input 2, sum)."""
@@ -426,6 +451,14 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
                                 {k: getattr(add, k).clone() for k in IntegerAdd.TENSORS}, add.left_shift)
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
+            domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactLayerNorm) \
+                and domain.get(n.args[0].name) is not None:
+            ln = gm.get_submodule(n.target)
+            module = IntegerLayerNorm(ln.size, ln.in_zero_point, ln.eps_codes, ln.out_zero_point, ln.qmin, ln.qmax,
+                                      {k: getattr(ln, k).clone() for k in IntegerLayerNorm.TENSORS})
+            target = _install(root, f"int_{n.name}", module)
+            env[n.name] = graph.call_module(target, (env[n.args[0].name],))
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactSoftmax) \
                 and domain.get(n.args[0].name) is not None:
