@@ -248,7 +248,7 @@ def canonicalize(gm: fx.GraphModule, ctx: CompileContext | None = None) -> fx.Gr
     installed = functional_kernels_to_modules(gm)
     explicit_module_padding(gm)
     if installed and ctx is not None:
-        ctx.note("canonicalize", f"{len(installed)} functional conv/linear call(s) with constant weights became "
+        ctx.note("canonicalize", f"{len(installed)} functional conv/linear/layer-norm call(s) with constant weights became "
                                  f"module kernels: {', '.join(installed[:8])}{' ...' if len(installed) > 8 else ''}")
     for node in list(graph.nodes):
         if node.op == "call_function" and _is_inference_identity(node):
