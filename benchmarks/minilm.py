@@ -17,10 +17,10 @@ L2-normalised).
 - naive: min-max ranges and round-to-nearest weights (no AdaRound, no bias correction);
   default: the default pipeline.
 
-On both targets (fixed-point requantization) LayerNorm, softmax and GELU run on integers (an
-integer LayerNorm and softmax, a table for GELU: `qcompiler.exact`). The activation x
-activation matmuls, the multiply by the softmax scale and the embedding lookups run in float
-between a dequantize and a quantize (their inputs and outputs are quantized).
+On both targets (fixed-point requantization) LayerNorm, softmax, GELU and the activation x
+activation matmuls run on integers (integer LayerNorm, softmax and matmul kernels, a table for
+GELU: `qcompiler.exact`). The multiply by the softmax scale and the embedding lookups run in
+float between a dequantize and a quantize (their inputs and outputs are quantized).
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ on fixed-point and shift targets rescale each input to a common grid and requant
 per-tensor integer quantizers on those targets become a table from input code to output code
 (`ExactLUT`); softmaxes become an integer kernel (`ExactSoftmax`: a table of exp over code
 differences, an integer sum and division) and LayerNorms another (`ExactLayerNorm`: integer mean,
-variance and square root).
+variance and square root); matmuls of two quantized activations accumulate their codes exactly
+and requantize (`ExactMatmul`).
 
 Everything else keeps its float fake-quant form, which the reference backend reproduces by
 running the same float op between a dequantize and a quantize. It runs last: it reads the final
@@ -30,7 +31,8 @@ from ..context import CompileContext
 from ..errors import QCompileError
 from ..exact import LUT_KINDS, ChainIndex, KernelChain, NotExact
 from ..integer_kernels import (
-    POOL_KINDS, make_exact, make_exact_add, make_exact_layer_norm, make_exact_lut, make_exact_pool, make_exact_softmax,
+    POOL_KINDS, make_exact, make_exact_add, make_exact_layer_norm, make_exact_lut, make_exact_matmul, make_exact_pool,
+    make_exact_softmax,
 )
 
 STAGE = "model_requant"
@@ -54,6 +56,9 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
     if kind == "layer_norm":
         make_exact_layer_norm(gm, node, ctx.target)
         return "layer_norm"
+    if kind == "matmul" and "weight_group" not in node.meta:
+        make_exact_matmul(gm, node, ctx.target)
+        return "matmul"
     if "weight_group" not in node.meta or node.meta.get("role") != "chip":
         return None
     group = make_exact(gm, KernelChain(gm, node, index), ctx.plan, ctx.target)["group"]
@@ -69,7 +74,7 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
 def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.plan is None or ctx.target is None:
         raise QCompileError("model_requant runs after convert: the graph has no quantization plan yet")
-    done = {"kernel": 0, "pool": 0, "add": 0, "table": 0, "softmax": 0, "layer_norm": 0}
+    done = {"kernel": 0, "pool": 0, "add": 0, "table": 0, "softmax": 0, "layer_norm": 0, "matmul": 0}
     kept = []
     index = ChainIndex(gm)
     for node in list(gm.graph.nodes):
@@ -82,7 +87,8 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         if kind is not None:
             done[kind] += 1
-    ctx.note(STAGE, f"{done['kernel']} kernels, {done['pool']} global pools and {done['add']} adds compute "
+    ctx.note(STAGE, f"{done['kernel']} kernels, {done['pool']} global pools, {done['add']} adds and "
+                    f"{done['matmul']} activation matmuls compute "
                     f"with integer accumulators and {ctx.target.requant.mode} requantization; "
                     f"{done['table']} activations run as look-up tables over their input codes, "
                     f"{done['softmax']} softmaxes and {done['layer_norm']} layer norms on integers")

@@ -650,3 +650,43 @@ class ExactLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, in_zero_point={self.in_zero_point}, out_zero_point={self.out_zero_point}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation x activation matmul on integer codes.
+
+def matmul_codes(q1: Tensor, q2: Tensor, zero_points: tuple[int, int, int], qrange: tuple[int, int], mode: str,
+                 rounding: str, multiplier: Tensor, shift: Tensor) -> Tensor:
+    """(q1 - z1) @ (q2 - z2) accumulated exactly (float64 on integers below 2**53, which
+    `make_exact_matmul` proves from the formats and the inner size), requantized by
+    `s1 * s2 / s_out`, offset and saturated. int64 out."""
+    z1, z2, zo = zero_points
+    acc = torch.matmul(q1.to(torch.float64) - z1, q2.to(torch.float64) - z2).to(torch.int64)
+    zero = torch.zeros((), dtype=torch.float32)
+    return (requantize(acc, mode, rounding, multiplier, shift, zero) + zo).clamp(*qrange)
+
+
+class ExactMatmul(nn.Module):
+    """The product of two quantized activations as integer hardware computes it (`matmul_codes`).
+    Inputs: decoded values of their quantizers (after data movement that keeps the grid); output:
+    the decoded output code."""
+
+    def __init__(self, zero_points: tuple[int, int, int] = (0, 0, 0), qmin: int = -128, qmax: int = 127,
+                 mode: str = "fixed_point", rounding: str = "half_even"):
+        super().__init__()
+        self.zero_points = tuple(int(z) for z in zero_points)
+        self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        self.register_buffer("in_scales", torch.ones(2, dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("multiplier", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        q1 = torch.round(x1.to(torch.float32) * self.in_scales[0].reciprocal()) + self.zero_points[0]
+        q2 = torch.round(x2.to(torch.float32) * self.in_scales[1].reciprocal()) + self.zero_points[1]
+        c = matmul_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
+                         self.multiplier, self.shift)
+        return (c.to(torch.float32) - float(self.zero_points[2])) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"

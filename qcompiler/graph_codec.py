@@ -32,7 +32,7 @@ from torch import fx, nn
 
 from .attention import masked_softmax
 from .errors import ArtifactError
-from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLayerNorm, ExactLinear, ExactLUT, ExactSoftmax, KernelRequantize
+from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLayerNorm, ExactLinear, ExactLUT, ExactMatmul, ExactSoftmax, KernelRequantize
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format
 from .layers import Affine
 from .plan import Plan
@@ -402,6 +402,7 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
     "qcompiler.exact.ExactLUT": (ExactLUT, _attrs("entries", "in_qmin", "in_zero_point", "out_zero_point")),
     "qcompiler.exact.ExactLayerNorm": (ExactLayerNorm, _attrs("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin",
                                                               "qmax", "eps")),
+    "qcompiler.exact.ExactMatmul": (ExactMatmul, _attrs("zero_points", "qmin", "qmax", "mode", "rounding")),
     "qcompiler.exact.ExactSoftmax": (ExactSoftmax, _attrs("entries", "dim", "is_causal", "out_zero_point", "qmin", "qmax",
                                                           "out_multiplier")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),

@@ -18,7 +18,7 @@ from torch import fx, nn
 from .errors import QCompileError
 from .exact import (
     LAYER_NORM_GAIN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS, SOFTMAX_EXP_BITS,
-    SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactLayerNorm, ExactLUT, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
     add_left_shift, quantizer_of,
 )
 from .formats import IntFormat
@@ -387,3 +387,51 @@ def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     target = f"exact_{node.name}"
     gm.add_submodule(target, module)
     node.op, node.target, node.args, node.kwargs = "call_module", target, (node.args[0],), {}
+
+
+# Data movement that keeps values on their quantizer's grid (the reference backend moves codes).
+_GRID_KEEPING = ("reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "expand")
+
+
+def _source_quantizer(gm: fx.GraphModule, node: fx.Node):
+    """The quantizer whose grid a value lies on, through data movement of one tensor."""
+    while isinstance(node, fx.Node) and node.meta.get("op_kind") in _GRID_KEEPING and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return quantizer_of(gm, node)
+
+
+def make_exact_matmul(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """A matmul of two quantized activations -> ExactMatmul (exact integer accumulation, the
+    target's requantization), on fixed-point and shift targets."""
+    mode, rounding = spec.requant.mode, spec.requant.rounding
+    if mode == "float":
+        raise NotExact(f"{node.name}: float requantization multiplies in float")
+    if node.meta.get("role") != "chip" or node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        raise NotExact(f"{node.name}: not a matmul of two tensors of the target")
+    if not all(isinstance(a, fx.Node) for a in node.args):
+        raise NotExact(f"{node.name}: a matmul with a constant")
+    q1, q2 = (_source_quantizer(gm, a) for a in node.args)
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    out_q = quantizer_of(gm, users[0])
+    inner = (node.args[0].meta.get("shape") or (None,))[-1]
+    if not isinstance(inner, int):
+        raise NotExact(f"{node.name}: unknown inner size")
+    # Exact in float64, and the product with the multiplier within int64.
+    bound = inner * 2 ** (q1.fmt.bits + q2.fmt.bits)
+    if bound >= 2 ** 53 or bound * 2 ** (spec.requant.multiplier_bits or 32) >= 2 ** 63:
+        raise NotExact(f"{node.name}: a {inner}-term product of {q1.fmt.bits}- and {q2.fmt.bits}-bit codes "
+                       "does not fit the exact accumulator")
+    s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    multiplier, shift, _ = requant_constants(s1 * s2 / s_out, mode, spec.requant.multiplier_bits)
+    zps = tuple(0 if q.params.zero_point is None else int(q.params.zero_point.reshape(-1)[0]) for q in (q1, q2, out_q))
+    module = ExactMatmul(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding)
+    module.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
+    module.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    module.multiplier.copy_(multiplier.reshape(()))
+    module.shift.copy_(shift.reshape(()))
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target = "call_module", target

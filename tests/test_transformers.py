@@ -378,3 +378,37 @@ def test_layer_norm_runs_on_integers_in_the_simulation_reference_and_qpack(vit_c
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     compiled.export(tmp_path / "vit.qpack", format="qpack")
     assert torch.equal(qcompiler.load_qpack(tmp_path / "vit.qpack").codes(x), ref.codes(x))
+
+
+# -- integer activation x activation matmul --------------------------------------------------------
+
+def test_integer_matmul_is_the_exactly_rounded_product_within_a_code():
+    from fractions import Fraction
+
+    from qcompiler.exact import matmul_codes
+    from qcompiler.requant import requant_constants
+
+    g = torch.Generator().manual_seed(0)
+    s1, s2, s_out, zps = 0.031, 0.017, 0.05, (3, -5, 7)
+    multiplier, shift, _ = requant_constants(torch.tensor(s1 * s2 / s_out, dtype=torch.float64), "fixed_point", 32)
+    q1 = torch.randint(-128, 128, (2, 5, 16), generator=g)
+    q2 = torch.randint(-128, 128, (2, 16, 4), generator=g)
+    got = matmul_codes(q1, q2, zps, (-128, 127), "fixed_point", "half_away_from_zero", multiplier, shift)
+    a, b = q1.tolist(), q2.tolist()
+    for n in range(2):
+        for i in range(5):
+            for j in range(4):
+                acc = sum((a[n][i][k] - zps[0]) * (b[n][k][j] - zps[1]) for k in range(16))
+                exact = Fraction(s1) * Fraction(s2) / Fraction(s_out) * acc + zps[2]
+                want = min(max(exact, Fraction(-128)), Fraction(127))
+                assert abs(got[n, i, j].item() - want) <= 1
+
+
+def test_attention_matmuls_run_on_integers(vit_compiled, minilm_compiled):
+    from qcompiler.backends.reference import IntegerMatmul
+    from qcompiler.exact import ExactMatmul
+
+    assert sum(isinstance(m, ExactMatmul) for m in vit_compiled["npu-int8"].simulated.modules()) == 4
+    assert sum(isinstance(m, IntegerMatmul) for m in vit_compiled["npu-int8"].lower("reference").modules()) == 4
+    assert sum(isinstance(m, ExactMatmul) for m in minilm_compiled["npu-int8-transformer"].simulated.modules()) == 12
+    assert not any(isinstance(m, ExactMatmul) for m in vit_compiled["cpu-x86-int8"].simulated.modules())

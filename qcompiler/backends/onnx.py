@@ -27,7 +27,7 @@ from torch import fx, nn
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..layers import Affine
-from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactSoftmax
+from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -607,6 +607,9 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         # GlobalAveragePool keeps ONNX Runtime's integer pooling kernel within reach.
         pooled = b.emit("GlobalAveragePool", [b.arg(node.args[0])], node.name)
         return pooled if m.keepdim else b.emit("Flatten", [pooled], node.name, axis=1)
+    if isinstance(m, ExactMatmul):
+        # The simulation's integer matmul; ONNX Runtime's QDQ MatMul requantizes in float.
+        return b.emit("MatMul", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
     if isinstance(m, ExactAdd) and len(node.args) == 2:
         # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values.
         return b.emit("Add", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)

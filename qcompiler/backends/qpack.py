@@ -26,7 +26,7 @@ from ..formats import QParams
 from ..fx_util import fetch_attr
 from ..plan import Plan
 from .reference import (
-    Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, IntegerLayerNorm, IntegerLUT, IntegerSoftmax, OnCodes, Quantize, ReferenceModule, build_reference,
+    Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, IntegerLayerNorm, IntegerLUT, IntegerMatmul, IntegerSoftmax, OnCodes, Quantize, ReferenceModule, build_reference,
 )
 
 FORMAT_NAME = "qpack"
@@ -35,6 +35,7 @@ GRAPH_FILE = "graph.json"
 TENSOR_FILE = "tensors.safetensors"
 ADD_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")
 SOFTMAX_ATTRS = ("dim", "is_causal", "out_zero_point", "qmin", "qmax", "out_multiplier")
+MATMUL_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding")
 LAYER_NORM_ATTRS = ("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin", "qmax")
 POOL_ATTRS = ("window", "keepdim", "in_zero_point", "out_zero_point", "out_qmin", "out_qmax", "mode", "rounding")
 KERNEL_ATTRS = ("in_zero_point", "in_qmin", "in_qmax", "out_zero_point", "out_qmin", "out_qmax",
@@ -117,6 +118,10 @@ def export_qpack(simulated: fx.GraphModule, plan: Plan, target: Any, path: str |
                 record.update(op="add_int", attrs={k: getattr(module, k) for k in ADD_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
                                        for k in IntegerAdd.TENSORS})
+            elif isinstance(module, IntegerMatmul):
+                record.update(op="matmul_int", attrs={k: getattr(module, k) for k in MATMUL_ATTRS},
+                              tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
+                                       for k in IntegerMatmul.TENSORS})
             elif isinstance(module, IntegerLayerNorm):
                 record.update(op="layer_norm_int", attrs={k: getattr(module, k) for k in LAYER_NORM_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
@@ -230,6 +235,11 @@ class _QpackLoader(codec.ContainerReader):
             if not isinstance(attrs, dict) or set(attrs) != set(ADD_ATTRS) or set(tensors) != set(IntegerAdd.TENSORS):
                 raise ValueError(f"an add_int has attrs {', '.join(ADD_ATTRS)} and tensors {', '.join(IntegerAdd.TENSORS)}")
             return IntegerAdd(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
+        if op == "matmul_int":
+            attrs = record["attrs"]
+            if not isinstance(attrs, dict) or set(attrs) != set(MATMUL_ATTRS) or set(tensors) != set(IntegerMatmul.TENSORS):
+                raise ValueError(f"a matmul_int has attrs {', '.join(MATMUL_ATTRS)} and tensors multiplier, shift")
+            return IntegerMatmul(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "layer_norm_int":
             attrs = record["attrs"]
             if not isinstance(attrs, dict) or set(attrs) != set(LAYER_NORM_ATTRS) or set(tensors) != set(IntegerLayerNorm.TENSORS):

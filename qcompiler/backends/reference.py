@@ -19,7 +19,8 @@ tensors between kernels are integer codes:
 - every element-wise activation the simulation runs as a table (`ExactLUT`) is one `IntegerLUT`:
   the output code read from the table at the input code;
 - every softmax and LayerNorm the simulation computes on integers (`ExactSoftmax`,
-  `ExactLayerNorm`) is one `IntegerSoftmax` or `IntegerLayerNorm`;
+  `ExactLayerNorm`) is one `IntegerSoftmax` or `IntegerLayerNorm`, and every matmul of two
+  activations (`ExactMatmul`) one `IntegerMatmul`;
 - every other op (other pooling, element-wise activations, shared-scale cat, host-float fallback ops)
   runs as the simulation runs it: its code inputs are decoded to their exact values
   (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
@@ -39,7 +40,8 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..exact import (
-    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLayerNorm, ExactLUT, ExactSoftmax, layer_norm_codes, softmax_codes, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax, layer_norm_codes, matmul_codes,
+    softmax_codes, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from ..formats import Format, HostFloat, IntFormat, QParams
@@ -274,6 +276,32 @@ class IntegerLayerNorm(nn.Module):
         return f"size={self.size}, in_zero_point={self.in_zero_point}, out_zero_point={self.out_zero_point}"
 
 
+class IntegerMatmul(nn.Module):
+    """The product of two activations on codes (`qcompiler.exact.matmul_codes`), the simulation's
+    `ExactMatmul`."""
+
+    TENSORS = ("multiplier", "shift")
+
+    def __init__(self, zero_points: tuple[int, int, int], qmin: int, qmax: int, mode: str, rounding: str,
+                 tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.zero_points = tuple(int(z) for z in zero_points)
+        if len(self.zero_points) != 3:
+            raise QCompileError("IntegerMatmul needs three zero points (input 1, input 2, output)")
+        self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        if not all(hasattr(self, n) and getattr(self, n).numel() == 1 for n in self.TENSORS):
+            raise QCompileError("IntegerMatmul needs one multiplier and one shift")
+
+    def forward(self, q1: Tensor, q2: Tensor) -> Tensor:
+        return matmul_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
+                            self.multiplier.reshape(()), self.shift.reshape(())).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+
+
 class IntegerAdd(nn.Module):
     """The add of two quantized tensors on codes: `qcompiler.exact.add_codes` with the constants
     `multiplier`/`shift` (input 1, input 2, sum)."""
@@ -449,6 +477,15 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
             add = gm.get_submodule(n.target)
             module = IntegerAdd(add.zero_points, add.qmin, add.qmax, add.mode, add.rounding,
                                 {k: getattr(add, k).clone() for k in IntegerAdd.TENSORS}, add.left_shift)
+            target = _install(root, f"int_{n.name}", module)
+            env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
+            domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactMatmul):
+            mm = gm.get_submodule(n.target)
+            if any(domain.get(a.name) is None for a in n.args):
+                raise QCompileError(f"{n.name}: an integer matmul whose inputs are not codes in the reference graph")
+            module = IntegerMatmul(mm.zero_points, mm.qmin, mm.qmax, mm.mode, mm.rounding,
+                                   {k: getattr(mm, k).clone() for k in IntegerMatmul.TENSORS})
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
