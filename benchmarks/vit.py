@@ -7,7 +7,8 @@ noise images and measured on `--heldout` others: logit SQNR and top-1 agreement 
 whether the reference backend equals the simulation bit for bit, and for the targets ONNX
 Runtime runs as integers, the QDQ ONNX export's SQNR against the simulation and its latency
 against the float model exported by torch.onnx, at the example batch of 4 (the export fixes it;
-one thread; medians of `--rounds` alternating rounds, with their spread). The compiles use effort="fast". With random weights the logits lie close
+one thread; medians of `--rounds` alternating rounds, with their spread). The compiles skip rounding optimisation (min-max ranges, round-to-nearest
+weights: `--passes naive`; AdaRound over vit_b_16's 86 M weights takes minutes per target). With random weights the logits lie close
 together, so top-1 agreement is a harsh measure: it shows whether the compiled network
 computes the same function, not how well a trained one would classify.
 """
@@ -29,6 +30,8 @@ from qcompiler.mixed_precision import output_sqnr_db
 from common import emit, header, out_path, parser
 
 ONNX_TARGETS = ("cpu-x86-int8", "npu-int8")
+NAIVE = ("capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers", "calibrate",
+         "convert", "model_requant")
 NPU = ("npu-int8", "npu-int4", "npu-int8-transformer", "dsp-fixed-point")
 
 
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=8, help="a multiple of 4")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--targets", default=",".join(qcompiler.list_targets()))
+    ap.add_argument("--passes", default="naive", choices=("naive", "default"))
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.calib, args.heldout, args.rounds = 32, 4, 4, 2
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     float_onnx = None
     for target in [t for t in args.targets.split(",") if t]:
         start = time.perf_counter()
-        compiled = qcompiler.qcompile(model, calib[0], target=target, calib_data=calib, effort="fast", progress=False)
+        compiled = qcompiler.qcompile(model, calib[0], target=target, calib_data=calib, progress=False,
+                                      passes=NAIVE if args.passes == "naive" else None)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             out = compiled(held)
