@@ -685,10 +685,8 @@ def _layer_norm(b: _Builder, node: fx.Node, m: nn.Module | None) -> str:
     else:
         shape, eps = tuple(_kw(node, "normalized_shape", 1, None)), float(_kw(node, "eps", 4, 1e-5))
         weight, bias = (_constant_of(b, _kw(node, k, i, None)) for k, i in (("weight", 2), ("bias", 3)))
-    size = int(np.prod(shape))
     w = b.const(f"{node.name}_weight", (weight if weight is not None else torch.ones(shape)).float().numpy())
     ins = [x, w] + ([b.const(f"{node.name}_bias", bias.float().numpy())] if bias is not None else [])
-    del size
     return b.emit("LayerNormalization", ins, node.name, axis=-len(shape), epsilon=eps)
 
 
