@@ -70,14 +70,18 @@ def fit_bias(group: GroupPlan, bias: torch.Tensor | None, s_in: float, bias_bits
     if bias is None or params is None:
         return group, None
     old = params.scale
-    new = bias_fit_weight_scale(bias, s_in, old, bias_bits, pow2=getattr(group.format, "scale_kind", "") == "pow2",
+    pow2 = getattr(group.format, "scale_kind", "") == "pow2"
+    new = bias_fit_weight_scale(bias, s_in, old, bias_bits, pow2=pow2,
                                 weight=weight, in_code_bound=in_code_bound, accumulator_bits=accumulator_bits)
     if torch.equal(new, old):
         return group, None
     # The channels that asked for it: per channel, even where one per-tensor scale rose for all.
     per_channel = old.double().reshape(-1).expand(bias.numel())
-    overflow = bias_fit_weight_scale(bias, s_in, per_channel, bias_bits, weight=weight, in_code_bound=in_code_bound,
-                                     accumulator_bits=accumulator_bits) > per_channel
+    overflow = bias_fit_weight_scale(bias, s_in, per_channel, bias_bits, pow2=pow2, weight=weight,
+                                     in_code_bound=in_code_bound, accumulator_bits=accumulator_bits) > per_channel
+    if not bool(overflow.any()):
+        # A per-tensor bound (the accumulator over whole rows) raised the scale, not one channel.
+        overflow = new.double().reshape(-1).expand(bias.numel()) > per_channel
     channels = [int(c) for c in torch.nonzero(overflow).reshape(-1)]
     ratio = (new.double() / old.double()).reshape(-1)
     record = {"bias_bits": bias_bits, "channels": channels,
