@@ -270,5 +270,6 @@ def bias_fit_weight_scale(bias: Tensor, in_scale: float, weight_scale: Tensor, b
     if pow2:
         from .formats import pow2_ceil
 
-        need = pow2_ceil(need)
+        # A channel that needs nothing (a zero bias) stays at zero: pow2_ceil(0) would be 1.
+        need = torch.where(need > 0, pow2_ceil(need), need)
     return torch.where(need > scale, need, scale).to(weight_scale.dtype).reshape(weight_scale.shape)

@@ -142,6 +142,20 @@ def test_bias_fit_weight_scale_hand_worked():
     assert per_tensor.shape == (1,) and per_tensor.item() == pytest.approx(64 / (0.5 * limit))
 
 
+def test_a_zero_bias_never_raises_a_power_of_two_weight_scale():
+    """A zero bias needs no scale; the smallest power of two above 0 is not 1 (that raised every
+    weight scale of a zero-bias layer to 1 on dsp-fixed-point, rounding its weights to zero)."""
+    scale = torch.tensor([2.0 ** -9, 2.0 ** -7], dtype=torch.float64)
+    weight = torch.randn(2, 16, generator=torch.Generator().manual_seed(0)) * 0.05
+    for w in (None, weight):
+        out = bias_fit_weight_scale(torch.zeros(2), 0.01, scale, bias_bits=32, pow2=True, weight=w,
+                                    in_code_bound=128.0, accumulator_bits=40)
+        assert torch.equal(out, scale)
+    per_tensor = bias_fit_weight_scale(torch.zeros(2), 0.01, torch.tensor([2.0 ** -9]), bias_bits=32, pow2=True)
+    assert per_tensor.item() == 2.0 ** -9
+
+
+
 
 def test_bias_fit_leaves_the_products_room_in_the_accumulator():
     # A 12-bit accumulator (limit A = 2047 (1 - 2^-20) - 0.5), 8-bit bias (L as above), s_in = 1,
