@@ -37,6 +37,19 @@ def _exact_module(module: nn.Module, accumulator_bits: int, float32_output: bool
                        accumulator_bits=accumulator_bits, float32_output=float32_output)
 
 
+def _zero_point(q) -> int:
+    """The integer zero point of a per-tensor quantizer (0 when symmetric)."""
+    return 0 if q.params.zero_point is None else int(q.params.zero_point.reshape(-1)[0])
+
+
+def _output_quantizer(gm: fx.GraphModule, node: fx.Node):
+    """The quantizer of a node's output: its single user (NotExact otherwise)."""
+    users = list(node.users)
+    if len(users) != 1:
+        raise NotExact(f"{node.name}: no single output quantizer")
+    return quantizer_of(gm, users[0])
+
+
 def _float32_bounds(chain: KernelChain) -> bool:
     """Whether every clamp bound of the chain is a float32 number (a float32 clamp then acts on
     the accumulator exactly; see `qcompiler.exact`)."""
@@ -109,7 +122,7 @@ def make_exact(gm: fx.GraphModule, chain: KernelChain, plan: Plan, spec) -> dict
     in_q, out_q = chain.in_quant, chain.out_quant
     s_in = in_q.params.scale.reshape(()).to(torch.float32)
     fmt_in = in_q.fmt
-    zp_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
+    zp_in = _zero_point(in_q)
     in_bound = float(max(abs(fmt_in.qmin - zp_in), abs(fmt_in.qmax - zp_in)))
     wgroup, bias_fit = fit_bias(plan.group(anchor.meta["weight_group"]), original.bias, float(s_in), bias_bits,
                                 weight=original.weight, in_code_bound=in_bound, accumulator_bits=acc_bits)
@@ -166,10 +179,7 @@ def make_exact_pool(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     keepdim = global_pool_keepdim(gm, node)
     src = node.args[0]
     in_q = quantizer_of(gm, src)
-    users = list(node.users)
-    if len(users) != 1:
-        raise NotExact(f"{node.name}: no single output quantizer")
-    out_q = quantizer_of(gm, users[0])
+    out_q = _output_quantizer(gm, node)
     shape = src.meta.get("shape")
     if not isinstance(shape, tuple) or len(shape) != 4:
         raise NotExact(f"{node.name}: input shape unknown")
@@ -199,7 +209,7 @@ def make_exact_pool(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     requant.multiplier.copy_(multiplier)
     requant.shift.copy_(shift)
     requant.float_multiplier.copy_(float_multiplier)
-    set_submodule(gm, users[0].target, requant)
+    set_submodule(gm, next(iter(node.users)).target, requant)
 
 
 def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
@@ -216,10 +226,7 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         raise NotExact(f"{node.name}: not an add of two tensors")
     q1, q2 = (quantizer_of(gm, a) for a in node.args)
-    users = list(node.users)
-    if len(users) != 1:
-        raise NotExact(f"{node.name}: no single output quantizer")
-    out_q = quantizer_of(gm, users[0])
+    out_q = _output_quantizer(gm, node)
     shapes = [a.meta.get("shape") for a in node.args]
     if shapes[0] != shapes[1]:
         raise NotExact(f"{node.name}: broadcasting add")
@@ -229,7 +236,7 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     twice_max = 2 * torch.maximum(s1, s2)
     real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** left_shift * s_out)])
     multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
-    zps = tuple(0 if q.params.zero_point is None else int(q.params.zero_point.reshape(-1)[0]) for q in (q1, q2, out_q))
+    zps = tuple(_zero_point(q) for q in (q1, q2, out_q))
     add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding, left_shift)
     add.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
     add.out_scale.copy_(out_q.params.scale.reshape(()).float())
@@ -252,14 +259,11 @@ def make_exact_lut(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     inputs = node.all_input_nodes
     if len(inputs) != 1 or not node.args or node.args[0] is not inputs[0]:
         raise NotExact(f"{node.name}: not an activation of one tensor")
-    users = list(node.users)
-    if len(users) != 1:
-        raise NotExact(f"{node.name}: no single output quantizer")
-    in_q, out_q = quantizer_of(gm, inputs[0]), quantizer_of(gm, users[0])
+    in_q, out_q = quantizer_of(gm, inputs[0]), _output_quantizer(gm, node)
     if max(in_q.fmt.bits, out_q.fmt.bits) > LUT_MAX_BITS:
         raise NotExact(f"{node.name}: a table over more than {LUT_MAX_BITS}-bit codes")
-    z_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
-    z_out = 0 if out_q.params.zero_point is None else int(out_q.params.zero_point.reshape(-1)[0])
+    z_in = _zero_point(in_q)
+    z_out = _zero_point(out_q)
     s_in, s_out = in_q.params.scale.reshape(()).float(), out_q.params.scale.reshape(()).float()
     codes = torch.arange(in_q.fmt.qmin, in_q.fmt.qmax + 1, dtype=torch.float32)
     with torch.no_grad():
@@ -302,10 +306,7 @@ def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
         raise NotExact(f"{node.name}: softmax over dim {dim!r}")
     if mask is not None and not (isinstance(mask, fx.Node) and mask.meta.get("dtype") == torch.bool):
         raise NotExact(f"{node.name}: an additive attention mask")
-    users = list(node.users)
-    if len(users) != 1:
-        raise NotExact(f"{node.name}: no single output quantizer")
-    in_q, out_q = quantizer_of(gm, x), quantizer_of(gm, users[0])
+    in_q, out_q = quantizer_of(gm, x), _output_quantizer(gm, node)
     if max(in_q.fmt.bits, out_q.fmt.bits) > LUT_MAX_BITS:
         raise NotExact(f"{node.name}: a table over more than {LUT_MAX_BITS}-bit codes")
     s_in = float(in_q.params.scale.reshape(()))
@@ -313,7 +314,7 @@ def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     entries = in_q.fmt.qmax - in_q.fmt.qmin + 1
     d = torch.arange(entries, dtype=torch.float64)
     table = torch.round(torch.exp(-d * s_in) * 2 ** SOFTMAX_EXP_BITS).to(torch.int64)
-    z_out = 0 if out_q.params.zero_point is None else int(out_q.params.zero_point.reshape(-1)[0])
+    z_out = _zero_point(out_q)
     module = ExactSoftmax(entries, dim, bool(causal), z_out, out_q.fmt.qmin, out_q.fmt.qmax,
                           round(2 ** SOFTMAX_OUT_BITS / s_out))
     module.in_scale.fill_(s_in)
@@ -365,10 +366,7 @@ def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     if node.meta.get("role") != "chip":
         raise NotExact(f"{node.name}: not a layer norm of the target")
     size, weight, bias, eps = _layer_norm_parameters(gm, node)
-    users = list(node.users)
-    if len(users) != 1:
-        raise NotExact(f"{node.name}: no single output quantizer")
-    in_q, out_q = quantizer_of(gm, node.args[0]), quantizer_of(gm, users[0])
+    in_q, out_q = quantizer_of(gm, node.args[0]), _output_quantizer(gm, node)
     if in_q.fmt.bits > LUT_MAX_BITS:
         raise NotExact(f"{node.name}: inputs wider than {LUT_MAX_BITS} bits")
     # sum((c - m)**2) * 2**(2P) must stay below 2**62.
@@ -378,8 +376,8 @@ def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     s_out = float(out_q.params.scale.reshape(()))
     weight = torch.ones(size, dtype=torch.float64) if weight is None else weight.to(torch.float64)
     bias = torch.zeros(size, dtype=torch.float64) if bias is None else bias.to(torch.float64)
-    z_in = 0 if in_q.params.zero_point is None else int(in_q.params.zero_point.reshape(-1)[0])
-    z_out = 0 if out_q.params.zero_point is None else int(out_q.params.zero_point.reshape(-1)[0])
+    z_in = _zero_point(in_q)
+    z_out = _zero_point(out_q)
     module = ExactLayerNorm(size, z_in, round(eps / s_in ** 2 * 2 ** (2 * LAYER_NORM_STD_BITS)), z_out,
                             out_q.fmt.qmin, out_q.fmt.qmax, eps)
     module.in_scale.fill_(s_in)
@@ -415,10 +413,7 @@ def make_exact_matmul(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     if not all(isinstance(a, fx.Node) for a in node.args):
         raise NotExact(f"{node.name}: a matmul with a constant")
     q1, q2 = (_source_quantizer(gm, a) for a in node.args)
-    users = list(node.users)
-    if len(users) != 1:
-        raise NotExact(f"{node.name}: no single output quantizer")
-    out_q = quantizer_of(gm, users[0])
+    out_q = _output_quantizer(gm, node)
     inner = (node.args[0].meta.get("shape") or (None,))[-1]
     if not isinstance(inner, int):
         raise NotExact(f"{node.name}: unknown inner size")
@@ -430,7 +425,7 @@ def make_exact_matmul(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
     s_out = out_q.params.scale.reshape(()).to(torch.float64)
     multiplier, shift, _ = requant_constants(s1 * s2 / s_out, mode, spec.requant.multiplier_bits)
-    zps = tuple(0 if q.params.zero_point is None else int(q.params.zero_point.reshape(-1)[0]) for q in (q1, q2, out_q))
+    zps = tuple(_zero_point(q) for q in (q1, q2, out_q))
     module = ExactMatmul(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding)
     module.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
     module.out_scale.copy_(out_q.params.scale.reshape(()).float())

@@ -319,17 +319,25 @@ def test_integer_softmax_equals_its_definition_in_python_integers():
     assert float((full - want).abs().max()) <= 1.0
 
 
-def test_softmax_runs_on_integers_in_the_simulation_reference_and_qpack(vit_compiled, tmp_path):
-    from qcompiler.backends.reference import IntegerSoftmax
-    from qcompiler.exact import ExactSoftmax
+@pytest.mark.parametrize("target, kernel, count", [("npu-int8", "Softmax", 2),
+                                                   ("npu-int8-transformer", "LayerNorm", 5)])
+def test_softmax_and_layer_norm_run_on_integers_in_the_simulation_reference_and_qpack(vit_compiled, target, kernel,
+                                                                                     count, tmp_path):
+    import qcompiler.backends.reference as reference
+    import qcompiler.exact as exact
 
-    compiled = vit_compiled["npu-int8"]
-    assert sum(isinstance(m, ExactSoftmax) for m in compiled.simulated.modules()) == 2
+    compiled = vit_compiled[target]
+    assert sum(isinstance(m, getattr(exact, f"Exact{kernel}")) for m in compiled.simulated.modules()) == count
     ref = compiled.lower("reference")
-    assert sum(isinstance(m, IntegerSoftmax) for m in ref.modules()) == 2
+    assert sum(isinstance(m, getattr(reference, f"Integer{kernel}")) for m in ref.modules()) == count
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     compiled.export(tmp_path / "vit.qpack", format="qpack")
     assert torch.equal(qcompiler.load_qpack(tmp_path / "vit.qpack").codes(x), ref.codes(x))
+
+
+def test_a_float_requant_target_keeps_softmax_in_float(vit_compiled):
+    from qcompiler.exact import ExactSoftmax
+
     assert not any(isinstance(m, ExactSoftmax) for m in vit_compiled["cpu-x86-int8"].simulated.modules())
 
 
@@ -369,19 +377,6 @@ def test_integer_layer_norm_equals_its_definition_and_float_within_a_code():
     x = ((q - z_in) * s_in).double()
     want = torch.nn.functional.layer_norm(x, (size,), gamma.double(), beta.double(), 1e-5) / s_out + z_out
     assert float((got - want.clamp(-128, 127)).abs().max()) <= 1.0
-
-
-def test_layer_norm_runs_on_integers_in_the_simulation_reference_and_qpack(vit_compiled, tmp_path):
-    from qcompiler.backends.reference import IntegerLayerNorm
-    from qcompiler.exact import ExactLayerNorm
-
-    compiled = vit_compiled["npu-int8-transformer"]
-    assert sum(isinstance(m, ExactLayerNorm) for m in compiled.simulated.modules()) == 5
-    ref = compiled.lower("reference")
-    assert sum(isinstance(m, IntegerLayerNorm) for m in ref.modules()) == 5
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    compiled.export(tmp_path / "vit.qpack", format="qpack")
-    assert torch.equal(qcompiler.load_qpack(tmp_path / "vit.qpack").codes(x), ref.codes(x))
 
 
 # -- integer activation x activation matmul --------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
+from ..fx_util import fetch_attr
 from ..layers import Affine
 from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax
 from ..quantizers import FakeQuantize
@@ -694,8 +695,6 @@ def _constant_of(b: _Builder, a: Any) -> torch.Tensor | None:
     if a is None:
         return None
     if isinstance(a, fx.Node) and a.op == "get_attr":
-        from ..fx_util import fetch_attr
-
         return fetch_attr(b.gm, a.target).detach()
     raise OnnxExportError(f"{a}: a layer norm's weight must be a constant to export")
 
@@ -773,8 +772,6 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
                         if shape is not None else None)
                 b.outputs.append(helper.make_tensor_value_info(name, TP.FLOAT, dims))
         elif node.op == "get_attr":
-            from ..fx_util import fetch_attr
-
             value = fetch_attr(gm, node.target)
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise OnnxExportError(f"node {node.name}: graph constant {node.target} is not a float tensor")
