@@ -690,3 +690,67 @@ class ExactMatmul(nn.Module):
 
     def extra_repr(self) -> str:
         return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiply by a constant (attention's softmax scale, a model's fixed gains).
+
+def scale_codes(q: Tensor, zero_points: tuple[int, int], qrange: tuple[int, int], negate: bool, mode: str,
+                rounding: str, multiplier: Tensor, shift: Tensor) -> Tensor:
+    """clamp(requant(+-(q - z_in)) + z_out, qmin, qmax): codes times a constant c, requantized by
+    |c| s_in / s_out (the sign of c applied to the codes first). int64 in, int64 out."""
+    z_in, z_out = zero_points
+    centred = q.to(torch.int64) - z_in
+    if negate:
+        centred = -centred
+    zero = torch.zeros((), dtype=torch.float32)
+    return (requantize(centred, mode, rounding, multiplier, shift, zero) + z_out).clamp(*qrange)
+
+
+class ExactScale(nn.Module):
+    """A quantized tensor times a constant `constant` as integer hardware computes it: one
+    requantization of the input codes (`scale_codes`). Input: a decoded value of its quantizer;
+    output: the decoded output code."""
+
+    def __init__(self, constant: float = 1.0, zero_points: tuple[int, int] = (0, 0), qmin: int = -128,
+                 qmax: int = 127, mode: str = "fixed_point", rounding: str = "half_even"):
+        super().__init__()
+        self.constant = float(constant)
+        self.zero_points = tuple(int(z) for z in zero_points)
+        self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("multiplier", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal()) + self.zero_points[0]
+        c = scale_codes(q, self.zero_points, (self.qmin, self.qmax), self.constant < 0, self.mode, self.rounding,
+                        self.multiplier, self.shift)
+        return (c.to(torch.float32) - float(self.zero_points[1])) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return f"constant={self.constant}, zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding lookup from a table of output codes.
+
+class ExactEmbedding(nn.Module):
+    """An embedding whose output is quantized, as integer hardware runs it: the table is stored as
+    codes of the output's format and the lookup reads them (`table[ids]`), so no arithmetic is
+    left. Equal to quantizing the float lookup, since quantization acts element by element.
+    Input: integer ids; output: the decoded codes."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, out_zero_point: int = 0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.out_zero_point = int(out_zero_point)
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("table", torch.zeros(self.num_embeddings, self.embedding_dim, dtype=torch.int32))
+
+    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        return (self.table[ids].to(torch.float32) - float(self.out_zero_point)) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, out_zero_point={self.out_zero_point}"

@@ -32,7 +32,10 @@ from torch import fx, nn
 
 from .attention import masked_softmax
 from .errors import ArtifactError
-from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLayerNorm, ExactLinear, ExactLUT, ExactMatmul, ExactSoftmax, KernelRequantize
+from .exact import (
+    ExactAdd, ExactConv2d, ExactEmbedding, ExactGlobalAvgPool, ExactLayerNorm, ExactLinear, ExactLUT, ExactMatmul, ExactScale,
+    ExactSoftmax, KernelRequantize,
+)
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format
 from .layers import Affine
 from .plan import Plan
@@ -403,6 +406,8 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
     "qcompiler.exact.ExactLayerNorm": (ExactLayerNorm, _attrs("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin",
                                                               "qmax", "eps")),
     "qcompiler.exact.ExactMatmul": (ExactMatmul, _attrs("zero_points", "qmin", "qmax", "mode", "rounding")),
+    "qcompiler.exact.ExactScale": (ExactScale, _attrs("constant", "zero_points", "qmin", "qmax", "mode", "rounding")),
+    "qcompiler.exact.ExactEmbedding": (ExactEmbedding, _attrs("num_embeddings", "embedding_dim", "out_zero_point")),
     "qcompiler.exact.ExactSoftmax": (ExactSoftmax, _attrs("entries", "dim", "is_causal", "out_zero_point", "qmin", "qmax",
                                                           "out_multiplier")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),

@@ -18,7 +18,7 @@ from torch import fx, nn
 from .errors import QCompileError
 from .exact import (
     LAYER_NORM_GAIN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS, SOFTMAX_EXP_BITS,
-    SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
+    SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactEmbedding, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
     add_left_shift, quantizer_of,
 )
 from .formats import IntFormat
@@ -228,8 +228,10 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     q1, q2 = (quantizer_of(gm, a) for a in node.args)
     out_q = _output_quantizer(gm, node)
     shapes = [a.meta.get("shape") for a in node.args]
-    if shapes[0] != shapes[1]:
-        raise NotExact(f"{node.name}: broadcasting add")
+    try:        # the integer adder broadcasts as torch does (TFLite's ADD: up to 6-d)
+        torch.broadcast_shapes(*shapes)
+    except (RuntimeError, TypeError):
+        raise NotExact(f"{node.name}: an add of shapes {shapes[0]} and {shapes[1]}") from None
     s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
     s_out = out_q.params.scale.reshape(()).to(torch.float64)
     left_shift = add_left_shift(max(q1.fmt.bits, q2.fmt.bits))
@@ -434,3 +436,84 @@ def make_exact_matmul(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     target = f"exact_{node.name}"
     gm.add_submodule(target, module)
     node.op, node.target = "call_module", target
+
+
+def _constant_factor(node: fx.Node) -> tuple[fx.Node, float]:
+    """(tensor input, constant c) of `x * c`, `c * x` or `x / c` with a Python number c."""
+    kind = node.meta.get("op_kind")
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        raise NotExact(f"{node.name}: not a {kind} of a tensor and a number")
+    a, b = node.args
+    if kind == "mul" and isinstance(a, (int, float)) and isinstance(b, fx.Node):
+        a, b = b, a
+    if not isinstance(a, fx.Node) or isinstance(b, bool) or not isinstance(b, (int, float)):
+        raise NotExact(f"{node.name}: not a {kind} of a tensor and a number")
+    if kind == "div":
+        if b == 0:
+            raise NotExact(f"{node.name}: a division by zero")
+        return a, 1.0 / float(b)
+    return a, float(b)
+
+
+def make_exact_scale(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """A quantized tensor times (or divided by) a constant -> ExactScale: one requantization of
+    the input codes by |c| s_in / s_out, on fixed-point targets, and on shift targets where that
+    factor is a power of two."""
+    mode, rounding = spec.requant.mode, spec.requant.rounding
+    if mode == "float":
+        raise NotExact(f"{node.name}: float requantization multiplies in float")
+    if node.meta.get("role") != "chip" or node.meta.get("kernel", node.name) != node.name:
+        raise NotExact(f"{node.name}: not a multiply of its own")
+    x, constant = _constant_factor(node)
+    in_q, out_q = _source_quantizer(gm, x), _output_quantizer(gm, node)
+    s_in = in_q.params.scale.reshape(()).to(torch.float64)
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    real = abs(constant) * s_in / s_out
+    if mode == "shift" and float(torch.frexp(real).mantissa) != 0.5:
+        raise NotExact(f"{node.name}: the factor {float(real):.6g} is not a power of two (a shift-only target)")
+    multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
+    module = ExactScale(constant, (_zero_point(in_q), _zero_point(out_q)), out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding)
+    module.in_scale.copy_(in_q.params.scale.reshape(()).float())
+    module.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    module.multiplier.copy_(multiplier.reshape(()))
+    module.shift.copy_(shift.reshape(()))
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target, node.args = "call_module", target, (x,)
+
+
+def _embedding_table(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor]:
+    """(ids, constant table) of an embedding lookup: an nn.Embedding, or F.embedding of a graph
+    constant. Options that change the lookup itself (max_norm) have no integer form."""
+    from .fx_util import fetch_attr
+
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.Embedding) or m.max_norm is not None or len(node.args) != 1:
+            raise NotExact(f"{node.name}: not a plain nn.Embedding lookup")
+        return node.args[0], m.weight.detach()
+    if node.op == "call_function" and node.target is F.embedding:
+        names = ("input", "weight", "padding_idx", "max_norm")
+        found = dict(zip(names, node.args))
+        found.update(node.kwargs)
+        weight = found.get("weight")
+        if found.get("max_norm") is not None or not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            raise NotExact(f"{node.name}: an embedding with max_norm or a computed table")
+        return found["input"], fetch_attr(gm, weight.target).detach()
+    raise NotExact(f"{node.name}: embedding spelled {node.target}")
+
+
+def make_exact_embedding(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """An embedding lookup whose output is quantized to a per-tensor integer format ->
+    ExactEmbedding: the table stored as output codes, the lookup a gather of codes."""
+    ids, table = _embedding_table(gm, node)
+    if table.dim() != 2 or not table.is_floating_point():
+        raise NotExact(f"{node.name}: not a two-dimensional float table")
+    out_q = _output_quantizer(gm, node)
+    module = ExactEmbedding(table.shape[0], table.shape[1], _zero_point(out_q))
+    with torch.no_grad():
+        module.table.copy_(out_q.fmt.quantize(table.float(), out_q.params).to(torch.int32))
+    module.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target, node.args, node.kwargs = "call_module", target, (ids,), {}

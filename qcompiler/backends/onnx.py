@@ -28,7 +28,7 @@ from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..fx_util import fetch_attr
 from ..layers import Affine
-from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax
+from ..exact import ExactAdd, ExactEmbedding, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale, ExactSoftmax
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -611,6 +611,14 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
     if isinstance(m, ExactMatmul):
         # The simulation's integer matmul; ONNX Runtime's QDQ MatMul requantizes in float.
         return b.emit("MatMul", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
+    if isinstance(m, ExactScale):
+        # The simulation's requantization by the constant; ONNX Runtime multiplies dequantized values.
+        c = b.const(f"{node.name}_constant", np.array(m.constant, np.float32))
+        return b.emit("Mul", [b.arg(node.args[0]), c], node.name)
+    if isinstance(m, ExactEmbedding):
+        # The table of output codes, decoded: the quantizer that follows gives back the same codes.
+        table = (m.table.float() - m.out_zero_point) * m.out_scale
+        return b.emit("Gather", [b.const(f"{node.name}_table", table.numpy()), b.arg(node.args[0])], node.name, axis=0)
     if isinstance(m, ExactAdd) and len(node.args) == 2:
         # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values.
         return b.emit("Add", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
