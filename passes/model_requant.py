@@ -47,7 +47,7 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
     dtype = node.meta.get("dtype")
     if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
         return None         # integer arithmetic of the graph itself (positions, masks): nothing to quantize
-    if kind == "add" and node.op == "call_function":
+    if kind == "add" and node.op in ("call_function", "call_module"):
         make_exact_add(gm, node, ctx.target)
         return "add"
     if kind in POOL_KINDS:

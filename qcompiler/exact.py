@@ -438,18 +438,28 @@ class ExactAdd(nn.Module):
     Inputs are decoded values of their quantizers; the output is the decoded output code.
     Constants: rescale factors `s_i / (2 * max(s_1, s_2))` for the inputs and
     `2 * max(s_1, s_2) / (2**left_shift * s_out)` for the sum, in the target's requant mode.
+
+    With `channels` (a `ScaledAdd`: per-channel gains g_i on its inputs), the constants are one
+    per channel of the last dimension, shape (3, channels): `g_i s_i / G` for the inputs with
+    `G = 2 * max(g_1 s_1, g_2 s_2)` over all channels, `G / (2**left_shift * s_out)` for the sum;
+    `gains` keeps the float gains for exporters.
     """
 
     def __init__(self, zero_points: tuple[int, int, int] = (0, 0, 0), qmin: int = -128, qmax: int = 127,
-                 mode: str = "fixed_point", rounding: str = "half_even", left_shift: int = ADD_LEFT_SHIFT):
+                 mode: str = "fixed_point", rounding: str = "half_even", left_shift: int = ADD_LEFT_SHIFT,
+                 channels: int | None = None):
         super().__init__()
         self.zero_points = tuple(int(z) for z in zero_points)
         self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
         self.left_shift = int(left_shift)
+        self.channels = None if channels is None else int(channels)
+        shape = (3,) if channels is None else (3, int(channels))
         self.register_buffer("in_scales", torch.ones(2, dtype=torch.float32))
         self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
-        self.register_buffer("multiplier", torch.zeros(3, dtype=torch.int64))
-        self.register_buffer("shift", torch.zeros(3, dtype=torch.int64))
+        self.register_buffer("multiplier", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(shape, dtype=torch.int64))
+        if channels is not None:
+            self.register_buffer("gains", torch.ones(2, int(channels), dtype=torch.float32))
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
         q1 = torch.round(x1.to(torch.float32) * self.in_scales[0].reciprocal()) + self.zero_points[0]
@@ -596,7 +606,8 @@ def isqrt(v: Tensor) -> Tensor:
 
 
 def layer_norm_codes(q: Tensor, in_zero_point: int, size: int, eps_codes: int, gain: Tensor, offset: Tensor,
-                     out_zero_point: int, qrange: tuple[int, int]) -> Tensor:
+                     out_zero_point: int, qrange: tuple[int, int], in_gain: Tensor | None = None,
+                     in_gain_bits: int = 0) -> Tensor:
     """Integer LayerNorm over the last `size` = n elements of input codes `q` (int64 in and out):
 
     c = (q - z_in) * 2**K;  m = round(sum(c) / n)  (half up: the mean with K fractional bits);
@@ -606,14 +617,25 @@ def layer_norm_codes(q: Tensor, in_zero_point: int, size: int, eps_codes: int, g
     qmin, qmax)
 
     with gain = round(gamma / s_out * 2**G) and offset = round(beta / s_out * 2**(F + G)) per
-    channel, and eps_codes = round(eps / s_in**2 * 2**(2P))."""
+    channel, and eps_codes = round(eps / s_in**2 * 2**(2P)).
+
+    An input with per-channel factors (`GainLayerNorm`: the channel's value is s_in * r_c * (q - z_in),
+    r_c = in_gain_c / 2**B, B = `in_gain_bits`) multiplies each centred code by its integer
+    `in_gain_c` instead: c = (q - z_in) * in_gain_c * 2**K, and K + B takes K's place above (an
+    exponent below zero divides)."""
     k, p, f, g = LAYER_NORM_MEAN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LAYER_NORM_GAIN_BITS
     shape = q.shape
     c = (q.to(torch.int64).reshape(-1, size) - in_zero_point) * 2 ** k
+    if in_gain is not None:
+        c = c * in_gain.reshape(1, -1)
+        k += in_gain_bits
     m = torch.div(2 * c.sum(dim=1, keepdim=True) + size, 2 * size, rounding_mode="floor")
     centred = c - m
-    var = torch.div((centred * centred).sum(dim=1, keepdim=True) * 2 ** (2 * p - 2 * k), size,
-                    rounding_mode="floor") + eps_codes
+    squares = (centred * centred).sum(dim=1, keepdim=True)
+    if 2 * p >= 2 * k:
+        var = torch.div(squares * 2 ** (2 * p - 2 * k), size, rounding_mode="floor") + eps_codes
+    else:
+        var = torch.div(squares, size * 2 ** (2 * k - 2 * p), rounding_mode="floor") + eps_codes
     r = isqrt(var).clamp_min(1)
     y = torch.div(centred * 2 ** (f + p - k), r, rounding_mode="floor")
     total = y * gain.reshape(1, -1) + offset.reshape(1, -1)
@@ -627,7 +649,7 @@ class ExactLayerNorm(nn.Module):
     values of the input quantizer; output: the decoded output code."""
 
     def __init__(self, size: int, in_zero_point: int = 0, eps_codes: int = 0, out_zero_point: int = 0,
-                 qmin: int = -128, qmax: int = 127, eps: float = 0.0):
+                 qmin: int = -128, qmax: int = 127, eps: float = 0.0, in_gain_bits: int = 0):
         super().__init__()
         self.size, self.in_zero_point, self.eps_codes = int(size), int(in_zero_point), int(eps_codes)
         self.out_zero_point, self.qmin, self.qmax = int(out_zero_point), int(qmin), int(qmax)
@@ -635,6 +657,10 @@ class ExactLayerNorm(nn.Module):
         self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("gain", torch.zeros(self.size, dtype=torch.int64))
         self.register_buffer("offset", torch.zeros(self.size, dtype=torch.int64))
+        # Per-channel integer input factors (2**in_gain_bits is 1) of a GainLayerNorm's input.
+        self.in_gain_bits = int(in_gain_bits)
+        if self.in_gain_bits:
+            self.register_buffer("in_gain", torch.full((self.size,), 2 ** self.in_gain_bits, dtype=torch.int64))
         # The float LayerNorm it stands for, for exporters that compute it in float (ONNX).
         self.eps = float(eps)
         self.register_buffer("float_weight", torch.ones(self.size, dtype=torch.float32))
@@ -642,7 +668,8 @@ class ExactLayerNorm(nn.Module):
 
     def codes(self, q: Tensor) -> Tensor:
         return layer_norm_codes(q, self.in_zero_point, self.size, self.eps_codes, self.gain, self.offset,
-                                self.out_zero_point, (self.qmin, self.qmax))
+                                self.out_zero_point, (self.qmin, self.qmax), getattr(self, "in_gain", None),
+                                self.in_gain_bits)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal()) + self.in_zero_point

@@ -17,12 +17,13 @@ from torch import fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    LAYER_NORM_GAIN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS, SOFTMAX_EXP_BITS,
+    LAYER_NORM_GAIN_BITS, LAYER_NORM_MEAN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS, SOFTMAX_EXP_BITS,
     SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactEmbedding, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
     add_left_shift, quantizer_of,
 )
 from .formats import IntFormat
 from .fx_util import set_submodule
+from .layers import GAIN_BITS, GainLayerNorm, ScaledAdd
 from .plan import GroupPlan, Plan
 from .requant import bias_fit_weight_scale, requant_constants
 
@@ -225,6 +226,9 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
         raise NotExact(f"{node.name}: not an add kernel of its own")
     if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         raise NotExact(f"{node.name}: not an add of two tensors")
+    scaled = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if scaled is not None and not isinstance(scaled, ScaledAdd):
+        raise NotExact(f"{node.name}: an add module {type(scaled).__name__}")
     q1, q2 = (quantizer_of(gm, a) for a in node.args)
     out_q = _output_quantizer(gm, node)
     shapes = [a.meta.get("shape") for a in node.args]
@@ -235,11 +239,21 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
     s_out = out_q.params.scale.reshape(()).to(torch.float64)
     left_shift = add_left_shift(max(q1.fmt.bits, q2.fmt.bits))
-    twice_max = 2 * torch.maximum(s1, s2)
-    real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** left_shift * s_out)])
+    if scaled is None:
+        twice_max = 2 * torch.maximum(s1, s2)
+        real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** left_shift * s_out)])
+    else:       # per-channel input gains: one rescale factor per channel and input
+        g1, g2 = (g.detach().to(torch.float64) * s for g, s in ((scaled.gain_a, s1), (scaled.gain_b, s2)))
+        twice_max = 2 * torch.maximum(g1.max(), g2.max())
+        real = torch.stack([g1 / twice_max, g2 / twice_max, (twice_max / (2 ** left_shift * s_out)).expand_as(g1)])
+    if mode == "shift" and not bool((torch.frexp(real).mantissa == 0.5).all()):
+        raise NotExact(f"{node.name}: rescale factors that are not powers of two (a shift-only target)")
     multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
     zps = tuple(_zero_point(q) for q in (q1, q2, out_q))
-    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding, left_shift)
+    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding, left_shift,
+                   None if scaled is None else scaled.channels)
+    if scaled is not None:
+        add.gains.copy_(torch.stack([scaled.gain_a, scaled.gain_b]).float())
     add.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
     add.out_scale.copy_(out_q.params.scale.reshape(()).float())
     add.multiplier.copy_(multiplier)
@@ -360,6 +374,18 @@ def _layer_norm_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[int, torc
     return int(shape[0]), weight, bias, eps
 
 
+def _layer_norm_input_gain(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor | None, int]:
+    """(integer per-channel input factors, their fractional bits) of a GainLayerNorm, (None, 0)
+    for a plain LayerNorm. The factors are multiples of 2**-GAIN_BITS (`GainLayerNorm`)."""
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(m, GainLayerNorm):
+        return None, 0
+    scaled = m.input_gain.detach().to(torch.float64) * 2 ** GAIN_BITS
+    if not torch.equal(scaled, scaled.round()) or bool((scaled < 1).any()):
+        raise NotExact(f"{node.name}: input factors that are not multiples of 2**-{GAIN_BITS}")
+    return scaled.to(torch.int64), GAIN_BITS
+
+
 def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     """A LayerNorm over the last dimension between two per-tensor integer quantizers ->
     ExactLayerNorm, on fixed-point and shift targets."""
@@ -371,8 +397,11 @@ def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     in_q, out_q = quantizer_of(gm, node.args[0]), _output_quantizer(gm, node)
     if in_q.fmt.bits > LUT_MAX_BITS:
         raise NotExact(f"{node.name}: inputs wider than {LUT_MAX_BITS} bits")
-    # sum((c - m)**2) * 2**(2P) must stay below 2**62.
-    if size * (2 ** (in_q.fmt.bits + 1)) ** 2 * 2 ** (2 * LAYER_NORM_STD_BITS) >= 2 ** 62:
+    in_gain, gain_bits = _layer_norm_input_gain(gm, node)
+    top = 1 if in_gain is None else int(in_gain.max())
+    # sum((c - m)**2), and its product with 2**(2P - 2K), must stay below 2**62.
+    centred = 2 ** (in_q.fmt.bits + 1 + LAYER_NORM_MEAN_BITS) * top
+    if size * centred ** 2 * 2 ** max(0, 2 * LAYER_NORM_STD_BITS - 2 * (LAYER_NORM_MEAN_BITS + gain_bits)) >= 2 ** 62:
         raise NotExact(f"{node.name}: {size} channels of {in_q.fmt.bits}-bit codes overflow the integer variance")
     s_in = float(in_q.params.scale.reshape(()))
     s_out = float(out_q.params.scale.reshape(()))
@@ -381,7 +410,9 @@ def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     z_in = _zero_point(in_q)
     z_out = _zero_point(out_q)
     module = ExactLayerNorm(size, z_in, round(eps / s_in ** 2 * 2 ** (2 * LAYER_NORM_STD_BITS)), z_out,
-                            out_q.fmt.qmin, out_q.fmt.qmax, eps)
+                            out_q.fmt.qmin, out_q.fmt.qmax, eps, gain_bits)
+    if in_gain is not None:
+        module.in_gain.copy_(in_gain)
     module.in_scale.fill_(s_in)
     module.out_scale.copy_(out_q.params.scale.reshape(()).float())
     module.gain.copy_(torch.round(weight / s_out * 2 ** LAYER_NORM_GAIN_BITS).to(torch.int64))

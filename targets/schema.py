@@ -257,6 +257,11 @@ SPEC = Table((
     Key("observer", Scalar("string", choices=OBSERVERS),
         "default calibration observer for this target", default=None,
         default_doc="the compiler's choice"),
+    Key("channel_gains", _OP_LIST,
+        "op kinds that apply one integer factor per channel to their inputs: an `add` that "
+        "rescales each input per channel and a `layer_norm` that multiplies its input codes per "
+        "channel; with both, residual-stream tensors are balanced (`balance_residual`)",
+        default=()),
     Key("formats", MapOf(FORMAT, key_ref="name", min_items=1,
                          doc="Number formats by name; ops refer to these names."),
         "named number formats", required=True),

@@ -38,7 +38,7 @@ ADD_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")
 SOFTMAX_ATTRS = ("dim", "is_causal", "out_zero_point", "qmin", "qmax", "out_multiplier")
 MATMUL_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding")
 SCALE_ATTRS = ("zero_points", "qmin", "qmax", "negate", "mode", "rounding")
-LAYER_NORM_ATTRS = ("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin", "qmax")
+LAYER_NORM_ATTRS = ("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin", "qmax", "in_gain_bits")
 POOL_ATTRS = ("window", "keepdim", "in_zero_point", "out_zero_point", "out_qmin", "out_qmax", "mode", "rounding")
 KERNEL_ATTRS = ("in_zero_point", "in_qmin", "in_qmax", "out_zero_point", "out_qmin", "out_qmax",
                 "accumulator_bits", "mode", "rounding", "residual_qmin")
@@ -133,9 +133,10 @@ def export_qpack(simulated: fx.GraphModule, plan: Plan, target: Any, path: str |
                 record.update(op="embedding_int",
                               tensors={"table": _tensor(tensors, index, f"{node.name}.table", module.table)})
             elif isinstance(module, IntegerLayerNorm):
+                names = IntegerLayerNorm.TENSORS + (("in_gain",) if module.in_gain_bits else ())
                 record.update(op="layer_norm_int", attrs={k: getattr(module, k) for k in LAYER_NORM_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
-                                       for k in IntegerLayerNorm.TENSORS})
+                                       for k in names})
             elif isinstance(module, IntegerSoftmax):
                 record.update(op="softmax_int", attrs={k: getattr(module, k) for k in SOFTMAX_ATTRS},
                               tensors={"exp_table": _tensor(tensors, index, f"{node.name}.exp_table", module.exp_table)})
@@ -261,8 +262,12 @@ class _QpackLoader(codec.ContainerReader):
             return IntegerEmbedding(tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "layer_norm_int":
             attrs = record["attrs"]
-            if not isinstance(attrs, dict) or set(attrs) != set(LAYER_NORM_ATTRS) or set(tensors) != set(IntegerLayerNorm.TENSORS):
-                raise ValueError(f"a layer_norm_int has attrs {', '.join(LAYER_NORM_ATTRS)} and tensors gain, offset")
+            if isinstance(attrs, dict) and "in_gain_bits" not in attrs:
+                attrs = {**attrs, "in_gain_bits": 0}        # packs written before input gains existed
+            names = set(IntegerLayerNorm.TENSORS) | ({"in_gain"} if isinstance(attrs, dict) and attrs.get("in_gain_bits") else set())
+            if not isinstance(attrs, dict) or set(attrs) != set(LAYER_NORM_ATTRS) or set(tensors) != names:
+                raise ValueError(f"a layer_norm_int has attrs {', '.join(LAYER_NORM_ATTRS)} and tensors gain, offset "
+                                 "(and in_gain when in_gain_bits is not 0)")
             return IntegerLayerNorm(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "softmax_int":
             attrs = record["attrs"]

@@ -260,19 +260,22 @@ class IntegerLayerNorm(nn.Module):
     TENSORS = ("gain", "offset")
 
     def __init__(self, size: int, in_zero_point: int, eps_codes: int, out_zero_point: int, qmin: int, qmax: int,
-                 tensors: dict[str, Tensor] | None = None):
+                 tensors: dict[str, Tensor] | None = None, in_gain_bits: int = 0):
         super().__init__()
         self.size, self.in_zero_point, self.eps_codes = int(size), int(in_zero_point), int(eps_codes)
         self.out_zero_point, self.qmin, self.qmax = int(out_zero_point), int(qmin), int(qmax)
+        self.in_gain_bits = int(in_gain_bits)
         for name, t in (tensors or {}).items():
             self.register_buffer(name, t)
+        names = self.TENSORS + (("in_gain",) if self.in_gain_bits else ())
         if not all(hasattr(self, n) and tuple(getattr(self, n).shape) == (self.size,) and
-                   getattr(self, n).dtype == torch.int64 for n in self.TENSORS):
-            raise QCompileError(f"IntegerLayerNorm needs int64 gain and offset of shape ({self.size},)")
+                   getattr(self, n).dtype == torch.int64 for n in names):
+            raise QCompileError(f"IntegerLayerNorm needs int64 {', '.join(names)} of shape ({self.size},)")
 
     def forward(self, q: Tensor) -> Tensor:
         return layer_norm_codes(q, self.in_zero_point, self.size, self.eps_codes, self.gain, self.offset,
-                                self.out_zero_point, (self.qmin, self.qmax)).to(torch.int32)
+                                self.out_zero_point, (self.qmin, self.qmax), getattr(self, "in_gain", None),
+                                self.in_gain_bits).to(torch.int32)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, in_zero_point={self.in_zero_point}, out_zero_point={self.out_zero_point}"
@@ -361,8 +364,9 @@ class IntegerAdd(nn.Module):
         self.left_shift = int(left_shift)
         for name, t in (tensors or {}).items():
             self.register_buffer(name, t)
-        if not all(hasattr(self, n) and tuple(getattr(self, n).shape) == (3,) for n in self.TENSORS):
-            raise QCompileError("IntegerAdd needs multiplier and shift of shape (3,)")
+        shapes = {tuple(getattr(self, n).shape) if hasattr(self, n) else None for n in self.TENSORS}
+        if len(shapes) != 1 or not all(s is not None and len(s) in (1, 2) and s[0] == 3 for s in shapes):
+            raise QCompileError("IntegerAdd needs multiplier and shift of one shape, (3,) or (3, channels)")
 
     def forward(self, q1: Tensor, q2: Tensor) -> Tensor:
         return add_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
@@ -547,8 +551,9 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactLayerNorm) \
                 and domain.get(n.args[0].name) is not None:
             ln = gm.get_submodule(n.target)
+            names = IntegerLayerNorm.TENSORS + (("in_gain",) if ln.in_gain_bits else ())
             module = IntegerLayerNorm(ln.size, ln.in_zero_point, ln.eps_codes, ln.out_zero_point, ln.qmin, ln.qmax,
-                                      {k: getattr(ln, k).clone() for k in IntegerLayerNorm.TENSORS})
+                                      {k: getattr(ln, k).clone() for k in names}, ln.in_gain_bits)
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, (env[n.args[0].name],))
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
