@@ -12,7 +12,7 @@ same way, Bondarenko et al. quantize the stream per embedding group).
 
 A tensor `t` is balanced when every node that makes or reads it can carry the factor exactly:
 - made by a linear (its weight rows and bias divided by `r_t`), a LayerNorm with its own gain and
-  offset (both divided), or a residual add;
+  offset (both divided), an embedding lookup (its table's columns divided) or a residual add;
 - read by linears (weight columns multiplied by `r_t`), LayerNorms (a per-channel input gain
   `r_t`: `GainLayerNorm`) or residual adds.
 A residual add of balanced tensors becomes `ScaledAdd(a, b) = a * r_a / r_s + b * r_b / r_s`:
@@ -26,11 +26,12 @@ import math
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..calibration import ensure_calibration_batches, first_samples
 from ..context import CompileContext
-from ..fx_util import copy_sharing_tensors, set_submodule
+from ..fx_util import copy_sharing_tensors, fetch_attr, set_submodule
 from ..layers import GAIN_BITS, GainLayerNorm, ScaledAdd
 
 STAGE = "balance_residual"
@@ -45,9 +46,15 @@ def _is_residual_add(node: fx.Node) -> bool:
         return False
     if node.meta.get("kernel", node.name) != node.name or "fusion" in node.meta:
         return False
-    shapes = [a.meta.get("shape") for a in node.args] + [node.meta.get("shape")]
-    dtype = node.meta.get("dtype")
-    return (isinstance(shapes[0], tuple) and len(shapes[0]) >= 2 and all(s == shapes[0] for s in shapes)
+    shapes = [a.meta.get("shape") for a in node.args]
+    out, dtype = node.meta.get("shape"), node.meta.get("dtype")
+    if not all(isinstance(s, tuple) and len(s) >= 2 for s in shapes) or not isinstance(out, tuple):
+        return False
+    try:
+        broadcast = tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return False
+    return (broadcast == out and shapes[0][-1] == shapes[1][-1] == out[-1]
             and isinstance(dtype, torch.dtype) and dtype.is_floating_point)
 
 
@@ -72,11 +79,22 @@ class _Stream:
         m = self.gm.get_submodule(node.target)
         return m if isinstance(m, cls) else None
 
+    def _table(self, t: fx.Node) -> fx.Node | nn.Embedding | None:
+        """The table of an embedding lookup that only this lookup reads: an nn.Embedding, or the
+        get_attr node of F.embedding's weight."""
+        if (m := self._module(t, nn.Embedding)) is not None and m.max_norm is None:
+            return m
+        if t.op == "call_function" and t.target is F.embedding and len(t.args) >= 2 and not t.kwargs:
+            weight = t.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and len(weight.users) == 1:
+                return weight
+        return None
+
     def _balanced(self, t: fx.Node, adds: set[fx.Node]) -> bool:
         channels = t.meta["shape"][-1]
         if "fused_into" in t.meta or "fusion" in t.meta and t not in adds:
             return False
-        made = t in adds
+        made = t in adds or self._table(t) is not None
         if not made and (m := self._module(t, nn.Linear)) is not None:
             made = m.out_features == channels
         if not made and (m := self._module(t, nn.LayerNorm)) is not None:
@@ -172,14 +190,21 @@ def balance_residual(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     with torch.no_grad():
         for t in stream.tensors:
             r = factors[t.name]
-            if t.op == "call_module":            # made by a linear or LayerNorm: divide its output
+            table = stream._table(t)
+            if isinstance(table, fx.Node):       # F.embedding of a graph constant: a divided copy
+                name = f"balanced_{table.target.replace('.', '_')}"
+                gm.register_buffer(name, fetch_attr(gm, table.target) / r)
+                table.target = name
+            elif t.op == "call_module":          # made by a linear, LayerNorm or embedding: divide its output
                 m = rw.module(t)
                 if isinstance(m, nn.Linear):
                     rw.set(m, "weight", m.weight / r.to(m.weight).unsqueeze(1))
-                if m.bias is not None:
-                    rw.set(m, "bias", m.bias / r.to(m.bias))
+                if isinstance(m, nn.Embedding):
+                    rw.set(m, "weight", m.weight / r.to(m.weight))
                 if isinstance(m, nn.LayerNorm):
                     rw.set(m, "weight", m.weight / r.to(m.weight))
+                if getattr(m, "bias", None) is not None:
+                    rw.set(m, "bias", m.bias / r.to(m.bias))
             for user in t.users:
                 if user.op != "call_module":
                     continue                     # a residual add: its gains below
