@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..attention import decompose_attention, masked_softmax
+from ..attention import decompose_attention, is_shifted_window_attention, masked_softmax
 from ..context import CompileContext
 from ..kernel_modules import explicit_module_padding, functional_kernels_to_modules
+from ..opkinds import ATTENTION
 from ..tracing import refresh_facts
 
 # kind -> (canonical target, every other spelling as a function, method name or module class).
@@ -153,6 +154,8 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
         shape = weight.meta.get("shape") if isinstance(weight, fx.Node) else None
         if isinstance(groups, int) and groups > 1 and shape and shape[1] == 1:
             return "depthwise_conv"
+    if is_shifted_window_attention(spelling):
+        return "shifted_window_attention"
     return FUNCTION_KINDS.get(spelling, "other") if _hashable(spelling) else "other"
 
 
@@ -230,7 +233,7 @@ def _decompose_attention(gm: fx.GraphModule, ctx: CompileContext | None) -> None
     if "fact_inputs" not in gm.meta:
         return
     spec = ctx.target if ctx is not None else None
-    keep = tuple(k for k in ("multi_head_attention", "scaled_dot_product_attention") if spec is not None and k in spec.ops)
+    keep = tuple(k for k in ATTENTION if spec is not None and k in spec.ops)
     done, kept = decompose_attention(gm, keep)
     if done:
         refresh_facts(gm)
