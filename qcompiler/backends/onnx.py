@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..attention import masked_softmax
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..fx_util import fetch_attr
@@ -594,9 +595,13 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return b.emit("Add", [b.emit("Mul", [x, s], node.name), t], node.name)
     if isinstance(m, ExactSoftmax):
         # The simulation's integer softmax; ONNX Runtime computes it in float.
-        if len(node.args) > 1 or m.is_causal:
-            raise OnnxExportError(f"{node.name}: a masked softmax is not exported yet")
-        return b.emit("Softmax", [b.arg(node.args[0])], node.name, axis=m.dim)
+        mask = node.args[1] if len(node.args) > 1 else None
+        return _masked_softmax(b, node, b.arg(node.args[0]), mask, m.dim, m.is_causal)
+    if node.op == "call_function" and node.target is masked_softmax:
+        x, mask, dim, causal = (list(node.args) + [False])[:4]
+        return _masked_softmax(b, node, b.arg(x), mask, int(dim), bool(causal))
+    if kind == "roll":
+        return _roll(b, node)
     if kind in ("relu", "relu6", "hardtanh", "clamp", "leaky_relu", "sigmoid", "tanh", "exp", "hardswish",
                 "hardsigmoid", "silu", "gelu", "softmax", "log_softmax", "elu"):
         # An ExactLUT is the simulation's table of the activation; ONNX Runtime computes it in float.
@@ -660,6 +665,44 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         f"node {node.name} (op kind {kind!r}, {node.op} {getattr(node.target, '__name__', node.target)}){_source(node)} "
         "has no ONNX translation yet; run it outside the compiled part of the model or extend qcompiler.backends.onnx"
     )
+
+
+def _masked_softmax(b: _Builder, node: fx.Node, x: str, mask: Any, dim: int, causal: bool) -> str:
+    """Softmax over the positions a mask allows (`qcompiler.attention.masked_softmax`): a float
+    mask is added to the scores, a boolean one sets the positions it drops to -inf (Where)."""
+    if causal:
+        raise OnnxExportError(f"{node.name}: a causal softmax is not exported yet")
+    if isinstance(mask, fx.Node):
+        if mask.meta.get("dtype") == torch.bool:
+            low = b.const(f"{node.name}_masked", np.array(-np.inf, np.float32))
+            x = b.emit("Where", [b.arg(mask), x, low], node.name)
+        else:
+            x = b.emit("Add", [x, b.arg(mask)], node.name)
+    elif mask is not None:
+        raise OnnxExportError(f"{node.name}: a softmax mask {mask!r} is not exported")
+    return b.emit("Softmax", [x], node.name, axis=dim)
+
+
+def _roll(b: _Builder, node: fx.Node) -> str:
+    """torch.roll along given dims as a Concat of two Slices per dim (sizes as captured)."""
+    shifts, dims = _kw(node, "shifts", 1, None), _kw(node, "dims", 2, None)
+    shape = node.args[0].meta["shape"]
+    if dims is None or isinstance(shifts, fx.Node):
+        raise OnnxExportError(f"{node.name}: torch.roll without dims or with traced shifts is not exported")
+    shifts, dims = (list(v) if isinstance(v, (tuple, list)) else [v] for v in (shifts, dims))
+    x = b.arg(node.args[0])
+    for shift, dim in zip(shifts, dims):
+        size = shape[dim]
+        cut = size - shift % size
+        if cut == size:
+            continue
+
+        def part(start: int, end: int, x=x, dim=dim) -> str:
+            ins = [x] + [b.const(f"{node.name}_{k}", np.array([v], np.int64))
+                         for k, v in (("starts", start), ("ends", end), ("axes", dim))]
+            return b.emit("Slice", ins, node.name)
+        x = b.emit("Concat", [part(cut, size), part(0, cut)], node.name, axis=dim)
+    return x
 
 
 def _transpose(b: _Builder, node: fx.Node, kind: str) -> str:
@@ -759,7 +802,9 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
             if shape is None:
                 raise OnnxExportError(f"input {node.name} has no recorded shape; compile with example inputs")
             dims = [BATCH_DIM if (i == 0 and dynamic_batch) else int(d) for i, d in enumerate(shape)]
-            b.inputs.append(helper.make_tensor_value_info(node.name, TP.FLOAT, dims))
+            # A boolean input (an attention mask) stays boolean; every other input is float.
+            elem = TP.BOOL if node.meta.get("dtype") == torch.bool else TP.FLOAT
+            b.inputs.append(helper.make_tensor_value_info(node.name, elem, dims))
             b.names[node] = node.name
         elif node.op == "output":
             results = node.args[0]
