@@ -38,9 +38,9 @@ position bias tables (std 1 instead of torchvision's 0.02, so that the bias shap
 as a trained one does) and the classifier head randomised; otherwise as for vit_b_16
 (benchmarks/vit.md): `--calib` noise images to calibrate, `--heldout` others to measure, naive
 compiles, ONNX latency at batch 4 on one thread. Every window attention (12) is decomposed: its
-relative position bias and shift mask enter the softmax as one constant additive mask, which
-keeps the softmax in float between its int8 quantizers (the integer softmax takes boolean masks
-only); the two matmuls per block run on integers on the NPU targets."""
+relative position bias and shift mask enter the softmax as one constant additive mask, which the
+integer softmax of the fixed-point targets takes as code offsets and Q15 weights; the two
+matmuls per block run on integers there too."""
 
 
 def vit(size: int) -> nn.Module:

@@ -9,7 +9,8 @@ kernels), reshapes and transposes that split and merge the heads, two activation
 matmuls, a scalar multiply by the softmax scale and a softmax. An attention mask enters only the
 softmax (`masked_softmax`): masked scores are never quantized, as on an NPU whose softmax kernel
 takes the mask beside its int8 input. Swin's relative position bias and shifted-window mask are
-constants at inference: they become one additive mask of that softmax.
+constants at inference: they become one additive mask of that softmax (which the integer softmax
+of fixed-point targets takes as code offsets and weights, `qcompiler.exact.softmax_mask_codes`).
 
 What is not decomposed (it stays one node, runs where the target says, and the reason is noted):
 attention dropout, grouped-query attention, `add_bias_kv`, `add_zero_attn`, a

@@ -111,16 +111,18 @@ def swin_compiled():
 def test_swin_compiles_under_every_target_with_attention_quantized(swin_compiled):
     assert len(swin_compiled) >= 7
     for target, compiled in swin_compiled.items():
-        rows = compiled.report().rows
-        assert not any(r.op_kind in ("shifted_window_attention", "other") for r in rows), target
-        matmuls = [r for r in rows if r.op_kind == "matmul"]
-        assert len(matmuls) == 8, target
+        nodes = list(compiled.simulated.graph.nodes)
+        kinds = Counter(n.meta.get("op_kind") for n in nodes)
+        assert kinds["shifted_window_attention"] == 0 and kinds["other"] == 0, target
+        assert kinds["matmul"] == 8 and kinds["softmax"] == 4, target
+        formats = {t: g.format_name for g in compiled.plan.groups for t in g.tensors}
         if target.startswith("npu"):
-            assert all(r.activation_format.startswith("a") for r in rows if r.op_kind in ("matmul", "softmax")), target
-        # The bias and shift mask reach the softmax as they are: no quantizer between.
-        softmaxes = [n for n in compiled.simulated.graph.nodes if n.target is masked_softmax]
-        assert len(softmaxes) == 4, target
-        assert all(n.args[1].op == "get_attr" for n in softmaxes), target
+            assert all(formats[n.name].startswith("a") for n in nodes
+                       if n.meta.get("op_kind") in ("matmul", "softmax")), target
+        # The bias and shift mask reach the softmax as constants: no quantizer between.
+        softmaxes = [n for n in nodes if n.meta.get("op_kind") == "softmax"]
+        assert all(len(n.all_input_nodes) > 1 and all(a.op == "get_attr" for a in n.all_input_nodes[1:])
+                   for n in softmaxes), target
 
 
 @pytest.mark.parametrize("target", NPU_TARGETS)
@@ -133,19 +135,68 @@ def test_swin_reference_backend_is_bit_exact(swin_compiled, target):
         assert float(out.abs().max()) > 0.1
 
 
-def test_swin_attention_matmuls_run_on_integers(swin_compiled):
-    from qcompiler.backends.reference import IntegerMatmul
-    from qcompiler.exact import ExactMatmul
+@pytest.mark.parametrize("target", ["npu-int8", "dsp-fixed-point"])
+def test_swin_attention_runs_on_integers_in_the_simulation_reference_qpack_and_a_saved_model(swin_compiled, target, tmp_path):
+    from qcompiler.backends.reference import IntegerMatmul, IntegerSoftmax
+    from qcompiler.exact import ExactMatmul, ExactSoftmax
 
-    compiled = swin_compiled["npu-int8"]
-    assert sum(isinstance(m, ExactMatmul) for m in compiled.simulated.modules()) == 8
-    assert sum(isinstance(m, IntegerMatmul) for m in compiled.lower("reference").modules()) == 8
+    compiled = swin_compiled[target]
+    simulated, reference = list(compiled.simulated.modules()), compiled.lower("reference")
+    assert sum(isinstance(m, ExactMatmul) for m in simulated) == 8
+    assert sum(isinstance(m, ExactSoftmax) for m in simulated) == 4      # with the additive mask
+    assert sum(isinstance(m, IntegerMatmul) for m in reference.modules()) == 8
+    assert sum(isinstance(m, IntegerSoftmax) for m in reference.modules()) == 4
+    x = _inputs(2, seed=4)
+    compiled.export(tmp_path / "swin.qpack", format="qpack")
+    assert torch.equal(qcompiler.load_qpack(tmp_path / "swin.qpack").codes(x), reference.codes(x))
+    compiled.save(tmp_path / "swin")
+    with torch.no_grad():
+        assert torch.equal(qcompiler.load(tmp_path / "swin")(x), compiled(x))
 
 
-@pytest.mark.parametrize("target", ["cpu-x86-int8", "npu-int8"])
+def _python_softmax_codes(row, weights, offsets, table, multiplier, z_out, qmin, qmax):
+    """The integer softmax of one row with an additive mask, in Python integers (the definition in
+    qcompiler.exact.softmax_codes)."""
+    kept = [w > 0 for w in weights]
+    logits = [q + c for q, c in zip(row, offsets)]
+    top = max(l for l, k in zip(logits, kept) if k)
+    e = [(table[min(top - l, len(table) - 1)] * w + 2 ** 14) // 2 ** 15 if k else 0
+         for l, w, k in zip(logits, weights, kept)]
+    total = max(sum(e), 1)
+    return [min(max((v * multiplier + total * 2 ** 15) // (total * 2 ** 16) + z_out, qmin), qmax) for v in e]
+
+
+@pytest.mark.parametrize("s_in, spread", [(0.0625, 1.0), (0.02, 1.0), (0.2, 5.0)])
+def test_integer_softmax_with_an_additive_mask_equals_its_definition_and_float_within_a_code(s_in, spread):
+    """Offsets put the mask on the code grid, so the row's maximum sees it, and weights carry the
+    rest: measured within 0.52 of an output code of float softmax(s_in * q + mask) here, also where
+    the mask spans more than the scores do (spread 5 at s_in 0.2)."""
+    from qcompiler.exact import ExactSoftmax, softmax_mask_codes, softmax_table_entries
+
+    s_out, z_out = 1 / 255, -128
+    entries = softmax_table_entries(256, s_in, True)
+    module = ExactSoftmax(entries, dim=-1, out_zero_point=z_out, qmin=-128, qmax=127,
+                          out_multiplier=round(2 ** 16 / s_out))
+    module.exp_table.copy_(torch.round(torch.exp(-torch.arange(entries, dtype=torch.float64) * s_in) * 2 ** 15).long())
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (2, 4, 3, 16, 16), generator=g)
+    mask = torch.randn(4, 3, 16, 16, generator=g) * spread + shift_mask((8, 8), (4, 4), (2, 2)).unsqueeze(1)
+    weights, offsets = softmax_mask_codes(mask, -1, s_in, 256)
+    assert int((weights == 0).sum()) >= int((mask < -50).sum()) > 0      # the shift mask bars positions
+    got = module.codes(q, weights.expand(q.shape), offsets)
+    table = module.exp_table.tolist()
+    for row, w, c, out in list(zip(q.reshape(-1, 16).tolist(), weights.expand(q.shape).reshape(-1, 16).tolist(),
+                                   offsets.expand(q.shape).reshape(-1, 16).tolist(), got.reshape(-1, 16).tolist()))[::7]:
+        assert out == _python_softmax_codes(row, w, c, table, module.out_multiplier, z_out, -128, 127)
+    want = torch.softmax(q.double() * s_in + mask.double(), -1) / s_out + z_out
+    assert float((got - want.clamp(-128, 127)).abs().max()) <= 0.6
+
+
+@pytest.mark.parametrize("target", ["npu-int8"])
 def test_swin_exports_to_onnx_and_runs_in_onnx_runtime(swin_compiled, target, tmp_path):
-    """The cyclic shifts (Slice and Concat) and the softmaxes with their additive mask export; ONNX
-    Runtime computes what the simulation does (npu-int8's integer kernels it runs in float)."""
+    """The cyclic shifts (Slice and Concat) and the integer softmaxes with their additive mask (as
+    floats again) export; ONNX Runtime computes what the simulation does, its integer kernels in
+    float. (A float softmax's mask: tests/test_onnx_export.py.)"""
     import onnxruntime as ort
     from qcompiler.mixed_precision import output_sqnr_db
 

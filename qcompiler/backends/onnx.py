@@ -29,7 +29,7 @@ from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..fx_util import fetch_attr
 from ..layers import Affine
-from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax
+from ..exact import SOFTMAX_EXP_BITS, ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -596,6 +596,10 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
     if isinstance(m, ExactSoftmax):
         # The simulation's integer softmax; ONNX Runtime computes it in float.
         mask = node.args[1] if len(node.args) > 1 else None
+        if len(node.args) > 2:      # an additive mask as weights and offsets: back to its float values
+            w, c = (fetch_attr(gm, a.target).double() for a in node.args[1:3])
+            additive = c * float(m.in_scale) + torch.log(w.clamp_min(1) / 2 ** SOFTMAX_EXP_BITS)
+            mask = b.const(f"{node.name}_mask", additive.masked_fill(w == 0, -torch.inf).float().numpy())
         return _masked_softmax(b, node, b.arg(node.args[0]), mask, m.dim, m.is_causal)
     if node.op == "call_function" and node.target is masked_softmax:
         x, mask, dim, causal = (list(node.args) + [False])[:4]
@@ -669,10 +673,13 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
 
 def _masked_softmax(b: _Builder, node: fx.Node, x: str, mask: Any, dim: int, causal: bool) -> str:
     """Softmax over the positions a mask allows (`qcompiler.attention.masked_softmax`): a float
-    mask is added to the scores, a boolean one sets the positions it drops to -inf (Where)."""
+    mask (a node, or an ONNX constant written for an integer softmax's mask weights and offsets) is
+    added to the scores, a boolean one sets the positions it drops to -inf (Where)."""
     if causal:
         raise OnnxExportError(f"{node.name}: a causal softmax is not exported yet")
-    if isinstance(mask, fx.Node):
+    if isinstance(mask, str):       # an ONNX constant
+        x = b.emit("Add", [x, mask], node.name)
+    elif isinstance(mask, fx.Node):
         if mask.meta.get("dtype") == torch.bool:
             low = b.const(f"{node.name}_masked", np.array(-np.inf, np.float32))
             x = b.emit("Where", [b.arg(mask), x, low], node.name)
@@ -780,6 +787,13 @@ def _slice(b: _Builder, node: fx.Node) -> str:
     return x
 
 
+def _softmax_mask_weights(gm: fx.GraphModule, node: fx.Node, value: Any) -> bool:
+    """Whether a graph constant is the int64 mask weights or offsets integer softmaxes read (and
+    nothing else)."""
+    return isinstance(value, torch.Tensor) and value.dtype == torch.int64 and all(
+        u.op == "call_module" and isinstance(gm.get_submodule(u.target), ExactSoftmax) for u in node.users)
+
+
 def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFAULT_OPSET, strict: bool = False,
                      dynamic_batch: bool = True) -> tuple[Any, list[str]]:
     """The ONNX ModelProto of a compiled model's simulated graph and plan, and the export's notes
@@ -818,6 +832,9 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
                 b.outputs.append(helper.make_tensor_value_info(name, TP.FLOAT, dims))
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
+            if _softmax_mask_weights(gm, node, value):
+                b.names[node] = None    # no ONNX tensor of their own: the softmax's export reads them
+                continue
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise OnnxExportError(f"node {node.name}: graph constant {node.target} is not a float tensor")
             b.names[node] = b.const(node.name, value.detach().float().numpy())
