@@ -15,7 +15,8 @@ on fixed-point and shift targets rescale each input to a common grid and requant
 (`ExactAdd`). Element-wise activations (GELU, sigmoid, tanh, SiLU, hardswish, ...) between two
 per-tensor integer quantizers on those targets become a table from input code to output code
 (`ExactLUT`); softmaxes become an integer kernel (`ExactSoftmax`: a table of exp over code
-differences, an integer sum and division) and LayerNorms another (`ExactLayerNorm`: integer mean,
+differences, an integer sum and division; a constant additive mask enters as code offsets and
+weights) and LayerNorms another (`ExactLayerNorm`: integer mean,
 variance and square root); matmuls of two quantized activations accumulate their codes exactly
 and requantize (`ExactMatmul`); a multiply or division by a constant (attention's softmax scale)
 is one requantization of the input codes (`ExactScale`); an embedding whose output is quantized

@@ -27,6 +27,8 @@ arithmetic; the simulation's sum `acc * s_acc + r` recovers the same integer exc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -520,23 +522,59 @@ class ExactLUT(nn.Module):
 SOFTMAX_EXP_BITS = 15
 # Fractional bits of the output multiplier 2**f / s_out.
 SOFTMAX_OUT_BITS = 16
+# The longest exp table (an additive mask over finely quantized scores needs more entries).
+SOFTMAX_MAX_ENTRIES = 2 ** 16
+
+
+def softmax_mask_codes(mask: Tensor, dim: int, in_scale: float, levels: int) -> tuple[Tensor, Tensor]:
+    """A constant additive softmax mask b (Swin's relative position bias plus shift mask) for input
+    codes of scale s and `levels` values, as `softmax_codes` takes it: with u = b - max(b) along
+    `dim`, the int64 weights w = round(exp(u - c * s) * 2**15) and offsets c = round(u / s). The
+    offsets move the codes to the nearest grid point (so the row's maximum and the table index see
+    the bias); the weights (close to 2**15) carry the remainder. w = 0 (barred) where exp(u) stays
+    below 2**-16 of the row's largest term whatever the scores (torchvision's -100)."""
+    u = mask.detach().to(torch.float64)
+    u = u - u.amax(dim=dim, keepdim=True)
+    barred = u < -((levels - 1) * in_scale + math.log(2 ** (SOFTMAX_EXP_BITS + 1)))
+    offsets = torch.round(u / in_scale).masked_fill(barred, 0)
+    weights = torch.round(torch.exp(u - offsets * in_scale) * 2 ** SOFTMAX_EXP_BITS).masked_fill(barred, 0)
+    return weights.to(torch.int64), offsets.to(torch.int64)
+
+
+def softmax_table_entries(levels: int, in_scale: float, offsets: bool) -> int:
+    """Entries of the exp table for inputs of `levels` codes: one per code difference, and with
+    mask offsets (differences beyond the code range) until exp(-d * s) * 2**15 rounds to 0, so that
+    the last entry, which larger differences read, is 0."""
+    if not offsets:
+        return levels
+    return max(levels, math.floor(math.log(2 ** (SOFTMAX_EXP_BITS + 1)) / in_scale) + 2)
 
 
 def softmax_codes(q: Tensor, mask: Tensor | None, dim: int, exp_table: Tensor, out_multiplier: int,
-                  out_zero_point: int, qrange: tuple[int, int]) -> Tensor:
+                  out_zero_point: int, qrange: tuple[int, int], offsets: Tensor | None = None) -> Tensor:
     """Integer softmax along `dim` of input codes `q` (int64 in, int64 out):
 
-    d = max(q) - q over the positions `mask` keeps (True: kept; None: all),
+    l = q + c (c: the offsets of an additive mask, `softmax_mask_codes`; else 0),
+    d = max(l) - l over the positions `mask` keeps,
     e = exp_table[min(d, len - 1)] (Q15 values of exp(-d * s_in); masked positions 0),
+    e = floor((e * w + 2**14) / 2**15) where `mask` is int64 weights w,
     out = floor((e * M + sum(e) * 2**15) / (sum(e) * 2**16)) + z_out, saturated,
 
     with M = round(2**16 / s_out): the probability e / sum(e) rounded half up to the output grid.
-    A row with nothing kept gives zero probabilities."""
+    `mask` is None (all kept), boolean (True: kept) or int64 weights (kept where w > 0). A row with
+    nothing kept gives zero probabilities."""
     q = q.to(torch.int64)
+    if offsets is not None:
+        q = q + offsets
+    weights = None
+    if mask is not None and mask.dtype != torch.bool:
+        weights, mask = mask.to(torch.int64), mask > 0
     low = torch.iinfo(torch.int64).min
     kept = q if mask is None else q.masked_fill(~mask, low)
     d = kept.amax(dim=dim, keepdim=True) - q
     e = exp_table[d.clamp(0, exp_table.numel() - 1)]
+    if weights is not None:
+        e = torch.div(e * weights + 2 ** (SOFTMAX_EXP_BITS - 1), 2 ** SOFTMAX_EXP_BITS, rounding_mode="floor")
     if mask is not None:
         e = e.masked_fill(~mask, 0)
     total = e.sum(dim=dim, keepdim=True).clamp_min(1)
@@ -548,8 +586,9 @@ def softmax_codes(q: Tensor, mask: Tensor | None, dim: int, exp_table: Tensor, o
 class ExactSoftmax(nn.Module):
     """Softmax as integer hardware computes it (`softmax_codes`): a table of exp over code
     differences, an integer sum and one integer division per element. Input: decoded values of
-    the input quantizer (and an optional boolean mask); output: the decoded output code. The
-    simulation and the reference backend run the same function on the same codes."""
+    the input quantizer (and an optional boolean mask, or the int64 weights and offsets of an
+    additive one); output: the decoded output code. The simulation and the reference backend run
+    the same function on the same codes."""
 
     def __init__(self, entries: int, dim: int = -1, is_causal: bool = False, out_zero_point: int = 0,
                  qmin: int = -128, qmax: int = 127, out_multiplier: int = 1):
@@ -566,17 +605,18 @@ class ExactSoftmax(nn.Module):
             rows, cols = q.shape[-2], q.shape[-1]
             causal = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
             mask = causal if mask is None else mask & causal
-        if mask is not None and mask.dtype != torch.bool:
-            raise QCompileError("an integer softmax takes a boolean mask (True: attend), not an additive one")
+        if mask is not None and mask.dtype not in (torch.bool, torch.int64):
+            raise QCompileError("an integer softmax takes a boolean mask (True: attend) or int64 weights "
+                                "(softmax_mask_codes), not an additive float mask")
         return None if mask is None else mask.expand(q.shape)
 
-    def codes(self, q: Tensor, mask: Tensor | None = None) -> Tensor:
+    def codes(self, q: Tensor, mask: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         return softmax_codes(q, self.mask_of(q, mask), self.dim, self.exp_table, self.out_multiplier,
-                             self.out_zero_point, (self.qmin, self.qmax))
+                             self.out_zero_point, (self.qmin, self.qmax), offsets)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())   # differences need no zero point
-        out = self.codes(q, mask)
+        out = self.codes(q, mask, offsets)
         return (out.to(torch.float32) - float(self.out_zero_point)) * self.out_scale
 
     def extra_repr(self) -> str:

@@ -17,12 +17,13 @@ from torch import fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    LAYER_NORM_GAIN_BITS, LAYER_NORM_MEAN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS, SOFTMAX_EXP_BITS,
-    SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactEmbedding, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
-    add_left_shift, quantizer_of,
+    LAYER_NORM_GAIN_BITS, LAYER_NORM_MEAN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS,
+    SOFTMAX_EXP_BITS, SOFTMAX_MAX_ENTRIES, SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactEmbedding, ExactLayerNorm,
+    ExactLUT, ExactMatmul, ExactScale, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize,
+    NotExact, global_pool_keepdim, add_left_shift, quantizer_of, softmax_mask_codes, softmax_table_entries,
 )
 from .formats import IntFormat
-from .fx_util import set_submodule
+from .fx_util import fetch_attr, set_submodule
 from .layers import GAIN_BITS, GainLayerNorm, ScaledAdd
 from .plan import GroupPlan, Plan
 from .requant import bias_fit_weight_scale, requant_constants
@@ -302,7 +303,9 @@ def make_exact_lut(gm: fx.GraphModule, node: fx.Node, spec) -> None:
 
 def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     """A softmax (or masked softmax) between two per-tensor integer quantizers -> ExactSoftmax,
-    on fixed-point and shift targets."""
+    on fixed-point and shift targets. A constant additive mask (a graph constant: Swin's relative
+    position bias and shift mask) becomes the kernel's int64 mask weights and offsets
+    (`qcompiler.exact.softmax_mask_codes`)."""
     from .attention import masked_softmax
 
     if spec.requant.mode == "float":
@@ -320,14 +323,21 @@ def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
         x, mask, dim, causal = (list(node.args) + [False])[:4]
     if not isinstance(dim, int):
         raise NotExact(f"{node.name}: softmax over dim {dim!r}")
+    additive = None
     if mask is not None and not (isinstance(mask, fx.Node) and mask.meta.get("dtype") == torch.bool):
-        raise NotExact(f"{node.name}: an additive attention mask")
+        if not (isinstance(mask, fx.Node) and mask.op == "get_attr") or causal:
+            raise NotExact(f"{node.name}: an additive attention mask computed in the graph, or with is_causal")
+        additive = mask
     in_q, out_q = quantizer_of(gm, x), _output_quantizer(gm, node)
     if max(in_q.fmt.bits, out_q.fmt.bits) > LUT_MAX_BITS:
         raise NotExact(f"{node.name}: a table over more than {LUT_MAX_BITS}-bit codes")
     s_in = float(in_q.params.scale.reshape(()))
     s_out = float(out_q.params.scale.reshape(()))
-    entries = in_q.fmt.qmax - in_q.fmt.qmin + 1
+    levels = in_q.fmt.qmax - in_q.fmt.qmin + 1
+    entries = softmax_table_entries(levels, s_in, additive is not None)
+    if entries > SOFTMAX_MAX_ENTRIES:
+        raise NotExact(f"{node.name}: an additive mask over scores of scale {s_in:.3g} needs an exp table of "
+                       f"{entries} entries")
     d = torch.arange(entries, dtype=torch.float64)
     table = torch.round(torch.exp(-d * s_in) * 2 ** SOFTMAX_EXP_BITS).to(torch.int64)
     z_out = _zero_point(out_q)
@@ -338,15 +348,24 @@ def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     module.exp_table.copy_(table)
     target = f"exact_{node.name}"
     gm.add_submodule(target, module)
+    inputs = (x,) if mask is None else (x, mask)
+    if additive is not None:      # a constant float mask becomes the kernel's int64 weights and offsets
+        codes = softmax_mask_codes(fetch_attr(gm, additive.target), dim, s_in, levels)
+        inputs = (x,)
+        for name, value in zip(("mask_weights", "mask_offsets"), codes):
+            gm.register_buffer(f"{target}_{name}", value)
+            with gm.graph.inserting_before(node):
+                inputs += (gm.graph.get_attr(f"{target}_{name}"),)
+            inputs[-1].meta.update(shape=tuple(value.shape), dtype=value.dtype)
     node.op, node.target = "call_module", target
-    node.args, node.kwargs = ((x,) if mask is None else (x, mask)), {}
+    node.args, node.kwargs = inputs, {}
+    if additive is not None and not additive.users:
+        gm.graph.erase_node(additive)
 
 
 def _layer_norm_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float]:
     """(normalised size, weight, bias, eps) of a LayerNorm node (module or F.layer_norm with
     constant weights)."""
-    from .fx_util import fetch_attr
-
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if not isinstance(m, nn.LayerNorm):

@@ -24,11 +24,15 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..attention import masked_softmax
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..fx_util import fetch_attr
 from ..layers import Affine
-from ..exact import ExactAdd, ExactEmbedding, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale, ExactSoftmax
+from ..exact import (
+    SOFTMAX_EXP_BITS, ExactAdd, ExactEmbedding, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale,
+    ExactSoftmax,
+)
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -594,9 +598,17 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return b.emit("Add", [b.emit("Mul", [x, s], node.name), t], node.name)
     if isinstance(m, ExactSoftmax):
         # The simulation's integer softmax; ONNX Runtime computes it in float.
-        if len(node.args) > 1 or m.is_causal:
-            raise OnnxExportError(f"{node.name}: a masked softmax is not exported yet")
-        return b.emit("Softmax", [b.arg(node.args[0])], node.name, axis=m.dim)
+        mask = node.args[1] if len(node.args) > 1 else None
+        if len(node.args) > 2:      # an additive mask as weights and offsets: back to its float values
+            w, c = (fetch_attr(gm, a.target).double() for a in node.args[1:3])
+            additive = c * float(m.in_scale) + torch.log(w.clamp_min(1) / 2 ** SOFTMAX_EXP_BITS)
+            mask = b.const(f"{node.name}_mask", additive.masked_fill(w == 0, -torch.inf).float().numpy())
+        return _masked_softmax(b, node, b.arg(node.args[0]), mask, m.dim, m.is_causal)
+    if node.op == "call_function" and node.target is masked_softmax:
+        x, mask, dim, causal = (list(node.args) + [False])[:4]
+        return _masked_softmax(b, node, b.arg(x), mask, int(dim), bool(causal))
+    if kind == "roll":
+        return _roll(b, node)
     if kind in ("relu", "relu6", "hardtanh", "clamp", "leaky_relu", "sigmoid", "tanh", "exp", "hardswish",
                 "hardsigmoid", "silu", "gelu", "softmax", "log_softmax", "elu"):
         # An ExactLUT is the simulation's table of the activation; ONNX Runtime computes it in float.
@@ -668,6 +680,47 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         f"node {node.name} (op kind {kind!r}, {node.op} {getattr(node.target, '__name__', node.target)}){_source(node)} "
         "has no ONNX translation yet; run it outside the compiled part of the model or extend qcompiler.backends.onnx"
     )
+
+
+def _masked_softmax(b: _Builder, node: fx.Node, x: str, mask: Any, dim: int, causal: bool) -> str:
+    """Softmax over the positions a mask allows (`qcompiler.attention.masked_softmax`): a float
+    mask (a node, or an ONNX constant written for an integer softmax's mask weights and offsets) is
+    added to the scores, a boolean one sets the positions it drops to -inf (Where)."""
+    if causal:
+        raise OnnxExportError(f"{node.name}: a causal softmax is not exported yet")
+    if isinstance(mask, str):       # an ONNX constant
+        x = b.emit("Add", [x, mask], node.name)
+    elif isinstance(mask, fx.Node):
+        if mask.meta.get("dtype") == torch.bool:
+            low = b.const(f"{node.name}_masked", np.array(-np.inf, np.float32))
+            x = b.emit("Where", [b.arg(mask), x, low], node.name)
+        else:
+            x = b.emit("Add", [x, b.arg(mask)], node.name)
+    elif mask is not None:
+        raise OnnxExportError(f"{node.name}: a softmax mask {mask!r} is not exported")
+    return b.emit("Softmax", [x], node.name, axis=dim)
+
+
+def _roll(b: _Builder, node: fx.Node) -> str:
+    """torch.roll along given dims as a Concat of two Slices per dim (sizes as captured)."""
+    shifts, dims = _kw(node, "shifts", 1, None), _kw(node, "dims", 2, None)
+    shape = node.args[0].meta["shape"]
+    if dims is None or isinstance(shifts, fx.Node):
+        raise OnnxExportError(f"{node.name}: torch.roll without dims or with traced shifts is not exported")
+    shifts, dims = (list(v) if isinstance(v, (tuple, list)) else [v] for v in (shifts, dims))
+    x = b.arg(node.args[0])
+    for shift, dim in zip(shifts, dims):
+        size = shape[dim]
+        cut = size - shift % size
+        if cut == size:
+            continue
+
+        def part(start: int, end: int, x=x, dim=dim) -> str:
+            ins = [x] + [b.const(f"{node.name}_{k}", np.array([v], np.int64))
+                         for k, v in (("starts", start), ("ends", end), ("axes", dim))]
+            return b.emit("Slice", ins, node.name)
+        x = b.emit("Concat", [part(cut, size), part(0, cut)], node.name, axis=dim)
+    return x
 
 
 def _transpose(b: _Builder, node: fx.Node, kind: str) -> str:
@@ -745,6 +798,13 @@ def _slice(b: _Builder, node: fx.Node) -> str:
     return x
 
 
+def _softmax_mask_weights(gm: fx.GraphModule, node: fx.Node, value: Any) -> bool:
+    """Whether a graph constant is the int64 mask weights or offsets integer softmaxes read (and
+    nothing else)."""
+    return isinstance(value, torch.Tensor) and value.dtype == torch.int64 and all(
+        u.op == "call_module" and isinstance(gm.get_submodule(u.target), ExactSoftmax) for u in node.users)
+
+
 def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFAULT_OPSET, strict: bool = False,
                      dynamic_batch: bool = True) -> tuple[Any, list[str]]:
     """The ONNX ModelProto of a compiled model's simulated graph and plan, and the export's notes
@@ -767,7 +827,9 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
             if shape is None:
                 raise OnnxExportError(f"input {node.name} has no recorded shape; compile with example inputs")
             dims = [BATCH_DIM if (i == 0 and dynamic_batch) else int(d) for i, d in enumerate(shape)]
-            b.inputs.append(helper.make_tensor_value_info(node.name, TP.FLOAT, dims))
+            # A boolean input (an attention mask) stays boolean; every other input is float.
+            elem = TP.BOOL if node.meta.get("dtype") == torch.bool else TP.FLOAT
+            b.inputs.append(helper.make_tensor_value_info(node.name, elem, dims))
             b.names[node] = node.name
         elif node.op == "output":
             results = node.args[0]
@@ -781,6 +843,9 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
                 b.outputs.append(helper.make_tensor_value_info(name, TP.FLOAT, dims))
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
+            if _softmax_mask_weights(gm, node, value):
+                b.names[node] = None    # no ONNX tensor of their own: the softmax's export reads them
+                continue
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 raise OnnxExportError(f"node {node.name}: graph constant {node.target} is not a float tensor")
             b.names[node] = b.const(node.name, value.detach().float().numpy())

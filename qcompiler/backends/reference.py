@@ -242,13 +242,13 @@ class IntegerSoftmax(nn.Module):
         if not hasattr(self, "exp_table") or self.exp_table.ndim != 1 or self.exp_table.dtype != torch.int64:
             raise QCompileError("IntegerSoftmax needs a one-dimensional int64 exp_table")
 
-    def forward(self, q: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, q: Tensor, mask: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         if self.is_causal:
             causal = torch.ones(q.shape[-2], q.shape[-1], dtype=torch.bool, device=q.device).tril()
             mask = causal if mask is None else mask & causal
         mask = None if mask is None else mask.expand(q.shape)
         return softmax_codes(q, mask, self.dim, self.exp_table, self.out_multiplier, self.out_zero_point,
-                             (self.qmin, self.qmax)).to(torch.int32)
+                             (self.qmin, self.qmax), offsets).to(torch.int32)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, is_causal={self.is_causal}, out_zero_point={self.out_zero_point}"
