@@ -1,5 +1,5 @@
-"""balance_residual: give each residual-stream tensor channels of one size, so that one scale per
-tensor fits them all.
+"""balance_residual: give each residual-stream tensor (and each LayerNorm output) channels of one
+size, so that one scale per tensor fits them all.
 
 Before: a fused float graph. After: the same function (exact in real arithmetic; float32
 rounding aside), with residual adds, their inputs and outputs divided channel by channel by a
@@ -10,7 +10,8 @@ channels. A transformer's residual stream has a few channels tens of times large
 this is what breaks W8A8 on BERT-like encoders (RepQ-ViT reparameterises LayerNorm outputs the
 same way, Bondarenko et al. quantize the stream per embedding group).
 
-A tensor `t` is balanced when every node that makes or reads it can carry the factor exactly:
+The tensors considered are the residual adds' inputs and outputs and every LayerNorm's output. A
+tensor `t` is balanced when every node that makes or reads it can carry the factor exactly:
 - made by a linear (its weight rows and bias divided by `r_t`), a LayerNorm with its own gain and
   offset (both divided), an embedding lookup (its table's columns divided) or a residual add;
 - read by linears (weight columns multiplied by `r_t`), LayerNorms (a per-channel input gain
@@ -70,7 +71,10 @@ class _Stream:
                 calls[n.target] = calls.get(n.target, 0) + 1
         self.calls = calls
         add_set = set(self.adds)
-        tensors = {a for n in self.adds for a in n.args} | add_set
+        # The adds' inputs and outputs, and every LayerNorm output (pre-LayerNorm blocks read
+        # their LayerNorm's output with linears only: RepQ-ViT's case).
+        layer_norms = {n for n in gm.graph.nodes if self._module(n, nn.LayerNorm) is not None}
+        tensors = {a for n in self.adds for a in n.args} | add_set | layer_norms
         self.tensors = [t for t in gm.graph.nodes if t in tensors and self._balanced(t, add_set)]
 
     def _module(self, node: fx.Node, cls: type[nn.Module]) -> nn.Module | None:
@@ -151,14 +155,18 @@ class _Rewriter:
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.copied = gm, {}
 
-    def module(self, node: fx.Node) -> nn.Module:
-        if node.target not in self.copied:
+    def module(self, node: fx.Node, input_gain: bool = False) -> nn.Module:
+        """The node's own copy of its module; a LayerNorm whose input is balanced (`input_gain`)
+        becomes a GainLayerNorm."""
+        m = self.copied.get(node.target)
+        if m is None:
             m = copy_sharing_tensors(self.gm.get_submodule(node.target))
-            if isinstance(m, nn.LayerNorm) and not isinstance(m, GainLayerNorm):
-                m = _with_gain(m)
+        if input_gain and isinstance(m, nn.LayerNorm) and not isinstance(m, GainLayerNorm):
+            m = _with_gain(m)
+        if self.copied.get(node.target) is not m:
             set_submodule(self.gm, node.target, m)
             self.copied[node.target] = m
-        return self.copied[node.target]
+        return m
 
     @staticmethod
     def set(m: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -208,7 +216,7 @@ def balance_residual(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             for user in t.users:
                 if user.op != "call_module":
                     continue                     # a residual add: its gains below
-                m = rw.module(user)
+                m = rw.module(user, input_gain=True)
                 if isinstance(m, GainLayerNorm):
                     m.input_gain = m.input_gain * r.to(m.input_gain)
                 else:

@@ -16,7 +16,8 @@ from qcompiler.targets import (
 )
 from qcompiler.targets import spec as spec_module
 
-BUILTINS = ("cpu-x86-int8", "dsp-fixed-point", "fp8", "npu-int4", "npu-int8", "npu-int8-transformer", "weight-only-4bit")
+BUILTINS = ("cpu-x86-int8", "dsp-fixed-point", "fp8", "npu-int4", "npu-int8", "npu-int8-balanced", "npu-int8-transformer",
+            "weight-only-4bit")
 TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"
 
 
