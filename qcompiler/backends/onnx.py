@@ -28,7 +28,7 @@ from ..attention import masked_softmax
 from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..fx_util import fetch_attr
-from ..layers import Affine
+from ..layers import Affine, GainLayerNorm, ScaledAdd
 from ..exact import (
     SOFTMAX_EXP_BITS, ExactAdd, ExactEmbedding, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale,
     ExactSoftmax,
@@ -631,9 +631,16 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         # The table of output codes, decoded: the quantizer that follows gives back the same codes.
         table = (m.table.float() - m.out_zero_point) * m.out_scale
         return b.emit("Gather", [b.const(f"{node.name}_table", table.numpy()), b.arg(node.args[0])], node.name, axis=0)
-    if isinstance(m, ExactAdd) and len(node.args) == 2:
-        # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values.
-        return b.emit("Add", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
+    if isinstance(m, (ExactAdd, ScaledAdd)) and len(node.args) == 2:
+        # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values, each
+        # times its per-channel gains where the add has them (a balanced residual stream).
+        a, c = b.arg(node.args[0]), b.arg(node.args[1])
+        gains = m.gains if isinstance(m, ExactAdd) and m.channels is not None else (
+            torch.stack([m.gain_a, m.gain_b]) if isinstance(m, ScaledAdd) else None)
+        if gains is not None:
+            a = b.emit("Mul", [a, b.const(f"{node.name}_gain_a", gains[0].float().numpy())], node.name)
+            c = b.emit("Mul", [c, b.const(f"{node.name}_gain_b", gains[1].float().numpy())], node.name)
+        return b.emit("Add", [a, c], node.name)
     if kind in _BINARY_OPS and node.op == "call_function" and len(node.args) == 2 and not node.kwargs:
         a, c = node.args
         if kind != "matmul" and not isinstance(a, fx.Node):
@@ -738,6 +745,13 @@ def _transpose(b: _Builder, node: fx.Node, kind: str) -> str:
 def _layer_norm(b: _Builder, node: fx.Node, m: nn.Module | None) -> str:
     """LayerNormalization (opset 17) over the trailing `normalized_shape` dimensions."""
     x = b.arg(node.args[0])
+    input_gain = None
+    if isinstance(m, ExactLayerNorm) and m.in_gain_bits:
+        input_gain = m.in_gain.double() / 2 ** m.in_gain_bits
+    elif isinstance(m, GainLayerNorm):
+        input_gain = m.input_gain
+    if input_gain is not None:             # a balanced input: its per-channel factors first
+        x = b.emit("Mul", [x, b.const(f"{node.name}_input_gain", input_gain.float().numpy())], node.name)
     if isinstance(m, ExactLayerNorm):      # the simulation's integer LayerNorm; ONNX Runtime's is float
         shape, eps, weight, bias = (m.size,), float(m.eps), m.float_weight, m.float_bias
     elif m is not None:
