@@ -14,8 +14,10 @@ L2-normalised).
 - retrieval: for each sentence as a query, whether its nearest other sentence (by cosine) is
   the same under the quantized embeddings as under float's, with a 95 % interval clustered by
   source topic;
-- naive: min-max ranges and round-to-nearest weights (no AdaRound, no bias correction);
-  default: the default pipeline.
+- naive: min-max ranges and round-to-nearest weights (no AdaRound, no bias correction, no
+  balancing of the residual stream); default: the default pipeline with the target's own
+  settings (npu-int8-balanced: residual stream balanced per channel, mse ranges,
+  round-to-nearest weights).
 
 On both targets (fixed-point requantization) LayerNorm, softmax, GELU and the activation x
 activation matmuls run on integers (integer LayerNorm, softmax and matmul kernels, a table for
@@ -40,6 +42,7 @@ NAIVE = ("capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "inse
 CONFIGS = (
     ("npu-int8", "naive"), ("npu-int8", "default"),
     ("npu-int8-transformer", "naive"), ("npu-int8-transformer", "default"),
+    ("npu-int8-balanced", "default"),
 )
 
 
@@ -64,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test", choices=("validation", "test"))
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences")
     ap.add_argument("--targets", default="", help="comma-separated target names or spec paths (default: the table's)")
+    ap.add_argument("--pipelines", default="naive,default", help="with --targets: which pipelines to run")
     args = ap.parse_args(argv)
     configs = CONFIGS
     if args.targets:
-        configs = tuple((t, m) for t in args.targets.split(",") if t for m in ("naive", "default"))
+        configs = tuple((t, m) for t in args.targets.split(",") if t for m in args.pipelines.split(",") if m)
     if args.quick:
         args.calib = 16
     model, tok = minilm()
