@@ -16,7 +16,7 @@ from qcompiler.attention import decompose_attention, masked_softmax, shift_mask
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.tracing import capture_module
 
-NPU_TARGETS = ("npu-int8", "npu-int4", "npu-int8-transformer")
+NPU_TARGETS = ("npu-int8", "npu-int4", "npu-int8-transformer", "npu-int8-balanced")
 # Patch 4, window 4: a 44x44 input gives 11x11 tokens (padded to 12x12, shifted windows), then 6x6
 # after patch merging (which pads 11 to 12), padded to 8x8 and shifted again. A 32x32 input needs
 # no padding and its second stage is one window, which torchvision does not shift.

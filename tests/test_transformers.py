@@ -14,7 +14,7 @@ from qcompiler.errors import CaptureError
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.tracing import capture_module
 
-NPU_TARGETS = ("npu-int8", "npu-int4", "npu-int8-transformer")
+NPU_TARGETS = ("npu-int8", "npu-int4", "npu-int8-transformer", "npu-int8-balanced")
 
 
 def _kinds(gm) -> list[str]:
