@@ -683,7 +683,7 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
     if kind == "embedding" and node.op == "call_function" and node.target is F.embedding:
         # A lookup of float rows (the targets run embeddings on the host): Gather.
         ids, weight = _kw(node, "input", 0, None), _kw(node, "weight", 1, None)
-        if any(_kw(node, k, i, None) is not None for k, i in (("max_norm", 3),)):
+        if _kw(node, "max_norm", 3, None) is not None:
             raise OnnxExportError(f"{node.name}: embedding with max_norm is not exported")
         return b.emit("Gather", [b.arg(weight), b.arg(ids, torch.int64)], node.name, axis=0)
     if kind in ("relu", "relu6", "hardtanh", "clamp", "leaky_relu", "sigmoid", "tanh", "exp", "hardswish",
@@ -1118,7 +1118,7 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
                 dims = ([BATCH_DIM if (j == 0 and dynamic_batch) else int(d) for j, d in enumerate(shape)]
                         if shape is not None else None)
                 dtype = r.meta.get("dtype") if isinstance(r, fx.Node) else None
-                elem = getattr(TP, _ONNX_DTYPES.get(dtype, "FLOAT"))
+                elem = getattr(TP, _ONNX_DTYPES.get(dtype, "FLOAT") if isinstance(dtype, torch.dtype) else "FLOAT")
                 b.outputs.append(helper.make_tensor_value_info(name, elem, dims))
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
