@@ -1,5 +1,5 @@
-"""torchvision's vit_b_16 under every built-in target, with attention decomposed and quantized
-(python benchmarks/vit.py [--quick] [--out FILE]).
+"""torchvision's vit_b_16 (or swin_t) under every built-in target, with attention decomposed and quantized
+(python benchmarks/vit.py [--model swin_t] [--quick] [--out FILE]).
 
 Random weights (no pretrained ViT ships in a package) with LayerNorm parameters and the
 classifier head randomised (torchvision initialises the head to zero), calibrated on `--calib`
@@ -33,6 +33,14 @@ ONNX_TARGETS = ("cpu-x86-int8", "npu-int8")
 NAIVE = ("capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers", "calibrate",
          "convert", "model_requant")
 NPU = ("npu-int8", "npu-int4", "npu-int8-transformer", "dsp-fixed-point")
+SWIN_NOTES = """Random weights (no pretrained Swin ships in a package) with LayerNorm parameters, the relative
+position bias tables (std 1 instead of torchvision's 0.02, so that the bias shapes the attention
+as a trained one does) and the classifier head randomised; otherwise as for vit_b_16
+(benchmarks/vit.md): `--calib` noise images to calibrate, `--heldout` others to measure, naive
+compiles, ONNX latency at batch 4 on one thread. Every window attention (12) is decomposed: its
+relative position bias and shift mask enter the softmax as one constant additive mask, which the
+integer softmax of the fixed-point targets takes as code offsets and Q15 weights; the two
+matmuls per block run on integers there too."""
 
 
 def vit(size: int) -> nn.Module:
@@ -46,6 +54,25 @@ def vit(size: int) -> nn.Module:
         model.heads.head.weight.normal_(0, 0.05)
         model.heads.head.bias.normal_(0, 0.1)
     return model
+
+
+def swin(size: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+            if isinstance(m, torchvision.models.swin_transformer.ShiftedWindowAttention):
+                m.relative_position_bias_table.normal_(0, 1.0)
+        model.head.weight.normal_(0, 0.05)
+        model.head.bias.normal_(0, 0.1)
+    return model
+
+
+# --model -> (builder taking the input size, notes for the Markdown, default output file)
+MODELS = {"vit_b_16": (vit, None, "vit.md"), "swin_t": (swin, SWIN_NOTES, "swin.md")}
 
 
 def _session(path: str, disabled=None):
@@ -70,6 +97,7 @@ def _latency(session, x, rounds: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = parser(__file__, __doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_b_16", choices=tuple(MODELS))
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--calib", type=int, default=16)
     ap.add_argument("--heldout", type=int, default=8, help="a multiple of 4")
@@ -79,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.calib, args.heldout, args.rounds = 32, 4, 4, 2
-    model = vit(args.size)
+    build, notes, default_out = MODELS[args.model]
+    notes = notes or __doc__.split("\n\n", 1)[1].strip()
+    model = build(args.size)
     g = torch.Generator().manual_seed(1)
     calib = [torch.randn(4, 3, args.size, args.size, generator=g) for _ in range(max(1, args.calib // 4))]
     held = torch.randn(args.heldout, 3, args.size, args.size, generator=g)
     with torch.no_grad():
         ref = model(held)
-    top = header("vit_b_16 under every target", __file__, argv, passes=None, notes=[__doc__.split("\n\n", 1)[1].strip()])
+    top = header(f"{args.model} under every target", __file__, argv, passes=None, notes=[notes])
     lines = [top, "", f"Input {args.size}×{args.size}; {args.calib} calibration and {args.heldout} held-out noise images.",
              "", "| target | logit SQNR (dB) | top-1 agreement | reference bit-exact | ONNX SQNR vs simulation (dB) | "
              "ONNX latency / float ONNX latency, batch 4 | compile (s) |", "|---|---|---|---|---|---|---|"]
@@ -127,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         row.append(f"{seconds:.0f}")
         lines.append("| " + " | ".join(row) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
-    emit("\n".join(lines), out_path(__file__, args))
+    out = out_path(__file__, args)
+    if out is not None and not args.out:
+        out = out.with_name(default_out)
+    emit("\n".join(lines), out)
     return 0
 
 

@@ -12,19 +12,13 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..calibration import (
-    as_channels_last, calibration_batches, first_samples, run_batches, runs_channels_last, tensors_of,
-)
+from ..calibration import ensure_calibration_batches, first_samples, run_batches, tensors_of
 from ..context import CompileContext
 from ..errors import CalibrationError
 
 
 def calibrate(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    if ctx.calib_batches is None:
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        batches = calibration_batches(ctx.calib_data, ctx.example_inputs, names)
-        ctx.channels_last = runs_channels_last(gm, batches[0])
-        ctx.calib_batches = [as_channels_last(b) for b in batches] if ctx.channels_last else batches
+    ensure_calibration_batches(gm, ctx)
     limit = ctx.options.effort_settings.calibration_samples
     batches = ctx.calib_batches if limit is None else first_samples(ctx.calib_batches, limit)
     try:

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..attention import decompose_attention, masked_softmax
+from ..attention import decompose_attention, is_shifted_window_attention, masked_softmax
 from ..context import CompileContext
 from ..kernel_modules import explicit_module_padding, functional_kernels_to_modules
+from ..opkinds import ATTENTION
 from ..tracing import refresh_facts
+from ..wrapped import unwrap_functions
 
 # kind -> (canonical target, every other spelling as a function, method name or module class).
 # Unary activations take (x,) plus the keyword arguments named in ACTIVATION_KWARGS.
@@ -153,6 +155,8 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
         shape = weight.meta.get("shape") if isinstance(weight, fx.Node) else None
         if isinstance(groups, int) and groups > 1 and shape and shape[1] == 1:
             return "depthwise_conv"
+    if is_shifted_window_attention(spelling):
+        return "shifted_window_attention"
     return FUNCTION_KINDS.get(spelling, "other") if _hashable(spelling) else "other"
 
 
@@ -225,16 +229,21 @@ def _is_inference_identity(node: fx.Node) -> bool:
 
 
 def _decompose_attention(gm: fx.GraphModule, ctx: CompileContext | None) -> None:
-    """Attention into primitive ops (`qcompiler.attention`) unless the target runs it whole; the
-    new nodes get their facts from the inputs capture recorded."""
+    """Attention into primitive ops (`qcompiler.attention`) unless the target runs it whole, and
+    wrapped helpers into theirs (`qcompiler.wrapped`); the new nodes get their facts from the
+    inputs capture recorded."""
     if "fact_inputs" not in gm.meta:
         return
     spec = ctx.target if ctx is not None else None
-    keep = tuple(k for k in ("multi_head_attention", "scaled_dot_product_attention") if spec is not None and k in spec.ops)
+    keep = tuple(k for k in ATTENTION if spec is not None and k in spec.ops)
     done, kept = decompose_attention(gm, keep)
-    if done:
+    unwrapped = unwrap_functions(gm)
+    if done or unwrapped:
         refresh_facts(gm)
     if ctx is not None:
+        if unwrapped:
+            ctx.note("canonicalize", f"{len(unwrapped)} wrapped function call(s) written as primitive ops: "
+                                     f"{', '.join(unwrapped[:6])}{' ...' if len(unwrapped) > 6 else ''}")
         if done:
             ctx.note("canonicalize", f"{len(done)} attention op(s) decomposed into linears, matmuls and a softmax: "
                                      f"{', '.join(done[:6])}{' ...' if len(done) > 6 else ''}")

@@ -8,7 +8,8 @@ group quantizing the node's output), `meta["weight_group"]` (id of the kernel's 
 
 Rules come from the target spec and are declared where they arise, then solved in one place:
 - a kernel's output and every tensor a kernel or pass-through op reads is quantized, except
-  inside a fused kernel;
+  inside a fused kernel and except an attention mask, which a softmax adds to its scores as it
+  reads them (`masked_softmax`);
 - a pass-through op's output is one quantizer with its input; a shared-scale op's inputs and
   output are one quantizer. These are edges; networkx's connected components are the groups;
 - a group's candidates are the formats every member's producer (`ops.<kind>.outputs`) and
@@ -25,6 +26,7 @@ import networkx as nx
 import torch
 from torch import fx
 
+from ..attention import softmax_mask
 from ..context import CompileContext
 from ..errors import GroupingError
 from ..groups import QuantizerGroup, Tie
@@ -133,8 +135,8 @@ def group_quantizers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             constraints[t].append((rule.outputs, f"ops.{anchor.meta['op_kind']}.outputs ({anchor.name})",
                                    rule.default_outputs))
         for user in t.users:
-            if user.meta["role"] == "chip" and not (user.op == "call_function" and t.op == "get_attr"
-                                                   and t.target in g.weights(user)):
+            if user.meta["role"] == "chip" and t is not softmax_mask(user) and not (
+                    user.op == "call_function" and t.op == "get_attr" and t.target in g.weights(user)):
                 rule, anchor = g.rule(user), g.anchor(user)
                 constraints[t].append((rule.inputs, f"ops.{anchor.meta['op_kind']}.inputs ({user.name})",
                                        rule.default_inputs))

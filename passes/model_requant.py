@@ -15,9 +15,12 @@ on fixed-point and shift targets rescale each input to a common grid and requant
 (`ExactAdd`). Element-wise activations (GELU, sigmoid, tanh, SiLU, hardswish, ...) between two
 per-tensor integer quantizers on those targets become a table from input code to output code
 (`ExactLUT`); softmaxes become an integer kernel (`ExactSoftmax`: a table of exp over code
-differences, an integer sum and division) and LayerNorms another (`ExactLayerNorm`: integer mean,
+differences, an integer sum and division; a constant additive mask enters as code offsets and
+weights) and LayerNorms another (`ExactLayerNorm`: integer mean,
 variance and square root); matmuls of two quantized activations accumulate their codes exactly
-and requantize (`ExactMatmul`).
+and requantize (`ExactMatmul`); a multiply or division by a constant (attention's softmax scale)
+is one requantization of the input codes (`ExactScale`); an embedding whose output is quantized
+reads a table of output codes (`ExactEmbedding`).
 
 Everything else keeps its float fake-quant form, which the reference backend reproduces by
 running the same float op between a dequantize and a quantize. It runs last: it reads the final
@@ -25,14 +28,15 @@ weights and biases, after convert, rounding optimisation and bias correction.
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from ..context import CompileContext
 from ..errors import QCompileError
 from ..exact import LUT_KINDS, ChainIndex, KernelChain, NotExact
 from ..integer_kernels import (
-    POOL_KINDS, make_exact, make_exact_add, make_exact_layer_norm, make_exact_lut, make_exact_matmul, make_exact_pool,
-    make_exact_softmax,
+    POOL_KINDS, make_exact, make_exact_add, make_exact_embedding, make_exact_layer_norm, make_exact_lut, make_exact_matmul,
+    make_exact_pool, make_exact_scale, make_exact_softmax,
 )
 
 STAGE = "model_requant"
@@ -41,7 +45,10 @@ STAGE = "model_requant"
 def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index: ChainIndex) -> str | None:
     """Swap one node for its integer form; the kind swapped ("kernel", "pool", "add") or None."""
     kind = node.meta.get("op_kind")
-    if kind == "add" and node.op == "call_function":
+    dtype = node.meta.get("dtype")
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        return None         # integer arithmetic of the graph itself (positions, masks): nothing to quantize
+    if kind == "add" and node.op in ("call_function", "call_module"):
         make_exact_add(gm, node, ctx.target)
         return "add"
     if kind in POOL_KINDS:
@@ -59,6 +66,12 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
     if kind == "matmul" and "weight_group" not in node.meta:
         make_exact_matmul(gm, node, ctx.target)
         return "matmul"
+    if kind in ("mul", "div") and any(isinstance(a, (int, float)) for a in node.args):
+        make_exact_scale(gm, node, ctx.target)
+        return "scale"
+    if kind == "embedding":
+        make_exact_embedding(gm, node, ctx.target)
+        return "embedding"
     if "weight_group" not in node.meta or node.meta.get("role") != "chip":
         return None
     group = make_exact(gm, KernelChain(gm, node, index), ctx.plan, ctx.target)["group"]
@@ -74,7 +87,8 @@ def _integer_form(gm: fx.GraphModule, node: fx.Node, ctx: CompileContext, index:
 def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.plan is None or ctx.target is None:
         raise QCompileError("model_requant runs after convert: the graph has no quantization plan yet")
-    done = {"kernel": 0, "pool": 0, "add": 0, "table": 0, "softmax": 0, "layer_norm": 0, "matmul": 0}
+    done = {"kernel": 0, "pool": 0, "add": 0, "table": 0, "softmax": 0, "layer_norm": 0, "matmul": 0, "scale": 0,
+            "embedding": 0}
     kept = []
     index = ChainIndex(gm)
     for node in list(gm.graph.nodes):
@@ -91,7 +105,9 @@ def model_requant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                     f"{done['matmul']} activation matmuls compute "
                     f"with integer accumulators and {ctx.target.requant.mode} requantization; "
                     f"{done['table']} activations run as look-up tables over their input codes, "
-                    f"{done['softmax']} softmaxes and {done['layer_norm']} layer norms on integers")
+                    f"{done['softmax']} softmaxes and {done['layer_norm']} layer norms on integers; "
+                    f"{done['scale']} multiplies by a constant requantize their input codes and "
+                    f"{done['embedding']} embeddings read tables of output codes")
     for why in kept:
         ctx.note(STAGE, f"float fake-quant kept: {why}")
     gm.delete_all_unused_submodules()

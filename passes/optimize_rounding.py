@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..adaround import AdaRoundConfig, activation_slope, roundable_kernels, round_kernel
 from ..calibration import batch_samples, first_samples, sub_batches
 from ..context import CompileContext
+from ..options import DEFAULT_RECONSTRUCTION
 from ..reconstruction import ReconstructionConfig, reconstruct
 from ..replay import PairedReplay, correct_channel_bias, is_weighted_kernel
 
@@ -26,8 +27,18 @@ STAGE = "optimize_rounding"
 REPLAY_BATCH = 8
 
 
+def reconstruction_choice(ctx: CompileContext):
+    """What the compile asked for, else what the target names, else `DEFAULT_RECONSTRUCTION`."""
+    if ctx.options.reconstruction is not None:
+        return ctx.options.reconstruction
+    return getattr(ctx.target, "reconstruction", None) or DEFAULT_RECONSTRUCTION
+
+
 def optimize_rounding(gm: fx.GraphModule, ctx: CompileContext, config: AdaRoundConfig | None = None) -> fx.GraphModule:
-    choice = ctx.options.reconstruction
+    choice = reconstruction_choice(ctx)
+    if config is None and choice == "nearest":
+        ctx.note(STAGE, "weights keep round-to-nearest (reconstruction='nearest')")
+        return gm
     if config is None and choice != "layer":
         return _reconstruct(gm, ctx, choice)
     cfg = config or ctx.options.effort_settings.adaround

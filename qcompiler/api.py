@@ -27,7 +27,7 @@ from .targets.spec import TargetSpec, load_target
 from .threads import torch_threads
 
 DEFAULT_PASSES = (
-    "capture", "canonicalize", "fold_bn", "fuse", "group_quantizers", "insert_observers",
+    "capture", "canonicalize", "fold_bn", "fuse", "balance_residual", "group_quantizers", "insert_observers",
     "calibrate", "convert", "optimize_rounding", "model_requant",
 )
 

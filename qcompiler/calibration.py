@@ -129,6 +129,17 @@ def _same_up_to_rounding(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() == 0 or float((a - b).abs().max()) <= 1e-4 * scale + 1e-6
 
 
+def ensure_calibration_batches(gm: fx.GraphModule, ctx: Any) -> list[Batch]:
+    """`ctx.calib_batches`, made once from the user's data (checked, channels-last where the graph
+    gives the same output that way: `ctx.channels_last`)."""
+    if ctx.calib_batches is None:
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        batches = calibration_batches(ctx.calib_data, ctx.example_inputs, names)
+        ctx.channels_last = runs_channels_last(gm, batches[0])
+        ctx.calib_batches = [as_channels_last(b) for b in batches] if ctx.channels_last else batches
+    return ctx.calib_batches
+
+
 def run_batches(gm: fx.GraphModule, batches: list[Batch], progress: bool, desc: str) -> None:
     with torch.no_grad():
         for args in tqdm(batches, desc=desc, disable=not progress, leave=False):

@@ -27,6 +27,8 @@ arithmetic; the simulation's sum `acc * s_acc + r` recovers the same integer exc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -438,18 +440,28 @@ class ExactAdd(nn.Module):
     Inputs are decoded values of their quantizers; the output is the decoded output code.
     Constants: rescale factors `s_i / (2 * max(s_1, s_2))` for the inputs and
     `2 * max(s_1, s_2) / (2**left_shift * s_out)` for the sum, in the target's requant mode.
+
+    With `channels` (a `ScaledAdd`: per-channel gains g_i on its inputs), the constants are one
+    per channel of the last dimension, shape (3, channels): `g_i s_i / G` for the inputs with
+    `G = 2 * max(g_1 s_1, g_2 s_2)` over all channels, `G / (2**left_shift * s_out)` for the sum;
+    `gains` keeps the float gains for exporters.
     """
 
     def __init__(self, zero_points: tuple[int, int, int] = (0, 0, 0), qmin: int = -128, qmax: int = 127,
-                 mode: str = "fixed_point", rounding: str = "half_even", left_shift: int = ADD_LEFT_SHIFT):
+                 mode: str = "fixed_point", rounding: str = "half_even", left_shift: int = ADD_LEFT_SHIFT,
+                 channels: int | None = None):
         super().__init__()
         self.zero_points = tuple(int(z) for z in zero_points)
         self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
         self.left_shift = int(left_shift)
+        self.channels = None if channels is None else int(channels)
+        shape = (3,) if channels is None else (3, int(channels))
         self.register_buffer("in_scales", torch.ones(2, dtype=torch.float32))
         self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
-        self.register_buffer("multiplier", torch.zeros(3, dtype=torch.int64))
-        self.register_buffer("shift", torch.zeros(3, dtype=torch.int64))
+        self.register_buffer("multiplier", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros(shape, dtype=torch.int64))
+        if channels is not None:
+            self.register_buffer("gains", torch.ones(2, int(channels), dtype=torch.float32))
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
         q1 = torch.round(x1.to(torch.float32) * self.in_scales[0].reciprocal()) + self.zero_points[0]
@@ -510,23 +522,59 @@ class ExactLUT(nn.Module):
 SOFTMAX_EXP_BITS = 15
 # Fractional bits of the output multiplier 2**f / s_out.
 SOFTMAX_OUT_BITS = 16
+# The longest exp table (an additive mask over finely quantized scores needs more entries).
+SOFTMAX_MAX_ENTRIES = 2 ** 16
+
+
+def softmax_mask_codes(mask: Tensor, dim: int, in_scale: float, levels: int) -> tuple[Tensor, Tensor]:
+    """A constant additive softmax mask b (Swin's relative position bias plus shift mask) for input
+    codes of scale s and `levels` values, as `softmax_codes` takes it: with u = b - max(b) along
+    `dim`, the int64 weights w = round(exp(u - c * s) * 2**15) and offsets c = round(u / s). The
+    offsets move the codes to the nearest grid point (so the row's maximum and the table index see
+    the bias); the weights (close to 2**15) carry the remainder. w = 0 (barred) where exp(u) stays
+    below 2**-16 of the row's largest term whatever the scores (torchvision's -100)."""
+    u = mask.detach().to(torch.float64)
+    u = u - u.amax(dim=dim, keepdim=True)
+    barred = u < -((levels - 1) * in_scale + math.log(2 ** (SOFTMAX_EXP_BITS + 1)))
+    offsets = torch.round(u / in_scale).masked_fill(barred, 0)
+    weights = torch.round(torch.exp(u - offsets * in_scale) * 2 ** SOFTMAX_EXP_BITS).masked_fill(barred, 0)
+    return weights.to(torch.int64), offsets.to(torch.int64)
+
+
+def softmax_table_entries(levels: int, in_scale: float, offsets: bool) -> int:
+    """Entries of the exp table for inputs of `levels` codes: one per code difference, and with
+    mask offsets (differences beyond the code range) until exp(-d * s) * 2**15 rounds to 0, so that
+    the last entry, which larger differences read, is 0."""
+    if not offsets:
+        return levels
+    return max(levels, math.floor(math.log(2 ** (SOFTMAX_EXP_BITS + 1)) / in_scale) + 2)
 
 
 def softmax_codes(q: Tensor, mask: Tensor | None, dim: int, exp_table: Tensor, out_multiplier: int,
-                  out_zero_point: int, qrange: tuple[int, int]) -> Tensor:
+                  out_zero_point: int, qrange: tuple[int, int], offsets: Tensor | None = None) -> Tensor:
     """Integer softmax along `dim` of input codes `q` (int64 in, int64 out):
 
-    d = max(q) - q over the positions `mask` keeps (True: kept; None: all),
+    l = q + c (c: the offsets of an additive mask, `softmax_mask_codes`; else 0),
+    d = max(l) - l over the positions `mask` keeps,
     e = exp_table[min(d, len - 1)] (Q15 values of exp(-d * s_in); masked positions 0),
+    e = floor((e * w + 2**14) / 2**15) where `mask` is int64 weights w,
     out = floor((e * M + sum(e) * 2**15) / (sum(e) * 2**16)) + z_out, saturated,
 
     with M = round(2**16 / s_out): the probability e / sum(e) rounded half up to the output grid.
-    A row with nothing kept gives zero probabilities."""
+    `mask` is None (all kept), boolean (True: kept) or int64 weights (kept where w > 0). A row with
+    nothing kept gives zero probabilities."""
     q = q.to(torch.int64)
+    if offsets is not None:
+        q = q + offsets
+    weights = None
+    if mask is not None and mask.dtype != torch.bool:
+        weights, mask = mask.to(torch.int64), mask > 0
     low = torch.iinfo(torch.int64).min
     kept = q if mask is None else q.masked_fill(~mask, low)
     d = kept.amax(dim=dim, keepdim=True) - q
     e = exp_table[d.clamp(0, exp_table.numel() - 1)]
+    if weights is not None:
+        e = torch.div(e * weights + 2 ** (SOFTMAX_EXP_BITS - 1), 2 ** SOFTMAX_EXP_BITS, rounding_mode="floor")
     if mask is not None:
         e = e.masked_fill(~mask, 0)
     total = e.sum(dim=dim, keepdim=True).clamp_min(1)
@@ -538,8 +586,9 @@ def softmax_codes(q: Tensor, mask: Tensor | None, dim: int, exp_table: Tensor, o
 class ExactSoftmax(nn.Module):
     """Softmax as integer hardware computes it (`softmax_codes`): a table of exp over code
     differences, an integer sum and one integer division per element. Input: decoded values of
-    the input quantizer (and an optional boolean mask); output: the decoded output code. The
-    simulation and the reference backend run the same function on the same codes."""
+    the input quantizer (and an optional boolean mask, or the int64 weights and offsets of an
+    additive one); output: the decoded output code. The simulation and the reference backend run
+    the same function on the same codes."""
 
     def __init__(self, entries: int, dim: int = -1, is_causal: bool = False, out_zero_point: int = 0,
                  qmin: int = -128, qmax: int = 127, out_multiplier: int = 1):
@@ -556,17 +605,18 @@ class ExactSoftmax(nn.Module):
             rows, cols = q.shape[-2], q.shape[-1]
             causal = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
             mask = causal if mask is None else mask & causal
-        if mask is not None and mask.dtype != torch.bool:
-            raise QCompileError("an integer softmax takes a boolean mask (True: attend), not an additive one")
+        if mask is not None and mask.dtype not in (torch.bool, torch.int64):
+            raise QCompileError("an integer softmax takes a boolean mask (True: attend) or int64 weights "
+                                "(softmax_mask_codes), not an additive float mask")
         return None if mask is None else mask.expand(q.shape)
 
-    def codes(self, q: Tensor, mask: Tensor | None = None) -> Tensor:
+    def codes(self, q: Tensor, mask: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         return softmax_codes(q, self.mask_of(q, mask), self.dim, self.exp_table, self.out_multiplier,
-                             self.out_zero_point, (self.qmin, self.qmax))
+                             self.out_zero_point, (self.qmin, self.qmax), offsets)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal())   # differences need no zero point
-        out = self.codes(q, mask)
+        out = self.codes(q, mask, offsets)
         return (out.to(torch.float32) - float(self.out_zero_point)) * self.out_scale
 
     def extra_repr(self) -> str:
@@ -596,7 +646,8 @@ def isqrt(v: Tensor) -> Tensor:
 
 
 def layer_norm_codes(q: Tensor, in_zero_point: int, size: int, eps_codes: int, gain: Tensor, offset: Tensor,
-                     out_zero_point: int, qrange: tuple[int, int]) -> Tensor:
+                     out_zero_point: int, qrange: tuple[int, int], in_gain: Tensor | None = None,
+                     in_gain_bits: int = 0) -> Tensor:
     """Integer LayerNorm over the last `size` = n elements of input codes `q` (int64 in and out):
 
     c = (q - z_in) * 2**K;  m = round(sum(c) / n)  (half up: the mean with K fractional bits);
@@ -606,14 +657,25 @@ def layer_norm_codes(q: Tensor, in_zero_point: int, size: int, eps_codes: int, g
     qmin, qmax)
 
     with gain = round(gamma / s_out * 2**G) and offset = round(beta / s_out * 2**(F + G)) per
-    channel, and eps_codes = round(eps / s_in**2 * 2**(2P))."""
+    channel, and eps_codes = round(eps / s_in**2 * 2**(2P)).
+
+    An input with per-channel factors (`GainLayerNorm`: the channel's value is s_in * r_c * (q - z_in),
+    r_c = in_gain_c / 2**B, B = `in_gain_bits`) multiplies each centred code by its integer
+    `in_gain_c` instead: c = (q - z_in) * in_gain_c * 2**K, and K + B takes K's place above (an
+    exponent below zero divides)."""
     k, p, f, g = LAYER_NORM_MEAN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LAYER_NORM_GAIN_BITS
     shape = q.shape
     c = (q.to(torch.int64).reshape(-1, size) - in_zero_point) * 2 ** k
+    if in_gain is not None:
+        c = c * in_gain.reshape(1, -1)
+        k += in_gain_bits
     m = torch.div(2 * c.sum(dim=1, keepdim=True) + size, 2 * size, rounding_mode="floor")
     centred = c - m
-    var = torch.div((centred * centred).sum(dim=1, keepdim=True) * 2 ** (2 * p - 2 * k), size,
-                    rounding_mode="floor") + eps_codes
+    squares = (centred * centred).sum(dim=1, keepdim=True)
+    if 2 * p >= 2 * k:
+        var = torch.div(squares * 2 ** (2 * p - 2 * k), size, rounding_mode="floor") + eps_codes
+    else:
+        var = torch.div(squares, size * 2 ** (2 * k - 2 * p), rounding_mode="floor") + eps_codes
     r = isqrt(var).clamp_min(1)
     y = torch.div(centred * 2 ** (f + p - k), r, rounding_mode="floor")
     total = y * gain.reshape(1, -1) + offset.reshape(1, -1)
@@ -627,7 +689,7 @@ class ExactLayerNorm(nn.Module):
     values of the input quantizer; output: the decoded output code."""
 
     def __init__(self, size: int, in_zero_point: int = 0, eps_codes: int = 0, out_zero_point: int = 0,
-                 qmin: int = -128, qmax: int = 127, eps: float = 0.0):
+                 qmin: int = -128, qmax: int = 127, eps: float = 0.0, in_gain_bits: int = 0):
         super().__init__()
         self.size, self.in_zero_point, self.eps_codes = int(size), int(in_zero_point), int(eps_codes)
         self.out_zero_point, self.qmin, self.qmax = int(out_zero_point), int(qmin), int(qmax)
@@ -635,6 +697,10 @@ class ExactLayerNorm(nn.Module):
         self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("gain", torch.zeros(self.size, dtype=torch.int64))
         self.register_buffer("offset", torch.zeros(self.size, dtype=torch.int64))
+        # Per-channel integer input factors (2**in_gain_bits is 1) of a GainLayerNorm's input.
+        self.in_gain_bits = int(in_gain_bits)
+        if self.in_gain_bits:
+            self.register_buffer("in_gain", torch.full((self.size,), 2 ** self.in_gain_bits, dtype=torch.int64))
         # The float LayerNorm it stands for, for exporters that compute it in float (ONNX).
         self.eps = float(eps)
         self.register_buffer("float_weight", torch.ones(self.size, dtype=torch.float32))
@@ -642,7 +708,8 @@ class ExactLayerNorm(nn.Module):
 
     def codes(self, q: Tensor) -> Tensor:
         return layer_norm_codes(q, self.in_zero_point, self.size, self.eps_codes, self.gain, self.offset,
-                                self.out_zero_point, (self.qmin, self.qmax))
+                                self.out_zero_point, (self.qmin, self.qmax), getattr(self, "in_gain", None),
+                                self.in_gain_bits)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal()) + self.in_zero_point
@@ -690,3 +757,67 @@ class ExactMatmul(nn.Module):
 
     def extra_repr(self) -> str:
         return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiply by a constant (attention's softmax scale, a model's fixed gains).
+
+def scale_codes(q: Tensor, zero_points: tuple[int, int], qrange: tuple[int, int], negate: bool, mode: str,
+                rounding: str, multiplier: Tensor, shift: Tensor) -> Tensor:
+    """clamp(requant(+-(q - z_in)) + z_out, qmin, qmax): codes times a constant c, requantized by
+    |c| s_in / s_out (the sign of c applied to the codes first). int64 in, int64 out."""
+    z_in, z_out = zero_points
+    centred = q.to(torch.int64) - z_in
+    if negate:
+        centred = -centred
+    zero = torch.zeros((), dtype=torch.float32)
+    return (requantize(centred, mode, rounding, multiplier, shift, zero) + z_out).clamp(*qrange)
+
+
+class ExactScale(nn.Module):
+    """A quantized tensor times a constant `constant` as integer hardware computes it: one
+    requantization of the input codes (`scale_codes`). Input: a decoded value of its quantizer;
+    output: the decoded output code."""
+
+    def __init__(self, constant: float = 1.0, zero_points: tuple[int, int] = (0, 0), qmin: int = -128,
+                 qmax: int = 127, mode: str = "fixed_point", rounding: str = "half_even"):
+        super().__init__()
+        self.constant = float(constant)
+        self.zero_points = tuple(int(z) for z in zero_points)
+        self.qmin, self.qmax, self.mode, self.rounding = int(qmin), int(qmax), mode, rounding
+        self.register_buffer("in_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("multiplier", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("shift", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = torch.round(x.to(torch.float32) * self.in_scale.reciprocal()) + self.zero_points[0]
+        c = scale_codes(q, self.zero_points, (self.qmin, self.qmax), self.constant < 0, self.mode, self.rounding,
+                        self.multiplier, self.shift)
+        return (c.to(torch.float32) - float(self.zero_points[1])) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return f"constant={self.constant}, zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding lookup from a table of output codes.
+
+class ExactEmbedding(nn.Module):
+    """An embedding whose output is quantized, as integer hardware runs it: the table is stored as
+    codes of the output's format and the lookup reads them (`table[ids]`), so no arithmetic is
+    left. Equal to quantizing the float lookup, since quantization acts element by element.
+    Input: integer ids; output: the decoded codes."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, out_zero_point: int = 0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.out_zero_point = int(out_zero_point)
+        self.register_buffer("out_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("table", torch.zeros(self.num_embeddings, self.embedding_dim, dtype=torch.int32))
+
+    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        return (self.table[ids].to(torch.float32) - float(self.out_zero_point)) * self.out_scale
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, out_zero_point={self.out_zero_point}"

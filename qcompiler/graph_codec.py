@@ -32,9 +32,12 @@ from torch import fx, nn
 
 from .attention import masked_softmax
 from .errors import ArtifactError
-from .exact import ExactAdd, ExactConv2d, ExactGlobalAvgPool, ExactLayerNorm, ExactLinear, ExactLUT, ExactMatmul, ExactSoftmax, KernelRequantize
+from .exact import (
+    ExactAdd, ExactConv2d, ExactEmbedding, ExactGlobalAvgPool, ExactLayerNorm, ExactLinear, ExactLUT, ExactMatmul, ExactScale,
+    ExactSoftmax, KernelRequantize,
+)
 from .formats import FloatFormat, Format, HostFloat, IntFormat, LUTFormat, NF4Format
-from .layers import Affine
+from .layers import Affine, GainLayerNorm, ScaledAdd
 from .plan import Plan
 from .quantizers import FakeQuantize
 
@@ -391,6 +394,10 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
     "torch.nn.Softmin": (nn.Softmin, _attrs("dim")),
     # Rebuilt from zeros; the saved scale and shift are assigned like any parameter.
     "qcompiler.layers.Affine": (Affine, lambda m: {"channels": m.num_channels, "channel_dim": m.channel_dim}),
+    "qcompiler.layers.ScaledAdd": (ScaledAdd, lambda m: {"channels": m.channels}),
+    "qcompiler.layers.GainLayerNorm": (GainLayerNorm, lambda m: {
+        "normalized_shape": m.normalized_shape[-1], "eps": m.eps, "elementwise_affine": m.elementwise_affine,
+        "bias": m.bias is not None}),
     # Rebuilt from the plan group it names: its format and parameters live in the plan.
     "qcompiler.quantizers.FakeQuantize": (FakeQuantize, lambda m: {"group": m.group}),
     # model_requant's exact kernels and requantizers: arguments here, integer tensors as buffers.
@@ -398,11 +405,14 @@ MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict[str, Any]]]] = 
                                                        float32_output=lambda m: m.float32_output)),
     "qcompiler.exact.ExactLinear": (ExactLinear, _with(_attrs("in_features", "out_features", "accumulator_bits",
                                                               "float32_output"), bias=_has("bias"))),
-    "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")),
+    "qcompiler.exact.ExactAdd": (ExactAdd, _attrs("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift",
+                                                  "channels")),
     "qcompiler.exact.ExactLUT": (ExactLUT, _attrs("entries", "in_qmin", "in_zero_point", "out_zero_point")),
     "qcompiler.exact.ExactLayerNorm": (ExactLayerNorm, _attrs("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin",
-                                                              "qmax", "eps")),
+                                                              "qmax", "eps", "in_gain_bits")),
     "qcompiler.exact.ExactMatmul": (ExactMatmul, _attrs("zero_points", "qmin", "qmax", "mode", "rounding")),
+    "qcompiler.exact.ExactScale": (ExactScale, _attrs("constant", "zero_points", "qmin", "qmax", "mode", "rounding")),
+    "qcompiler.exact.ExactEmbedding": (ExactEmbedding, _attrs("num_embeddings", "embedding_dim", "out_zero_point")),
     "qcompiler.exact.ExactSoftmax": (ExactSoftmax, _attrs("entries", "dim", "is_causal", "out_zero_point", "qmin", "qmax",
                                                           "out_multiplier")),
     "qcompiler.exact.ExactGlobalAvgPool": (ExactGlobalAvgPool, _attrs("channels", "window", "keepdim")),
@@ -417,6 +427,8 @@ def construct_module(class_name: str, kwargs: dict[str, Any], plan: Plan) -> nn.
     if cls is Affine:
         channels = kwargs.pop("channels")
         return Affine(torch.zeros(channels), torch.zeros(channels), **kwargs)
+    if cls is ScaledAdd:
+        return ScaledAdd(torch.ones(kwargs["channels"]), torch.ones(kwargs["channels"]))
     if cls is FakeQuantize:
         gid = kwargs["group"]
         if not isinstance(gid, int) or not 0 <= gid < len(plan.groups):

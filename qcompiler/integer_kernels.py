@@ -17,12 +17,14 @@ from torch import fx, nn
 
 from .errors import QCompileError
 from .exact import (
-    LAYER_NORM_GAIN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS, SOFTMAX_EXP_BITS,
-    SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize, NotExact, global_pool_keepdim,
-    add_left_shift, quantizer_of,
+    LAYER_NORM_GAIN_BITS, LAYER_NORM_MEAN_BITS, LAYER_NORM_STD_BITS, LAYER_NORM_VALUE_BITS, LUT_MAX_BITS,
+    SOFTMAX_EXP_BITS, SOFTMAX_MAX_ENTRIES, SOFTMAX_OUT_BITS, ExactAdd, ExactConv2d, ExactEmbedding, ExactLayerNorm,
+    ExactLUT, ExactMatmul, ExactScale, ExactSoftmax, ExactGlobalAvgPool, ExactLinear, KernelChain, KernelRequantize,
+    NotExact, global_pool_keepdim, add_left_shift, quantizer_of, softmax_mask_codes, softmax_table_entries,
 )
 from .formats import IntFormat
-from .fx_util import set_submodule
+from .fx_util import fetch_attr, set_submodule
+from .layers import GAIN_BITS, GainLayerNorm, ScaledAdd
 from .plan import GroupPlan, Plan
 from .requant import bias_fit_weight_scale, requant_constants
 
@@ -225,19 +227,34 @@ def make_exact_add(gm: fx.GraphModule, node: fx.Node, spec) -> None:
         raise NotExact(f"{node.name}: not an add kernel of its own")
     if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         raise NotExact(f"{node.name}: not an add of two tensors")
+    scaled = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if scaled is not None and not isinstance(scaled, ScaledAdd):
+        raise NotExact(f"{node.name}: an add module {type(scaled).__name__}")
     q1, q2 = (quantizer_of(gm, a) for a in node.args)
     out_q = _output_quantizer(gm, node)
     shapes = [a.meta.get("shape") for a in node.args]
-    if shapes[0] != shapes[1]:
-        raise NotExact(f"{node.name}: broadcasting add")
+    try:        # the integer adder broadcasts as torch does (TFLite's ADD: up to 6-d)
+        torch.broadcast_shapes(*shapes)
+    except (RuntimeError, TypeError):
+        raise NotExact(f"{node.name}: an add of shapes {shapes[0]} and {shapes[1]}") from None
     s1, s2 = (q.params.scale.reshape(()).to(torch.float64) for q in (q1, q2))
     s_out = out_q.params.scale.reshape(()).to(torch.float64)
     left_shift = add_left_shift(max(q1.fmt.bits, q2.fmt.bits))
-    twice_max = 2 * torch.maximum(s1, s2)
-    real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** left_shift * s_out)])
+    if scaled is None:
+        twice_max = 2 * torch.maximum(s1, s2)
+        real = torch.stack([s1 / twice_max, s2 / twice_max, twice_max / (2 ** left_shift * s_out)])
+    else:       # per-channel input gains: one rescale factor per channel and input
+        g1, g2 = (g.detach().to(torch.float64) * s for g, s in ((scaled.gain_a, s1), (scaled.gain_b, s2)))
+        twice_max = 2 * torch.maximum(g1.max(), g2.max())
+        real = torch.stack([g1 / twice_max, g2 / twice_max, (twice_max / (2 ** left_shift * s_out)).expand_as(g1)])
+    if mode == "shift" and not bool((torch.frexp(real).mantissa == 0.5).all()):
+        raise NotExact(f"{node.name}: rescale factors that are not powers of two (a shift-only target)")
     multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
     zps = tuple(_zero_point(q) for q in (q1, q2, out_q))
-    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding, left_shift)
+    add = ExactAdd(zps, out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding, left_shift,
+                   None if scaled is None else scaled.channels)
+    if scaled is not None:
+        add.gains.copy_(torch.stack([scaled.gain_a, scaled.gain_b]).float())
     add.in_scales.copy_(torch.stack([q1.params.scale.reshape(()), q2.params.scale.reshape(())]).float())
     add.out_scale.copy_(out_q.params.scale.reshape(()).float())
     add.multiplier.copy_(multiplier)
@@ -286,7 +303,9 @@ def make_exact_lut(gm: fx.GraphModule, node: fx.Node, spec) -> None:
 
 def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     """A softmax (or masked softmax) between two per-tensor integer quantizers -> ExactSoftmax,
-    on fixed-point and shift targets."""
+    on fixed-point and shift targets. A constant additive mask (a graph constant: Swin's relative
+    position bias and shift mask) becomes the kernel's int64 mask weights and offsets
+    (`qcompiler.exact.softmax_mask_codes`)."""
     from .attention import masked_softmax
 
     if spec.requant.mode == "float":
@@ -304,14 +323,21 @@ def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
         x, mask, dim, causal = (list(node.args) + [False])[:4]
     if not isinstance(dim, int):
         raise NotExact(f"{node.name}: softmax over dim {dim!r}")
+    additive = None
     if mask is not None and not (isinstance(mask, fx.Node) and mask.meta.get("dtype") == torch.bool):
-        raise NotExact(f"{node.name}: an additive attention mask")
+        if not (isinstance(mask, fx.Node) and mask.op == "get_attr") or causal:
+            raise NotExact(f"{node.name}: an additive attention mask computed in the graph, or with is_causal")
+        additive = mask
     in_q, out_q = quantizer_of(gm, x), _output_quantizer(gm, node)
     if max(in_q.fmt.bits, out_q.fmt.bits) > LUT_MAX_BITS:
         raise NotExact(f"{node.name}: a table over more than {LUT_MAX_BITS}-bit codes")
     s_in = float(in_q.params.scale.reshape(()))
     s_out = float(out_q.params.scale.reshape(()))
-    entries = in_q.fmt.qmax - in_q.fmt.qmin + 1
+    levels = in_q.fmt.qmax - in_q.fmt.qmin + 1
+    entries = softmax_table_entries(levels, s_in, additive is not None)
+    if entries > SOFTMAX_MAX_ENTRIES:
+        raise NotExact(f"{node.name}: an additive mask over scores of scale {s_in:.3g} needs an exp table of "
+                       f"{entries} entries")
     d = torch.arange(entries, dtype=torch.float64)
     table = torch.round(torch.exp(-d * s_in) * 2 ** SOFTMAX_EXP_BITS).to(torch.int64)
     z_out = _zero_point(out_q)
@@ -322,15 +348,24 @@ def make_exact_softmax(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     module.exp_table.copy_(table)
     target = f"exact_{node.name}"
     gm.add_submodule(target, module)
+    inputs = (x,) if mask is None else (x, mask)
+    if additive is not None:      # a constant float mask becomes the kernel's int64 weights and offsets
+        codes = softmax_mask_codes(fetch_attr(gm, additive.target), dim, s_in, levels)
+        inputs = (x,)
+        for name, value in zip(("mask_weights", "mask_offsets"), codes):
+            gm.register_buffer(f"{target}_{name}", value)
+            with gm.graph.inserting_before(node):
+                inputs += (gm.graph.get_attr(f"{target}_{name}"),)
+            inputs[-1].meta.update(shape=tuple(value.shape), dtype=value.dtype)
     node.op, node.target = "call_module", target
-    node.args, node.kwargs = ((x,) if mask is None else (x, mask)), {}
+    node.args, node.kwargs = inputs, {}
+    if additive is not None and not additive.users:
+        gm.graph.erase_node(additive)
 
 
 def _layer_norm_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float]:
     """(normalised size, weight, bias, eps) of a LayerNorm node (module or F.layer_norm with
     constant weights)."""
-    from .fx_util import fetch_attr
-
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if not isinstance(m, nn.LayerNorm):
@@ -358,6 +393,18 @@ def _layer_norm_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[int, torc
     return int(shape[0]), weight, bias, eps
 
 
+def _layer_norm_input_gain(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor | None, int]:
+    """(integer per-channel input factors, their fractional bits) of a GainLayerNorm, (None, 0)
+    for a plain LayerNorm. The factors are multiples of 2**-GAIN_BITS (`GainLayerNorm`)."""
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(m, GainLayerNorm):
+        return None, 0
+    scaled = m.input_gain.detach().to(torch.float64) * 2 ** GAIN_BITS
+    if not torch.equal(scaled, scaled.round()) or bool((scaled < 1).any()):
+        raise NotExact(f"{node.name}: input factors that are not multiples of 2**-{GAIN_BITS}")
+    return scaled.to(torch.int64), GAIN_BITS
+
+
 def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     """A LayerNorm over the last dimension between two per-tensor integer quantizers ->
     ExactLayerNorm, on fixed-point and shift targets."""
@@ -369,8 +416,11 @@ def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     in_q, out_q = quantizer_of(gm, node.args[0]), _output_quantizer(gm, node)
     if in_q.fmt.bits > LUT_MAX_BITS:
         raise NotExact(f"{node.name}: inputs wider than {LUT_MAX_BITS} bits")
-    # sum((c - m)**2) * 2**(2P) must stay below 2**62.
-    if size * (2 ** (in_q.fmt.bits + 1)) ** 2 * 2 ** (2 * LAYER_NORM_STD_BITS) >= 2 ** 62:
+    in_gain, gain_bits = _layer_norm_input_gain(gm, node)
+    top = 1 if in_gain is None else int(in_gain.max())
+    # sum((c - m)**2), and its product with 2**(2P - 2K), must stay below 2**62.
+    centred = 2 ** (in_q.fmt.bits + 1 + LAYER_NORM_MEAN_BITS) * top
+    if size * centred ** 2 * 2 ** max(0, 2 * LAYER_NORM_STD_BITS - 2 * (LAYER_NORM_MEAN_BITS + gain_bits)) >= 2 ** 62:
         raise NotExact(f"{node.name}: {size} channels of {in_q.fmt.bits}-bit codes overflow the integer variance")
     s_in = float(in_q.params.scale.reshape(()))
     s_out = float(out_q.params.scale.reshape(()))
@@ -379,7 +429,9 @@ def make_exact_layer_norm(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     z_in = _zero_point(in_q)
     z_out = _zero_point(out_q)
     module = ExactLayerNorm(size, z_in, round(eps / s_in ** 2 * 2 ** (2 * LAYER_NORM_STD_BITS)), z_out,
-                            out_q.fmt.qmin, out_q.fmt.qmax, eps)
+                            out_q.fmt.qmin, out_q.fmt.qmax, eps, gain_bits)
+    if in_gain is not None:
+        module.in_gain.copy_(in_gain)
     module.in_scale.fill_(s_in)
     module.out_scale.copy_(out_q.params.scale.reshape(()).float())
     module.gain.copy_(torch.round(weight / s_out * 2 ** LAYER_NORM_GAIN_BITS).to(torch.int64))
@@ -434,3 +486,84 @@ def make_exact_matmul(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     target = f"exact_{node.name}"
     gm.add_submodule(target, module)
     node.op, node.target = "call_module", target
+
+
+def _constant_factor(node: fx.Node) -> tuple[fx.Node, float]:
+    """(tensor input, constant c) of `x * c`, `c * x` or `x / c` with a Python number c."""
+    kind = node.meta.get("op_kind")
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        raise NotExact(f"{node.name}: not a {kind} of a tensor and a number")
+    a, b = node.args
+    if kind == "mul" and isinstance(a, (int, float)) and isinstance(b, fx.Node):
+        a, b = b, a
+    if not isinstance(a, fx.Node) or isinstance(b, bool) or not isinstance(b, (int, float)):
+        raise NotExact(f"{node.name}: not a {kind} of a tensor and a number")
+    if kind == "div":
+        if b == 0:
+            raise NotExact(f"{node.name}: a division by zero")
+        return a, 1.0 / float(b)
+    return a, float(b)
+
+
+def make_exact_scale(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """A quantized tensor times (or divided by) a constant -> ExactScale: one requantization of
+    the input codes by |c| s_in / s_out, on fixed-point targets, and on shift targets where that
+    factor is a power of two."""
+    mode, rounding = spec.requant.mode, spec.requant.rounding
+    if mode == "float":
+        raise NotExact(f"{node.name}: float requantization multiplies in float")
+    if node.meta.get("role") != "chip" or node.meta.get("kernel", node.name) != node.name:
+        raise NotExact(f"{node.name}: not a multiply of its own")
+    x, constant = _constant_factor(node)
+    in_q, out_q = _source_quantizer(gm, x), _output_quantizer(gm, node)
+    s_in = in_q.params.scale.reshape(()).to(torch.float64)
+    s_out = out_q.params.scale.reshape(()).to(torch.float64)
+    real = abs(constant) * s_in / s_out
+    if mode == "shift" and float(torch.frexp(real).mantissa) != 0.5:
+        raise NotExact(f"{node.name}: the factor {float(real):.6g} is not a power of two (a shift-only target)")
+    multiplier, shift, _ = requant_constants(real, mode, spec.requant.multiplier_bits)
+    module = ExactScale(constant, (_zero_point(in_q), _zero_point(out_q)), out_q.fmt.qmin, out_q.fmt.qmax, mode, rounding)
+    module.in_scale.copy_(in_q.params.scale.reshape(()).float())
+    module.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    module.multiplier.copy_(multiplier.reshape(()))
+    module.shift.copy_(shift.reshape(()))
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target, node.args = "call_module", target, (x,)
+
+
+def _embedding_table(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor]:
+    """(ids, constant table) of an embedding lookup: an nn.Embedding, or F.embedding of a graph
+    constant. Options that change the lookup itself (max_norm) have no integer form."""
+    from .fx_util import fetch_attr
+
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.Embedding) or m.max_norm is not None or len(node.args) != 1:
+            raise NotExact(f"{node.name}: not a plain nn.Embedding lookup")
+        return node.args[0], m.weight.detach()
+    if node.op == "call_function" and node.target is F.embedding:
+        names = ("input", "weight", "padding_idx", "max_norm")
+        found = dict(zip(names, node.args))
+        found.update(node.kwargs)
+        weight = found.get("weight")
+        if found.get("max_norm") is not None or not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            raise NotExact(f"{node.name}: an embedding with max_norm or a computed table")
+        return found["input"], fetch_attr(gm, weight.target).detach()
+    raise NotExact(f"{node.name}: embedding spelled {node.target}")
+
+
+def make_exact_embedding(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    """An embedding lookup whose output is quantized to a per-tensor integer format ->
+    ExactEmbedding: the table stored as output codes, the lookup a gather of codes."""
+    ids, table = _embedding_table(gm, node)
+    if table.dim() != 2 or not table.is_floating_point():
+        raise NotExact(f"{node.name}: not a two-dimensional float table")
+    out_q = _output_quantizer(gm, node)
+    module = ExactEmbedding(table.shape[0], table.shape[1], _zero_point(out_q))
+    with torch.no_grad():
+        module.table.copy_(out_q.fmt.quantize(table.float(), out_q.params).to(torch.int32))
+    module.out_scale.copy_(out_q.params.scale.reshape(()).float())
+    target = f"exact_{node.name}"
+    gm.add_submodule(target, module)
+    node.op, node.target, node.args, node.kwargs = "call_module", target, (ids,), {}

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .fx_util import copy_sharing_tensors, fetch_attr, set_submodule
 
-__all__ = ["explicit_padding", "functional_kernel_error", "functional_kernels_to_modules"]
+__all__ = ["constant_value", "explicit_padding", "functional_kernel_error", "functional_kernels_to_modules"]
 
 # functional -> (module class, names of its positional arguments after the input)
 KERNELS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
@@ -71,6 +71,15 @@ def _constant(arg: Any, gm: fx.GraphModule, memo: dict[fx.Node, Any]) -> Any:
         raise _NotConstant(arg.name)
     memo[arg] = value
     return value
+
+
+def constant_value(arg: Any, gm: fx.GraphModule) -> Any:
+    """The value of `arg` (a node, or a structure of nodes) evaluated once, if it depends on no graph
+    input; None if it does."""
+    try:
+        return _constant(arg, gm, {})
+    except _NotConstant:
+        return None
 
 
 def _module_name(gm: fx.GraphModule, weight: Any, node: fx.Node) -> str:

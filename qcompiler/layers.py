@@ -51,3 +51,46 @@ class Affine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.num_channels}, channel_dim={self.channel_dim}"
+
+
+class ScaledAdd(nn.Module):
+    """`a * gain_a + b * gain_b`, one gain per channel of the last dimension: a residual add whose
+    inputs and output carry per-channel factors (`passes.balance_residual`). Its op kind is
+    "add"; an integer adder applies the gains as per-channel rescale multipliers."""
+
+    def __init__(self, gain_a: torch.Tensor, gain_b: torch.Tensor):
+        super().__init__()
+        gain_a, gain_b = torch.as_tensor(gain_a), torch.as_tensor(gain_b)
+        if gain_a.dim() != 1 or gain_a.shape != gain_b.shape:
+            raise ValueError(f"ScaledAdd needs two 1-D gains of one length, got shapes {tuple(gain_a.shape)} "
+                             f"and {tuple(gain_b.shape)}")
+        self.register_buffer("gain_a", gain_a.detach().clone().float())
+        self.register_buffer("gain_b", gain_b.detach().clone().float())
+
+    @property
+    def channels(self) -> int:
+        return self.gain_a.numel()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * self.gain_a + b * self.gain_b
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
+# GainLayerNorm's input factors are multiples of 2**-GAIN_BITS, so that an integer LayerNorm
+# multiplies its input codes by integers.
+GAIN_BITS = 8
+
+
+class GainLayerNorm(nn.LayerNorm):
+    """`LayerNorm(x * input_gain)`: a LayerNorm over the last dimension whose input carries one
+    factor per channel (`passes.balance_residual`; multiples of 2**-GAIN_BITS). Its op kind is
+    "layer_norm"."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
+        self.register_buffer("input_gain", torch.ones(self.normalized_shape[-1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.input_gain)

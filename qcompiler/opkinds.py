@@ -22,7 +22,7 @@ DATA_MOVEMENT = (
     "reshape", "flatten", "permute", "transpose", "getitem", "contiguous", "expand", "split",
     "chunk", "squeeze", "unsqueeze", "pad", "interpolate", "pixel_shuffle", "roll", "stack",
 )
-ATTENTION = ("multi_head_attention", "scaled_dot_product_attention")
+ATTENTION = ("multi_head_attention", "scaled_dot_product_attention", "shifted_window_attention")
 # Nodes that produce no tensor of their own worth quantizing (shape queries, constants).
 META = ("size", "placeholder", "output", "get_attr", "constant")
 # A submodule kept as an opaque leaf because it could not be traced; it runs in float.

@@ -20,7 +20,8 @@ SENSITIVITY_METHODS: tuple[str, ...] = ("sqnr", "hessian", "adaround")
 DEFAULT_SENSITIVITY = "sqnr"
 DEFAULT_ALLOCATION_TIME_LIMIT = 60.0
 # How `optimize_rounding` fits the rounding: per "layer" (AdaRound), per "block" or the whole "model".
-RECONSTRUCTIONS: tuple[str, ...] = ("layer", "block", "model")
+RECONSTRUCTIONS: tuple[str, ...] = ("layer", "block", "model", "nearest")
+# The target's `reconstruction`, or this where the target names none.
 DEFAULT_RECONSTRUCTION = "layer"
 
 
@@ -59,7 +60,8 @@ class CompileOptions:
         spec's default format everywhere.
     sensitivity: "sqnr" (default), "hessian" or "adaround" (`qcompiler.sensitivity`).
     reconstruction: "layer" (per-kernel AdaRound), "block" or "model" (`qcompiler.reconstruction`),
-        or a ReconstructionConfig.
+        "nearest" (weights keep round-to-nearest), or a ReconstructionConfig; None: the target's
+        `reconstruction`, else "layer".
     host_fallback: with a budget, a kernel may run in float on the host where the spec allows.
     allocation_time_limit: seconds the bit-allocation solver may take.
     leaf_modules, concrete_args: how `capture` traces (see `qcompiler.tracing.trace`).
@@ -77,7 +79,7 @@ class CompileOptions:
     observer: str | Mapping[str, str] | None = None
     budget: Mapping[str, Any] | None = None
     sensitivity: str = DEFAULT_SENSITIVITY
-    reconstruction: Any = DEFAULT_RECONSTRUCTION
+    reconstruction: Any = None
     host_fallback: bool = False
     allocation_time_limit: float = DEFAULT_ALLOCATION_TIME_LIMIT
     leaf_modules: tuple[Any, ...] = ()
@@ -97,7 +99,8 @@ class CompileOptions:
         if isinstance(self.reconstruction, str) and self.reconstruction not in RECONSTRUCTIONS:
             raise QCompileError(f"reconstruction={self.reconstruction!r} is not a granularity; choose one of "
                                 f"{', '.join(RECONSTRUCTIONS)} or give a ReconstructionConfig")
-        if not isinstance(self.reconstruction, str) and not hasattr(self.reconstruction, "granularity"):
+        if self.reconstruction is not None and not isinstance(self.reconstruction, str) \
+                and not hasattr(self.reconstruction, "granularity"):
             raise QCompileError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)} or a "
                                 f"ReconstructionConfig, got {type(self.reconstruction).__name__}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

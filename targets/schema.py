@@ -16,6 +16,7 @@ from typing import Any, Union
 
 from qcompiler.formats import GRANULARITIES, MINIFLOATS, SCALE_KINDS
 from qcompiler.observers import OBSERVER_NAMES as OBSERVERS
+from qcompiler.options import RECONSTRUCTIONS
 from qcompiler.opkinds import ALL_OP_KINDS
 from qcompiler.requant import MODES as REQUANT_MODES
 from qcompiler.requant import ROUNDINGS
@@ -257,6 +258,15 @@ SPEC = Table((
     Key("observer", Scalar("string", choices=OBSERVERS),
         "default calibration observer for this target", default=None,
         default_doc="the compiler's choice"),
+    Key("reconstruction", Scalar("string", choices=RECONSTRUCTIONS),
+        "how `optimize_rounding` fits integer weights for this target unless the compile says: "
+        "layer (AdaRound), block, model or nearest (round-to-nearest)", default=None,
+        default_doc="layer"),
+    Key("channel_gains", _OP_LIST,
+        "op kinds that apply one integer factor per channel to their inputs: an `add` that "
+        "rescales each input per channel and a `layer_norm` that multiplies its input codes per "
+        "channel; with both, residual-stream tensors are balanced (`balance_residual`)",
+        default=()),
     Key("formats", MapOf(FORMAT, key_ref="name", min_items=1,
                          doc="Number formats by name; ops refer to these names."),
         "named number formats", required=True),

@@ -145,6 +145,8 @@ class TargetSpec:
     unsupported: Unsupported
     cost: Mapping[str, Formula]
     observer: str | None = None
+    channel_gains: tuple[str, ...] = ()
+    reconstruction: str | None = None
     text: str = field(default="", repr=False, compare=False)
 
     def __repr__(self) -> str:
@@ -339,7 +341,8 @@ class _Builder:
             formats=MappingProxyType(formats), ops=MappingProxyType(ops), fusions=fusions,
             shared_scale=tuple(d["shared_scale"]), pass_through=tuple(d["pass_through"]),
             couplings=couplings, requant=requant, unsupported=unsupported,
-            cost=MappingProxyType(cost), observer=d["observer"], text=text,
+            cost=MappingProxyType(cost), observer=d["observer"], channel_gains=tuple(d["channel_gains"]),
+            reconstruction=d["reconstruction"], text=text,
         )
 
     # -- formats ------------------------------------------------------------------------------

@@ -464,21 +464,74 @@ def test_nf4_and_lut_weights_become_decoded_floats_with_a_note_or_a_strict_error
 # Errors
 # ---------------------------------------------------------------------------------------------
 
+class Flips(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.flip(self.conv(x), dims=(3,))
+
+
+def test_an_op_without_translation_names_the_node_and_the_source_line(tmp_path):
+    compiled = _compile(Flips(), "npu-int8", size=8)
+    with pytest.raises(OnnxExportError) as info:
+        compiled.export_onnx(str(tmp_path / "m.onnx"))
+    message = str(info.value)
+    assert "flip" in message and "test_onnx_export.py" in message and "torch.flip(self.conv(x)" in message
+
+
 class Rolls(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x):
-        return torch.roll(self.conv(x), 1, dims=3)
+        return torch.roll(torch.roll(self.conv(x), 1, dims=3), shifts=(-3, 2), dims=(2, -1))
 
 
-def test_an_op_without_translation_names_the_node_and_the_source_line(tmp_path):
-    compiled = _compile(Rolls(), "npu-int8", size=8)
-    with pytest.raises(OnnxExportError) as info:
-        compiled.export_onnx(str(tmp_path / "m.onnx"))
-    message = str(info.value)
-    assert "roll" in message and "test_onnx_export.py" in message and "torch.roll(self.conv(x)" in message
+def test_roll_exports_as_slices_and_a_concat(tmp_path):
+    compiled = _compile(Rolls(), "cpu-x86-int8", size=8)
+    path = compiled.export_onnx(str(tmp_path / "m.onnx")).path
+    x = _data(2, size=8)
+    assert np.array_equal(_run(path, x), _simulate(compiled, x))
+
+
+class MaskedAttention(nn.Module):
+    """Self-attention whose mask (boolean: keep; float: add) enters the softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        return torch.nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), attn_mask=mask)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("target", ["cpu-x86-int8", "npu-int8"])
+def test_a_masked_softmax_exports(target, mask_dtype, tmp_path):
+    """The mask of a decomposed attention: Where for a boolean one, Add for a float one. The
+    outputs measured identical on both targets; npu-int8 runs the softmax with a boolean mask on
+    integers where ONNX Runtime computes it in float, so a code there may differ."""
+    from qcompiler.mixed_precision import output_sqnr_db
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 8, generator=g)
+    mask = torch.rand(4, 5, 5, generator=g) > 0.3
+    mask[..., 0] = True
+    if mask_dtype is torch.float32:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, -100.0) + torch.randn(mask.shape, generator=g) * 0.3
+    model = MaskedAttention().eval()
+    compiled = qcompile(model, (x, mask), target=target, calib_data=[(x, mask)], progress=False)
+    path = compiled.export_onnx(str(tmp_path / "m.onnx")).path
+    sess = _session(path)
+    got = torch.from_numpy(sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (x, mask))})[0])
+    with torch.no_grad():
+        want = compiled(x, mask)
+    if target == "cpu-x86-int8":
+        assert torch.equal(got, want)
+    assert output_sqnr_db(want.double(), got.double()) >= 30.0
 
 
 def test_bad_opset_and_missing_directory_are_clear_errors(tmp_path):

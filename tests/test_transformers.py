@@ -242,10 +242,13 @@ def test_minilm_reference_backend_and_a_saved_model_agree_with_the_simulation(mi
     _, tok = minilm
     ids, mask = tok(texts[1][:8])
     compiled = minilm_compiled["npu-int8-transformer"]
-    from qcompiler.exact import ExactLayerNorm, ExactLUT, ExactSoftmax
+    from qcompiler.exact import ExactEmbedding, ExactLayerNorm, ExactLUT, ExactScale, ExactSoftmax
 
     modules = list(compiled.simulated.modules())
     assert sum(isinstance(m, ExactSoftmax) for m in modules) == 6      # masked, on integers
+    assert sum(isinstance(m, ExactScale) for m in modules) == 6        # the softmax scale
+    assert sum(isinstance(m, ExactEmbedding) for m in modules) == 3    # word, position, token type
+    assert not any(k.startswith("float fake-quant kept") for k in compiled._run.ctx.notes["model_requant"])
     assert sum(isinstance(m, ExactLUT) for m in modules) == 6          # GELU tables
     assert sum(isinstance(m, ExactLayerNorm) for m in modules) == 13   # the embeddings' and two per layer
     with torch.no_grad():

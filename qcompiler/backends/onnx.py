@@ -36,7 +36,10 @@ from ..errors import OnnxExportError
 from ..formats import FloatFormat, HostFloat, IntFormat, QParams
 from ..fx_util import fetch_attr
 from ..layers import Affine
-from ..exact import ExactAdd, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax
+from ..exact import (
+    SOFTMAX_EXP_BITS, ExactAdd, ExactEmbedding, ExactGlobalAvgPool, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale,
+    ExactSoftmax,
+)
 from ..quantizers import FakeQuantize
 from ..plan import Plan
 from ..requant import bias_fit_weight_scale
@@ -676,12 +679,18 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
     if isinstance(m, ExactSoftmax):
         # The simulation's integer softmax; ONNX Runtime computes it in float.
         mask = _kw(node, "mask", 1, None)
-        return _masked_softmax(b, node, node.args[0], mask, m.dim, m.is_causal)
+        if len(node.args) > 2:      # an additive mask as weights and offsets: back to its float values
+            w, c = (fetch_attr(gm, a.target).double() for a in node.args[1:3])
+            additive = c * float(m.in_scale) + torch.log(w.clamp_min(1) / 2 ** SOFTMAX_EXP_BITS)
+            mask = b.const(f"{node.name}_mask", additive.masked_fill(w == 0, -torch.inf).float().numpy())
+        return _masked_softmax(b, node, b.arg(node.args[0]), mask, m.dim, m.is_causal)
     if node.op == "call_function" and node.target is masked_softmax:
         x, mask, dim = (_kw(node, k, i, None) for i, k in enumerate(("x", "mask", "dim")))
-        return _masked_softmax(b, node, x, mask, int(dim), bool(_kw(node, "is_causal", 3, False)))
+        return _masked_softmax(b, node, b.arg(x), mask, int(dim), bool(_kw(node, "is_causal", 3, False)))
+    if kind == "roll":
+        return _roll(b, node)
     if kind == "embedding" and node.op == "call_function" and node.target is F.embedding:
-        # A lookup of float rows (the targets run embeddings on the host): Gather.
+        # A lookup of float rows (a target that runs embeddings on the host): Gather.
         ids, weight = _kw(node, "input", 0, None), _kw(node, "weight", 1, None)
         if _kw(node, "max_norm", 3, None) is not None:
             raise OnnxExportError(f"{node.name}: embedding with max_norm is not exported")
@@ -700,6 +709,14 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
     if isinstance(m, ExactMatmul):
         # The simulation's integer matmul; ONNX Runtime's QDQ MatMul requantizes in float.
         return b.emit("MatMul", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
+    if isinstance(m, ExactScale):
+        # The simulation's requantization by the constant; ONNX Runtime multiplies dequantized values.
+        c = b.const(f"{node.name}_constant", np.array(m.constant, np.float32))
+        return b.emit("Mul", [b.arg(node.args[0]), c], node.name)
+    if isinstance(m, ExactEmbedding):
+        # The table of output codes, decoded: the quantizer that follows gives back the same codes.
+        table = (m.table.float() - m.out_zero_point) * m.out_scale
+        return b.emit("Gather", [b.const(f"{node.name}_table", table.numpy()), b.arg(node.args[0])], node.name, axis=0)
     if isinstance(m, ExactAdd) and len(node.args) == 2:
         # The integer adder of fixed-point targets; ONNX Runtime adds dequantized values.
         return b.emit("Add", [b.arg(node.args[0]), b.arg(node.args[1])], node.name)
@@ -764,6 +781,28 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         "run it outside the compiled part of the model (e.g. build the mask before calling the model) or add a "
         "translation to qcompiler.backends.onnx (_ATEN_OPS for ATen ops)"
     )
+
+
+def _roll(b: _Builder, node: fx.Node) -> str:
+    """torch.roll along given dims as a Concat of two Slices per dim (sizes as captured)."""
+    shifts, dims = _kw(node, "shifts", 1, None), _kw(node, "dims", 2, None)
+    shape = node.args[0].meta["shape"]
+    if dims is None or isinstance(shifts, fx.Node):
+        raise OnnxExportError(f"{node.name}: torch.roll without dims or with traced shifts is not exported")
+    shifts, dims = (list(v) if isinstance(v, (tuple, list)) else [v] for v in (shifts, dims))
+    x = b.arg(node.args[0])
+    for shift, dim in zip(shifts, dims):
+        size = shape[dim]
+        cut = size - shift % size
+        if cut == size:
+            continue
+
+        def part(start: int, end: int, x=x, dim=dim) -> str:
+            ins = [x] + [b.const(f"{node.name}_{k}", np.array([v], np.int64))
+                         for k, v in (("starts", start), ("ends", end), ("axes", dim))]
+            return b.emit("Slice", ins, node.name)
+        x = b.emit("Concat", [part(cut, size), part(0, cut)], node.name, axis=dim)
+    return x
 
 
 def _transpose(b: _Builder, node: fx.Node, kind: str) -> str:
@@ -1043,17 +1082,22 @@ _ATEN_OPS: dict[Any, Any] = {
 }
 
 
-def _masked_softmax(b: _Builder, node: fx.Node, x: Any, mask: Any, dim: int, causal: bool) -> str:
-    """Softmax over the positions `mask` keeps (and j <= i when causal), as
-    `qcompiler.attention.masked_softmax`: Where(keep, x, -inf), Softmax, then Where(keep, y, 0),
-    so a row that keeps nothing gives zeros like the integer softmax (float softmax gives NaN)."""
-    x = b.arg(x)
+def _masked_softmax(b: _Builder, node: fx.Node, x: str, mask: Any, dim: int, causal: bool) -> str:
+    """Softmax of `x` over the positions a mask allows (`qcompiler.attention.masked_softmax`): a
+    float mask (a node, or an ONNX constant written for an integer softmax's mask weights and
+    offsets) is added to the scores; a boolean mask, and a causal one (j <= i, a constant of the
+    export's shape), keep positions: Where(keep, x, -inf), Softmax, then Where(keep, y, 0), so a
+    row that keeps nothing gives zeros like the integer softmax (float softmax gives NaN)."""
     keep = None
-    if mask is not None:
+    if isinstance(mask, str):       # an ONNX constant
+        x = b.emit("Add", [x, mask], node.name)
+    elif isinstance(mask, fx.Node):
         if _dtype_of(mask) == torch.bool:
             keep = b.arg(mask)
-        else:                               # an additive mask
+        else:
             x = b.emit("Add", [x, b.cast(b.arg(mask), _dtype_of(mask), torch.float32, node.name)], node.name)
+    elif mask is not None:
+        raise OnnxExportError(f"{node.name}: a softmax mask {mask!r} is not exported")
     if causal:
         rows, cols = node.meta["shape"][-2:]
         tril = b.const(f"{node.name}_causal", torch.ones(rows, cols, dtype=torch.bool).tril())
@@ -1073,6 +1117,13 @@ def _with_facts_of(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.Gr
     recorded = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
     record_facts(recorded, tuple(example_inputs))
     return recorded
+
+
+def _softmax_mask_weights(gm: fx.GraphModule, node: fx.Node, value: Any) -> bool:
+    """Whether a graph constant is the int64 mask weights or offsets integer softmaxes read (and
+    nothing else)."""
+    return isinstance(value, torch.Tensor) and value.dtype == torch.int64 and all(
+        u.op == "call_module" and isinstance(gm.get_submodule(u.target), ExactSoftmax) for u in node.users)
 
 
 def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFAULT_OPSET, strict: bool = False,
@@ -1122,6 +1173,9 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
                 b.outputs.append(helper.make_tensor_value_info(name, elem, dims))
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
+            if _softmax_mask_weights(gm, node, value):
+                b.names[node] = None    # no ONNX tensor of their own: the softmax's export reads them
+                continue
             if not isinstance(value, torch.Tensor):
                 raise OnnxExportError(f"node {node.name}: graph constant {node.target} is not a tensor")
             b.values[node] = value.detach().float() if value.is_floating_point() else value.detach()

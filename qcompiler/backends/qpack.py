@@ -26,7 +26,8 @@ from ..formats import QParams
 from ..fx_util import fetch_attr
 from ..plan import Plan
 from .reference import (
-    Dequantize, IntegerAdd, IntegerGlobalAvgPool, IntegerKernel, IntegerLayerNorm, IntegerLUT, IntegerMatmul, IntegerSoftmax, OnCodes, Quantize, ReferenceModule, build_reference,
+    Dequantize, IntegerAdd, IntegerEmbedding, IntegerGlobalAvgPool, IntegerKernel, IntegerLayerNorm, IntegerLUT, IntegerMatmul,
+    IntegerScale, IntegerSoftmax, OnCodes, Quantize, ReferenceModule, build_reference,
 )
 
 FORMAT_NAME = "qpack"
@@ -36,7 +37,8 @@ TENSOR_FILE = "tensors.safetensors"
 ADD_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding", "left_shift")
 SOFTMAX_ATTRS = ("dim", "is_causal", "out_zero_point", "qmin", "qmax", "out_multiplier")
 MATMUL_ATTRS = ("zero_points", "qmin", "qmax", "mode", "rounding")
-LAYER_NORM_ATTRS = ("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin", "qmax")
+SCALE_ATTRS = ("zero_points", "qmin", "qmax", "negate", "mode", "rounding")
+LAYER_NORM_ATTRS = ("size", "in_zero_point", "eps_codes", "out_zero_point", "qmin", "qmax", "in_gain_bits")
 POOL_ATTRS = ("window", "keepdim", "in_zero_point", "out_zero_point", "out_qmin", "out_qmax", "mode", "rounding")
 KERNEL_ATTRS = ("in_zero_point", "in_qmin", "in_qmax", "out_zero_point", "out_qmin", "out_qmax",
                 "accumulator_bits", "mode", "rounding", "residual_qmin")
@@ -90,7 +92,8 @@ def export_qpack(simulated: fx.GraphModule, plan: Plan, target: Any, path: str |
         shape = n.meta.get("shape")
         if not isinstance(shape, tuple):
             raise ArtifactError(f"cannot export: input {n.name} has no recorded shape")
-        example.append(torch.zeros(shape))
+        dtype = n.meta.get("dtype")
+        example.append(torch.zeros(shape, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32))
     shapes = _shapes(ref, tuple(example))
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, Any] = {}
@@ -122,10 +125,18 @@ def export_qpack(simulated: fx.GraphModule, plan: Plan, target: Any, path: str |
                 record.update(op="matmul_int", attrs={k: getattr(module, k) for k in MATMUL_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
                                        for k in IntegerMatmul.TENSORS})
+            elif isinstance(module, IntegerScale):
+                record.update(op="scale_int", attrs={k: getattr(module, k) for k in SCALE_ATTRS},
+                              tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
+                                       for k in IntegerScale.TENSORS})
+            elif isinstance(module, IntegerEmbedding):
+                record.update(op="embedding_int",
+                              tensors={"table": _tensor(tensors, index, f"{node.name}.table", module.table)})
             elif isinstance(module, IntegerLayerNorm):
+                names = IntegerLayerNorm.TENSORS + (("in_gain",) if module.in_gain_bits else ())
                 record.update(op="layer_norm_int", attrs={k: getattr(module, k) for k in LAYER_NORM_ATTRS},
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
-                                       for k in IntegerLayerNorm.TENSORS})
+                                       for k in names})
             elif isinstance(module, IntegerSoftmax):
                 record.update(op="softmax_int", attrs={k: getattr(module, k) for k in SOFTMAX_ATTRS},
                               tensors={"exp_table": _tensor(tensors, index, f"{node.name}.exp_table", module.exp_table)})
@@ -240,10 +251,23 @@ class _QpackLoader(codec.ContainerReader):
             if not isinstance(attrs, dict) or set(attrs) != set(MATMUL_ATTRS) or set(tensors) != set(IntegerMatmul.TENSORS):
                 raise ValueError(f"a matmul_int has attrs {', '.join(MATMUL_ATTRS)} and tensors multiplier, shift")
             return IntegerMatmul(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
+        if op == "scale_int":
+            attrs = record["attrs"]
+            if not isinstance(attrs, dict) or set(attrs) != set(SCALE_ATTRS) or set(tensors) != set(IntegerScale.TENSORS):
+                raise ValueError(f"a scale_int has attrs {', '.join(SCALE_ATTRS)} and tensors multiplier, shift")
+            return IntegerScale(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
+        if op == "embedding_int":
+            if set(tensors) != set(IntegerEmbedding.TENSORS):
+                raise ValueError("an embedding_int has the tensor table")
+            return IntegerEmbedding(tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "layer_norm_int":
             attrs = record["attrs"]
-            if not isinstance(attrs, dict) or set(attrs) != set(LAYER_NORM_ATTRS) or set(tensors) != set(IntegerLayerNorm.TENSORS):
-                raise ValueError(f"a layer_norm_int has attrs {', '.join(LAYER_NORM_ATTRS)} and tensors gain, offset")
+            if isinstance(attrs, dict) and "in_gain_bits" not in attrs:
+                attrs = {**attrs, "in_gain_bits": 0}        # packs written before input gains existed
+            names = set(IntegerLayerNorm.TENSORS) | ({"in_gain"} if isinstance(attrs, dict) and attrs.get("in_gain_bits") else set())
+            if not isinstance(attrs, dict) or set(attrs) != set(LAYER_NORM_ATTRS) or set(tensors) != names:
+                raise ValueError(f"a layer_norm_int has attrs {', '.join(LAYER_NORM_ATTRS)} and tensors gain, offset "
+                                 "(and in_gain when in_gain_bits is not 0)")
             return IntegerLayerNorm(**attrs, tensors={k: self.indexed(v, where) for k, v in tensors.items()})
         if op == "softmax_int":
             attrs = record["attrs"]

@@ -20,7 +20,9 @@ tensors between kernels are integer codes:
   the output code read from the table at the input code;
 - every softmax and LayerNorm the simulation computes on integers (`ExactSoftmax`,
   `ExactLayerNorm`) is one `IntegerSoftmax` or `IntegerLayerNorm`, and every matmul of two
-  activations (`ExactMatmul`) one `IntegerMatmul`;
+  activations (`ExactMatmul`) one `IntegerMatmul`, every multiply by a constant (`ExactScale`)
+  one `IntegerScale` and every embedding lookup of output codes (`ExactEmbedding`) one
+  `IntegerEmbedding`;
 - every other op (other pooling, element-wise activations, shared-scale cat, host-float fallback ops)
   runs as the simulation runs it: its code inputs are decoded to their exact values
   (`Dequantize`), the op runs in float32, and the next quantizer encodes its result. For ops that
@@ -40,8 +42,8 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..exact import (
-    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactLayerNorm, ExactLUT, ExactMatmul, ExactSoftmax, layer_norm_codes, matmul_codes,
-    softmax_codes, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
+    ADD_LEFT_SHIFT, FLOAT64_EXACT, ChainIndex, ExactAdd, ExactEmbedding, ExactLayerNorm, ExactLUT, ExactMatmul, ExactScale,
+    ExactSoftmax, layer_norm_codes, matmul_codes, scale_codes, softmax_codes, ExactConv2d, ExactGlobalAvgPool, add_codes, ExactLinear, KernelChain, KernelRequantize, NotExact,
     accumulator_range, check_window,
 )
 from ..formats import Format, HostFloat, IntFormat, QParams
@@ -240,13 +242,13 @@ class IntegerSoftmax(nn.Module):
         if not hasattr(self, "exp_table") or self.exp_table.ndim != 1 or self.exp_table.dtype != torch.int64:
             raise QCompileError("IntegerSoftmax needs a one-dimensional int64 exp_table")
 
-    def forward(self, q: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, q: Tensor, mask: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         if self.is_causal:
             causal = torch.ones(q.shape[-2], q.shape[-1], dtype=torch.bool, device=q.device).tril()
             mask = causal if mask is None else mask & causal
         mask = None if mask is None else mask.expand(q.shape)
         return softmax_codes(q, mask, self.dim, self.exp_table, self.out_multiplier, self.out_zero_point,
-                             (self.qmin, self.qmax)).to(torch.int32)
+                             (self.qmin, self.qmax), offsets).to(torch.int32)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, is_causal={self.is_causal}, out_zero_point={self.out_zero_point}"
@@ -258,19 +260,22 @@ class IntegerLayerNorm(nn.Module):
     TENSORS = ("gain", "offset")
 
     def __init__(self, size: int, in_zero_point: int, eps_codes: int, out_zero_point: int, qmin: int, qmax: int,
-                 tensors: dict[str, Tensor] | None = None):
+                 tensors: dict[str, Tensor] | None = None, in_gain_bits: int = 0):
         super().__init__()
         self.size, self.in_zero_point, self.eps_codes = int(size), int(in_zero_point), int(eps_codes)
         self.out_zero_point, self.qmin, self.qmax = int(out_zero_point), int(qmin), int(qmax)
+        self.in_gain_bits = int(in_gain_bits)
         for name, t in (tensors or {}).items():
             self.register_buffer(name, t)
+        names = self.TENSORS + (("in_gain",) if self.in_gain_bits else ())
         if not all(hasattr(self, n) and tuple(getattr(self, n).shape) == (self.size,) and
-                   getattr(self, n).dtype == torch.int64 for n in self.TENSORS):
-            raise QCompileError(f"IntegerLayerNorm needs int64 gain and offset of shape ({self.size},)")
+                   getattr(self, n).dtype == torch.int64 for n in names):
+            raise QCompileError(f"IntegerLayerNorm needs int64 {', '.join(names)} of shape ({self.size},)")
 
     def forward(self, q: Tensor) -> Tensor:
         return layer_norm_codes(q, self.in_zero_point, self.size, self.eps_codes, self.gain, self.offset,
-                                self.out_zero_point, (self.qmin, self.qmax)).to(torch.int32)
+                                self.out_zero_point, (self.qmin, self.qmax), getattr(self, "in_gain", None),
+                                self.in_gain_bits).to(torch.int32)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, in_zero_point={self.in_zero_point}, out_zero_point={self.out_zero_point}"
@@ -302,6 +307,47 @@ class IntegerMatmul(nn.Module):
         return f"zero_points={self.zero_points}, requant={self.mode}/{self.rounding}"
 
 
+class IntegerScale(nn.Module):
+    """Codes times a constant (`qcompiler.exact.scale_codes`), the simulation's `ExactScale`."""
+
+    TENSORS = ("multiplier", "shift")
+
+    def __init__(self, zero_points: tuple[int, int], qmin: int, qmax: int, negate: bool, mode: str, rounding: str,
+                 tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        self.zero_points = tuple(int(z) for z in zero_points)
+        if len(self.zero_points) != 2:
+            raise QCompileError("IntegerScale needs two zero points (input, output)")
+        self.qmin, self.qmax, self.negate, self.mode, self.rounding = int(qmin), int(qmax), bool(negate), mode, rounding
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        if not all(hasattr(self, n) and getattr(self, n).numel() == 1 for n in self.TENSORS):
+            raise QCompileError("IntegerScale needs one multiplier and one shift")
+
+    def forward(self, q: Tensor) -> Tensor:
+        return scale_codes(q, self.zero_points, (self.qmin, self.qmax), self.negate, self.mode, self.rounding,
+                           self.multiplier.reshape(()), self.shift.reshape(())).to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"zero_points={self.zero_points}, negate={self.negate}, requant={self.mode}/{self.rounding}"
+
+
+class IntegerEmbedding(nn.Module):
+    """An embedding lookup that gathers output codes (the simulation's `ExactEmbedding`)."""
+
+    TENSORS = ("table",)
+
+    def __init__(self, tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        for name, t in (tensors or {}).items():
+            self.register_buffer(name, t)
+        if not hasattr(self, "table") or self.table.dim() != 2:
+            raise QCompileError("IntegerEmbedding needs a two-dimensional table of codes")
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table[ids].to(torch.int32)
+
+
 class IntegerAdd(nn.Module):
     """The add of two quantized tensors on codes: `qcompiler.exact.add_codes` with the constants
     `multiplier`/`shift` (input 1, input 2, sum)."""
@@ -318,8 +364,9 @@ class IntegerAdd(nn.Module):
         self.left_shift = int(left_shift)
         for name, t in (tensors or {}).items():
             self.register_buffer(name, t)
-        if not all(hasattr(self, n) and tuple(getattr(self, n).shape) == (3,) for n in self.TENSORS):
-            raise QCompileError("IntegerAdd needs multiplier and shift of shape (3,)")
+        shapes = {tuple(getattr(self, n).shape) if hasattr(self, n) else None for n in self.TENSORS}
+        if len(shapes) != 1 or not all(s is not None and len(s) in (1, 2) and s[0] == 3 for s in shapes):
+            raise QCompileError("IntegerAdd needs multiplier and shift of one shape, (3,) or (3, channels)")
 
     def forward(self, q1: Tensor, q2: Tensor) -> Tensor:
         return add_codes(q1, q2, self.zero_points, (self.qmin, self.qmax), self.mode, self.rounding,
@@ -489,11 +536,24 @@ def build_graph(gm: fx.GraphModule, root: nn.Module, return_codes: bool) -> fx.G
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, tuple(env[a.name] for a in n.args))
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactScale) \
+                and domain.get(n.args[0].name) is not None:
+            sc = gm.get_submodule(n.target)
+            module = IntegerScale(sc.zero_points, sc.qmin, sc.qmax, sc.constant < 0, sc.mode, sc.rounding,
+                                  {k: getattr(sc, k).clone() for k in IntegerScale.TENSORS})
+            target = _install(root, f"int_{n.name}", module)
+            env[n.name] = graph.call_module(target, (env[n.args[0].name],))
+            domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactEmbedding):
+            target = _install(root, f"int_{n.name}", IntegerEmbedding({"table": gm.get_submodule(n.target).table.clone()}))
+            env[n.name] = graph.call_module(target, (as_float(n.args[0]),))
+            domain[n.name] = gm.get_submodule(next(iter(n.users)).target)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), ExactLayerNorm) \
                 and domain.get(n.args[0].name) is not None:
             ln = gm.get_submodule(n.target)
+            names = IntegerLayerNorm.TENSORS + (("in_gain",) if ln.in_gain_bits else ())
             module = IntegerLayerNorm(ln.size, ln.in_zero_point, ln.eps_codes, ln.out_zero_point, ln.qmin, ln.qmax,
-                                      {k: getattr(ln, k).clone() for k in IntegerLayerNorm.TENSORS})
+                                      {k: getattr(ln, k).clone() for k in names}, ln.in_gain_bits)
             target = _install(root, f"int_{n.name}", module)
             env[n.name] = graph.call_module(target, (env[n.args[0].name],))
             domain[n.name] = gm.get_submodule(next(iter(n.users)).target)

@@ -268,3 +268,32 @@ def test_conflicting_formats_fall_back_or_fail_with_the_keys():
     compiled = qcompiler.qcompile(AddsConvOutputs().eval(), x, target=hosting, calib_data=[x], progress=False)
     fallback = [g for g in compiled.plan.groups if g.fallback]
     assert {t for g in fallback for t in g.tensors} == {"a", "b"}
+
+
+class AdditiveMaskAttention(nn.Module):
+    """Scores with a float mask added inside the softmax (F.scaled_dot_product_attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_an_additive_attention_mask_is_not_quantized():
+    # A mask of -100 where attention is barred and small offsets elsewhere: one int8 grid for both
+    # would round the offsets away (the mask once got a quantizer like any tensor a softmax reads).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g)
+    mask = torch.randn(2, 5, 5, generator=g) * 0.3
+    mask[:, :, 3:] = -100.0
+    compiled = qcompiler.qcompile(AdditiveMaskAttention().eval(), (x, mask), target="npu-int8",
+                                  calib_data=[(x, mask)], progress=False)
+    nodes = _nodes(compiled.graph("group_quantizers"))
+    assert "group" not in nodes["mask"].meta and "group" in nodes["x"].meta
+    softmax = next(n for n in compiled.simulated.graph.nodes if n.meta.get("op_kind") == "softmax")
+    assert softmax.args[1].op == "placeholder"           # the mask reaches the softmax unquantized
+    with torch.no_grad():
+        assert torch.equal(compiled.lower("reference")(x, mask), compiled(x, mask))
