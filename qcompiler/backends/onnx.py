@@ -7,6 +7,11 @@ by a DequantizeLinear, and a conv or linear whose input is quantized gets its bi
 accumulator grid (scale = input scale x weight scale). That is the layout ONNX Runtime's QDQ
 fusion turns into its integer kernels (QLinearConv, QGemm, QLinearAdd, ...).
 
+Graphs captured by torch.export (Hugging Face models) compute their masks and positions with
+ATen ops from the inputs' sizes: they are exported at fixed input shapes, where those ops are
+constants the export computes, and the ops that read an input's values (the attention mask)
+are translated one by one (`_ATEN_OPS`).
+
 Everything is read from the compiled model's plan (groups' formats and QParams) and the simulated
 graph (FakeQuantize modules, kernel modules holding their quantized weights). Formats ONNX cannot
 express (NF4, look-up tables, FP4) become float constants of their decoded values, with a note;
@@ -14,6 +19,7 @@ express (NF4, look-up tables, FP4) become float constants of their decoded value
 """
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..attention import masked_softmax
@@ -105,6 +112,12 @@ class _Builder:
         self.producer: dict[str, int] = {}         # ONNX tensor name -> index of the node writing it
         self.notes: list[str] = []
         self.fixed_shapes = False
+        # Reshapes of a Gemm's float output back to the graph's shape: a per-tensor quantizer of
+        # one quantizes the Gemm's output instead, then reshapes (`qdq`, `grid_reshape`).
+        self.row_views: set[str] = set()
+        # Nodes whose value the export computes (constants, and at fixed shapes the sizes and the
+        # integer and boolean tensors computed from them): written as initializers where used.
+        self.values: dict[fx.Node, Any] = {}
         self._counter = 0
 
     # -- helpers ------------------------------------------------------------------------
@@ -177,21 +190,55 @@ class _Builder:
         self.nodes[i:i + 1] = new
         self.producer = {o: j for j, n in enumerate(self.nodes) for o in n.output}
 
+    def grid_reshape(self, x: str, shape: str, base: str) -> str | None:
+        """Reshape(x) of a per-tensor dequantized `x`, quantized again on x's grid (exact: the
+        values are on it), or None when `x` is not one. ONNX Runtime fuses a kernel only with a
+        DequantizeLinear right before it and a QuantizeLinear right after, and converts int8
+        activations to the uint8 its integer Gemm takes only on adjacent QuantizeLinear →
+        DequantizeLinear pairs; its own QDQ propagation across a Reshape breaks on int8."""
+        i = self.producer.get(x)
+        if i is None or self.nodes[i].op_type != "DequantizeLinear" or self.quant.get(x) is None \
+                or self.quant[x].axis is not None:
+            return None
+        _, scale, zp = self.nodes[i].input[:3]
+        q = self.emit("QuantizeLinear", [self.emit("Reshape", [x, shape], base), scale, zp], f"{base}_q")
+        y = self.emit("DequantizeLinear", [q, scale, zp], f"{base}_dq")
+        self.quant[y] = self.quant[x]
+        return y
+
     def note(self, message: str) -> None:
         if self.strict:
             raise OnnxExportError(message + " (strict=True; call export_onnx with strict=False to accept this)")
         log.info(message)
         self.notes.append(message)
 
-    def arg(self, a: Any) -> str:
+    def arg(self, a: Any, dtype: torch.dtype = torch.float32) -> str:
+        """The ONNX tensor of an fx argument; a Python number becomes a constant of `dtype`."""
         if isinstance(a, fx.Node):
+            if a in self.values and a not in self.names:
+                self.names[a] = self.const(a.name, _array_of(self.values[a]))
             name = self.names.get(a)
             if not isinstance(name, str):
                 raise OnnxExportError(f"node {a.name} has no single ONNX tensor (a tuple or no value)")
             return name
         if isinstance(a, (int, float, bool)):
-            return self.const("scalar", np.array(a, dtype=np.float32))
+            return self.const("scalar", np.array(a, dtype=_NUMPY_DTYPES[dtype]))
         raise OnnxExportError(f"cannot export argument {a!r} of type {type(a).__name__}")
+
+    def value(self, a: Any) -> Any:
+        """A Python value of an fx argument: literals as they are, constant nodes computed."""
+        if isinstance(a, fx.Node):
+            if a not in self.values:
+                raise OnnxExportError(f"{a.name} is computed from the inputs' values; a constant is needed here")
+            return self.values[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.value(x) for x in a)
+        return a
+
+    def cast(self, x: str, from_dtype: Any, to_dtype: torch.dtype, base: str) -> str:
+        if from_dtype == to_dtype:
+            return x
+        return self.emit("Cast", [x], f"{base}_cast", to=getattr(self.TP, _ONNX_DTYPES[to_dtype]))
 
     # -- quantize / dequantize ----------------------------------------------------------
     def qdq(self, x: str, fmt: Any, params: QParams | None, base: str, shape: tuple[int, ...]) -> str:
@@ -209,6 +256,9 @@ class _Builder:
             attrs = {} if per_tensor else {"axis": int(params.axis)}
             s_name = self.const(f"{base}_scale", scale.astype(np.float32))
             z_name = self.const(f"{base}_zp", zp, type_name)
+            view = self.nodes[self.producer[x]] if per_tensor and x in self.row_views else None
+            if view is not None:       # quantize the kernel's output, then reshape (`grid_reshape`)
+                x = view.input[0]
             q = self.emit("QuantizeLinear", [x, s_name, z_name], f"{base}_q", **attrs)
             if (fmt.qmin, fmt.qmax) != _INT_RANGES[type_name]:
                 # Codes narrower than their container (int6, narrow range): clip the codes.
@@ -219,7 +269,7 @@ class _Builder:
                 q = self.emit("Clip", [q, lo, hi], f"{base}_qclip")
             y = self.emit("DequantizeLinear", [q, s_name, z_name], f"{base}_dq", **attrs)
             self.quant[y] = QuantInfo(scale=scale.astype(np.float32), zero_point=zp, axis=None if per_tensor else params.axis)
-            return y
+            return y if view is None else self.grid_reshape(y, view.input[1], f"{base}_view")
         if isinstance(fmt, FloatFormat) and fmt.kind in _FP8_TYPES and fmt.granularity in ("per_tensor", "per_channel"):
             type_name = _FP8_TYPES[fmt.kind]
             scale = params.scale.detach().float().reshape(-1).numpy()
@@ -346,6 +396,31 @@ class _Builder:
         return self.emit("DequantizeLinear", [c_name, s_name, z_name], f"{base}_bias_dq", **attrs)
 
 
+# Tensor element types of inputs, outputs and integer/boolean mask arithmetic.
+_ONNX_DTYPES = {
+    torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.float64: "DOUBLE", torch.int64: "INT64",
+    torch.int32: "INT32", torch.int16: "INT16", torch.int8: "INT8", torch.uint8: "UINT8", torch.bool: "BOOL",
+}
+_NUMPY_DTYPES = {
+    torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
+    torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_,
+}
+
+
+def _array_of(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _NUMPY_DTYPES:
+            raise OnnxExportError(f"a constant of type {value.dtype} has no ONNX equivalent here")
+        return value.detach().cpu().numpy()
+    if isinstance(value, bool):
+        return np.array(value, np.bool_)
+    if isinstance(value, int):
+        return np.array(value, np.int64)
+    if isinstance(value, float):
+        return np.array(value, np.float32)
+    raise OnnxExportError(f"cannot write {value!r} ({type(value).__name__}) as an ONNX constant")
+
+
 _NUMPY_OF = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.int16, "UINT16": np.uint16, "INT32": np.int32}
 
 
@@ -440,10 +515,15 @@ def _linear(b: _Builder, node: fx.Node, m: nn.Linear) -> str:
         return b.emit("Gemm", [x, w] + ([bias] if bias else []), node.name, transB=1)
     if shape is not None and b.fixed_shapes:
         # A Gemm on the rows, between two reshapes: ONNX Runtime's QDQ rules fuse it into an
-        # integer kernel, where a MatMul on a transposed weight is not fused.
-        rows = b.emit("Reshape", [x, b.const(f"{node.name}_rows", np.array([-1, shape[-1]], np.int64))], node.name)
+        # integer kernel, where a MatMul on a transposed weight is not fused. The reshapes keep
+        # their quantizers on either side (`grid_reshape`, `qdq`), so DequantizeLinear → Gemm →
+        # QuantizeLinear stay adjacent.
+        rows_shape = b.const(f"{node.name}_rows", np.array([-1, shape[-1]], np.int64))
+        rows = b.grid_reshape(x, rows_shape, node.name) or b.emit("Reshape", [x, rows_shape], node.name)
         y = b.emit("Gemm", [rows, w] + ([bias] if bias else []), node.name, transB=1)
-        return b.emit("Reshape", [y, b.const(f"{node.name}_out", np.array(node.meta["shape"], np.int64))], node.name)
+        out = b.emit("Reshape", [y, b.const(f"{node.name}_out", np.array(node.meta["shape"], np.int64))], node.name)
+        b.row_views.add(out)
+        return out
     wt = b.emit("Transpose", [w], f"{node.name}_wT", perm=[1, 0])
     y = b.emit("MatMul", [x, wt], node.name)
     return b.emit("Add", [y, bias], node.name) if bias else y
@@ -598,17 +678,23 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         return b.emit("Add", [b.emit("Mul", [x, s], node.name), t], node.name)
     if isinstance(m, ExactSoftmax):
         # The simulation's integer softmax; ONNX Runtime computes it in float.
-        mask = node.args[1] if len(node.args) > 1 else None
+        mask = _kw(node, "mask", 1, None)
         if len(node.args) > 2:      # an additive mask as weights and offsets: back to its float values
             w, c = (fetch_attr(gm, a.target).double() for a in node.args[1:3])
             additive = c * float(m.in_scale) + torch.log(w.clamp_min(1) / 2 ** SOFTMAX_EXP_BITS)
             mask = b.const(f"{node.name}_mask", additive.masked_fill(w == 0, -torch.inf).float().numpy())
         return _masked_softmax(b, node, b.arg(node.args[0]), mask, m.dim, m.is_causal)
     if node.op == "call_function" and node.target is masked_softmax:
-        x, mask, dim, causal = (list(node.args) + [False])[:4]
-        return _masked_softmax(b, node, b.arg(x), mask, int(dim), bool(causal))
+        x, mask, dim = (_kw(node, k, i, None) for i, k in enumerate(("x", "mask", "dim")))
+        return _masked_softmax(b, node, b.arg(x), mask, int(dim), bool(_kw(node, "is_causal", 3, False)))
     if kind == "roll":
         return _roll(b, node)
+    if kind == "embedding" and node.op == "call_function" and node.target is F.embedding:
+        # A lookup of float rows (a target that runs embeddings on the host): Gather.
+        ids, weight = _kw(node, "input", 0, None), _kw(node, "weight", 1, None)
+        if _kw(node, "max_norm", 3, None) is not None:
+            raise OnnxExportError(f"{node.name}: embedding with max_norm is not exported")
+        return b.emit("Gather", [b.arg(weight), b.arg(ids, torch.int64)], node.name, axis=0)
     if kind in ("relu", "relu6", "hardtanh", "clamp", "leaky_relu", "sigmoid", "tanh", "exp", "hardswish",
                 "hardsigmoid", "silu", "gelu", "softmax", "log_softmax", "elu"):
         # An ExactLUT is the simulation's table of the activation; ONNX Runtime computes it in float.
@@ -645,7 +731,9 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
         a, c = node.args
         if kind != "matmul" and not isinstance(a, fx.Node):
             a, c = (c, a) if kind in ("add", "mul") else (a, c)
-        return b.emit(_BINARY_OPS[kind], [b.arg(a), b.arg(c)], node.name)
+        dtype = node.meta.get("dtype")
+        names, _ = _operands(b, node, (a, c), dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        return b.emit(_BINARY_OPS[kind], names, node.name)
     if kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"):
         return _pool(b, node, kind, m)
     if kind == "pad":
@@ -679,33 +767,27 @@ def _export_node(b: _Builder, node: fx.Node) -> Any:
             node.meta["shape"], np.int64))], node.name)
     if kind == "layer_norm":
         return _layer_norm(b, node, m)
+    if kind == "unsqueeze" and node.op == "call_function":
+        return _unsqueeze(b, node)
+    if kind == "squeeze" and node.op == "call_function":
+        return _squeeze(b, node)
+    if node.op == "call_function" and node.target in _ATEN_OPS:
+        return _ATEN_OPS[node.target](b, node)
     if node.op == "call_function" and node.target in (operator.neg, torch.neg) and len(node.args) == 1:
         return b.emit("Neg", [b.arg(node.args[0])], node.name)
     if kind == "getitem" and isinstance(node.args[0], fx.Node) and isinstance(b.names.get(node.args[0]), str):
         return _slice(b, node)
+    target = node.target if isinstance(node.target, torch._ops.OpOverload) else getattr(node.target, "__name__", node.target)
+    hint = ""
+    if isinstance(node.target, torch._ops.OpOverload):
+        reads = [n.name for n in node.all_input_nodes if n not in b.values]
+        hint = (f" (an ATen op of torch.export's graph; it reads {', '.join(reads) or 'nothing'} at run time, so it "
+                "cannot be written as a constant)")
     raise OnnxExportError(
-        f"node {node.name} (op kind {kind!r}, {node.op} {getattr(node.target, '__name__', node.target)}){_source(node)} "
-        "has no ONNX translation yet; run it outside the compiled part of the model or extend qcompiler.backends.onnx"
+        f"node {node.name} (op kind {kind!r}, {node.op} {target}){_source(node)} has no ONNX translation yet{hint}; "
+        "run it outside the compiled part of the model (e.g. build the mask before calling the model) or add a "
+        "translation to qcompiler.backends.onnx (_ATEN_OPS for ATen ops)"
     )
-
-
-def _masked_softmax(b: _Builder, node: fx.Node, x: str, mask: Any, dim: int, causal: bool) -> str:
-    """Softmax over the positions a mask allows (`qcompiler.attention.masked_softmax`): a float
-    mask (a node, or an ONNX constant written for an integer softmax's mask weights and offsets) is
-    added to the scores, a boolean one sets the positions it drops to -inf (Where)."""
-    if causal:
-        raise OnnxExportError(f"{node.name}: a causal softmax is not exported yet")
-    if isinstance(mask, str):       # an ONNX constant
-        x = b.emit("Add", [x, mask], node.name)
-    elif isinstance(mask, fx.Node):
-        if mask.meta.get("dtype") == torch.bool:
-            low = b.const(f"{node.name}_masked", np.array(-np.inf, np.float32))
-            x = b.emit("Where", [b.arg(mask), x, low], node.name)
-        else:
-            x = b.emit("Add", [x, b.arg(mask)], node.name)
-    elif mask is not None:
-        raise OnnxExportError(f"{node.name}: a softmax mask {mask!r} is not exported")
-    return b.emit("Softmax", [x], node.name, axis=dim)
 
 
 def _roll(b: _Builder, node: fx.Node) -> str:
@@ -812,6 +894,245 @@ def _slice(b: _Builder, node: fx.Node) -> str:
     return x
 
 
+# -- torch.export's ATen ops: mask, position and index arithmetic ------------------------------
+# Graphs captured by torch.export keep ATen ops with no fx spelling (qcompiler.export_frontend).
+# At fixed shapes most compute constants (positions, a causal mask): `_computable` finds those and
+# the export writes their values; the ones that read an input's values are translated here.
+
+aten = torch.ops.aten
+
+# Ops that read their first argument's shape alone (at fixed shapes their value is a constant).
+_SHAPE_ONLY = (aten.sym_size.int, aten.sym_numel.default, aten.full_like.default, aten.zeros_like.default,
+               aten.ones_like.default, aten.new_ones.default, aten.new_zeros.default, aten.new_full.default)
+
+
+def _dtype_of(a: Any) -> Any:
+    return a.meta.get("dtype") if isinstance(a, fx.Node) else None
+
+
+def _floating(dtype: Any) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _computable(b: _Builder, node: fx.Node) -> bool:
+    """At fixed shapes: whether `node`'s value follows from constants and the recorded shapes
+    alone (a size, a position table, a mask built from sizes). Float results count only when
+    they read no float tensor, so a weight looked up by constant positions stays a lookup."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    inputs = node.all_input_nodes
+    shape_only = node.meta.get("op_kind") == "size" or node.target in _SHAPE_ONLY
+    if shape_only and inputs and isinstance(inputs[0].meta.get("shape"), tuple):
+        inputs = inputs[1:]
+    if not all(n in b.values for n in inputs):
+        return False
+    return not _floating(node.meta.get("dtype")) or not any(_floating(_dtype_of(n)) for n in inputs)
+
+
+def _compute(b: _Builder, node: fx.Node) -> Any:
+    """The value of a `_computable` node; a tensor read for its shape alone is an uninitialised
+    one of the recorded shape."""
+    args = list(node.args)
+    first = args[0] if args else None
+    if isinstance(first, fx.Node) and first not in b.values:
+        dtype = first.meta.get("dtype") if isinstance(first.meta.get("dtype"), torch.dtype) else torch.float32
+        args[0] = torch.empty(first.meta["shape"], dtype=dtype)
+    args = [b.value(a) if not isinstance(a, torch.Tensor) else a for a in args]
+    kwargs = {k: b.value(v) for k, v in node.kwargs.items()}
+    with torch.no_grad():
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+
+def _operands(b: _Builder, node: fx.Node, args: tuple[Any, ...], dtype: Any = None) -> tuple[list[str], torch.dtype]:
+    """ONNX tensors of `args` in one element type (ONNX does not promote): `dtype`, or torch's
+    promotion of the arguments'."""
+    if dtype is None:
+        probes = [torch.empty(1, dtype=_dtype_of(a)) if isinstance(a, fx.Node) else a for a in args]
+        dtype = torch.result_type(*probes) if len(probes) == 2 else _dtype_of(args[0])
+    names = [b.cast(b.arg(a, dtype), _dtype_of(a), dtype, node.name) if isinstance(a, fx.Node) else b.arg(a, dtype)
+             for a in args]
+    return names, dtype
+
+
+def _aten_cast(b: _Builder, node: fx.Node) -> str:
+    x = node.args[0]
+    return b.cast(b.arg(x), _dtype_of(x), node.meta["dtype"], node.name)
+
+
+def _aten_slice(b: _Builder, node: fx.Node) -> str:
+    # aten.slice.Tensor(x, dim=0, start=None, end=None, step=1)
+    dim, start, end, step = (b.value(_kw(node, k, i, d)) for k, i, d in
+                             (("dim", 1, 0), ("start", 2, None), ("end", 3, None), ("step", 4, 1)))
+    ins = [b.arg(node.args[0])] + [b.const(f"{node.name}_{k}", np.array([v], np.int64)) for k, v in
+                                   (("starts", 0 if start is None else start), ("ends", 2**62 if end is None else min(end, 2**62)),
+                                    ("axes", dim), ("steps", step))]
+    return b.emit("Slice", ins, node.name)
+
+
+def _aten_expand(b: _Builder, node: fx.Node) -> str:
+    if not b.fixed_shapes:
+        raise OnnxExportError(f"{node.name}: expand is exported at fixed shapes only")
+    shape = b.const(f"{node.name}_shape", np.array(node.meta["shape"], np.int64))
+    return b.emit("Expand", [b.arg(node.args[0]), shape], node.name)
+
+
+def _unsqueeze(b: _Builder, node: fx.Node) -> str:
+    axis = int(b.value(_kw(node, "dim", 1, None))) % len(node.meta["shape"])
+    return b.emit("Unsqueeze", [b.arg(node.args[0]), b.const(f"{node.name}_axes", np.array([axis], np.int64))], node.name)
+
+
+def _squeeze(b: _Builder, node: fx.Node) -> str:
+    dims = b.value(_kw(node, "dim", 1, None))
+    if dims is None:
+        return b.emit("Squeeze", [b.arg(node.args[0])], node.name)
+    rank = len(node.args[0].meta["shape"])
+    dims = [int(d) % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    shape = node.args[0].meta["shape"]
+    dims = [d for d in dims if shape[d] == 1]           # torch ignores a dim that is not 1
+    if not dims:
+        return b.arg(node.args[0])
+    return b.emit("Squeeze", [b.arg(node.args[0]), b.const(f"{node.name}_axes", np.array(dims, np.int64))], node.name)
+
+
+def _logical(op: str, bitwise: str) -> Any:
+    def translate(b: _Builder, node: fx.Node) -> str:
+        names, dtype = _operands(b, node, tuple(node.args[:2]))
+        return b.emit(op if dtype == torch.bool else bitwise, names, node.name)
+    return translate
+
+
+def _not(b: _Builder, node: fx.Node) -> str:
+    x = node.args[0]
+    if node.target is aten.logical_not.default and _dtype_of(x) != torch.bool:
+        return b.emit("Equal", _operands(b, node, (x, 0))[0], node.name)     # logical not of a number: x == 0
+    return b.emit("Not" if _dtype_of(x) == torch.bool else "BitwiseNot", [b.arg(x)], node.name)
+
+
+def _compare(op: str, negate: bool = False) -> Any:
+    def translate(b: _Builder, node: fx.Node) -> str:
+        names, _ = _operands(b, node, tuple(node.args[:2]))
+        y = b.emit(op, names, node.name)
+        return b.emit("Not", [y], node.name) if negate else y
+    return translate
+
+
+def _arithmetic(op: str, reverse: bool = False) -> Any:
+    def translate(b: _Builder, node: fx.Node) -> str:
+        a, c = node.args[:2]
+        alpha = node.kwargs.get("alpha", 1)
+        names, dtype = _operands(b, node, (a, c), node.meta["dtype"])
+        if alpha != 1:
+            names[1] = b.emit("Mul", [names[1], b.arg(alpha, dtype)], node.name)
+        return b.emit(op, names[::-1] if reverse else names, node.name)
+    return translate
+
+
+def _masked_fill(b: _Builder, node: fx.Node) -> str:
+    x, mask, value = node.args[:3]
+    names, _ = _operands(b, node, (value, x), node.meta["dtype"])
+    return b.emit("Where", [b.arg(mask)] + names, node.name)
+
+
+def _where(b: _Builder, node: fx.Node) -> str:
+    cond, x, y = node.args[:3]
+    names, _ = _operands(b, node, (x, y), node.meta["dtype"])
+    return b.emit("Where", [b.arg(cond)] + names, node.name)
+
+
+def _aten_index(b: _Builder, node: fx.Node) -> str:
+    """x[i0, i1, ...] with constant index tensors on the leading dimensions (a mask broadcast to
+    the attention's shape, `mask[arange(n)[:, None, None, None], arange(t)]`): GatherND."""
+    x, indices = node.args[:2]
+    if any(i is None or (isinstance(i, fx.Node) and i not in b.values) for i in indices):
+        raise OnnxExportError(f"{node.name}: indexing with an index computed from the inputs (or a skipped "
+                              "dimension) is not exported; only constant index tensors on the leading dimensions are")
+    tensors = [b.value(i) for i in indices]
+    if any(t.dtype == torch.bool for t in tensors):
+        raise OnnxExportError(f"{node.name}: boolean-mask indexing is not exported")
+    rank = len(x.meta["shape"])
+    stacked = torch.stack(torch.broadcast_tensors(*tensors), dim=-1).to(torch.int64)
+    stacked = torch.where(stacked < 0, stacked + torch.tensor(x.meta["shape"][:len(tensors)]), stacked)
+    if len(tensors) > rank:
+        raise OnnxExportError(f"{node.name}: {len(tensors)} indices for a {rank}-d tensor")
+    return b.emit("GatherND", [b.arg(x), b.const(f"{node.name}_indices", stacked)], node.name)
+
+
+def _aten_gather(b: _Builder, node: fx.Node) -> str:
+    x, dim, index = node.args[:3]
+    return b.emit("GatherElements", [b.arg(x), b.arg(index)], node.name, axis=int(dim))
+
+
+def _identity(b: _Builder, node: fx.Node) -> str:
+    return b.arg(node.args[0])
+
+
+_ATEN_OPS: dict[Any, Any] = {
+    aten.to.device: _aten_cast, aten.to.dtype: _aten_cast, aten.to.dtype_layout: _aten_cast,
+    aten._to_copy.default: _aten_cast, aten.type_as.default: _aten_cast,
+    aten.slice.Tensor: _aten_slice, aten.expand.default: _aten_expand,
+    aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
+    aten.__and__.Tensor: _logical("And", "BitwiseAnd"), aten.bitwise_and.Tensor: _logical("And", "BitwiseAnd"),
+    aten.logical_and.default: _logical("And", "And"),
+    aten.__or__.Tensor: _logical("Or", "BitwiseOr"), aten.bitwise_or.Tensor: _logical("Or", "BitwiseOr"),
+    aten.logical_or.default: _logical("Or", "Or"),
+    aten.bitwise_not.default: _not, aten.logical_not.default: _not,
+    aten.eq.Scalar: _compare("Equal"), aten.eq.Tensor: _compare("Equal"),
+    aten.ne.Scalar: _compare("Equal", negate=True), aten.ne.Tensor: _compare("Equal", negate=True),
+    aten.lt.Scalar: _compare("Less"), aten.lt.Tensor: _compare("Less"),
+    aten.le.Scalar: _compare("LessOrEqual"), aten.le.Tensor: _compare("LessOrEqual"),
+    aten.gt.Scalar: _compare("Greater"), aten.gt.Tensor: _compare("Greater"),
+    aten.ge.Scalar: _compare("GreaterOrEqual"), aten.ge.Tensor: _compare("GreaterOrEqual"),
+    aten.add.Tensor: _arithmetic("Add"), aten.add.Scalar: _arithmetic("Add"),
+    aten.sub.Tensor: _arithmetic("Sub"), aten.sub.Scalar: _arithmetic("Sub"),
+    aten.rsub.Scalar: _arithmetic("Sub", reverse=True), aten.rsub.Tensor: _arithmetic("Sub", reverse=True),
+    aten.mul.Tensor: _arithmetic("Mul"), aten.mul.Scalar: _arithmetic("Mul"),
+    aten.masked_fill.Scalar: _masked_fill, aten.masked_fill.Tensor: _masked_fill,
+    aten.where.self: _where, aten.where.ScalarSelf: _where, aten.where.ScalarOther: _where,
+    aten.index.Tensor: _aten_index, aten.gather.default: _aten_gather,
+    aten.clone.default: _identity, aten.alias.default: _identity, aten.lift_fresh_copy.default: _identity,
+    aten.contiguous.default: _identity,
+}
+
+
+def _masked_softmax(b: _Builder, node: fx.Node, x: str, mask: Any, dim: int, causal: bool) -> str:
+    """Softmax of `x` over the positions a mask allows (`qcompiler.attention.masked_softmax`): a
+    float mask (a node, or an ONNX constant written for an integer softmax's mask weights and
+    offsets) is added to the scores; a boolean mask, and a causal one (j <= i, a constant of the
+    export's shape), keep positions: Where(keep, x, -inf), Softmax, then Where(keep, y, 0), so a
+    row that keeps nothing gives zeros like the integer softmax (float softmax gives NaN)."""
+    keep = None
+    if isinstance(mask, str):       # an ONNX constant
+        x = b.emit("Add", [x, mask], node.name)
+    elif isinstance(mask, fx.Node):
+        if _dtype_of(mask) == torch.bool:
+            keep = b.arg(mask)
+        else:
+            x = b.emit("Add", [x, b.cast(b.arg(mask), _dtype_of(mask), torch.float32, node.name)], node.name)
+    elif mask is not None:
+        raise OnnxExportError(f"{node.name}: a softmax mask {mask!r} is not exported")
+    if causal:
+        rows, cols = node.meta["shape"][-2:]
+        tril = b.const(f"{node.name}_causal", torch.ones(rows, cols, dtype=torch.bool).tril())
+        keep = tril if keep is None else b.emit("And", [keep, tril], f"{node.name}_causal")
+    if keep is None:
+        return b.emit("Softmax", [x], node.name, axis=dim)
+    minus_inf = b.const(f"{node.name}_minus_inf", np.array(-np.inf, np.float32))
+    y = b.emit("Softmax", [b.emit("Where", [keep, x, minus_inf], node.name)], node.name, axis=dim)
+    return b.emit("Where", [keep, y, b.const(f"{node.name}_zero", np.array(0.0, np.float32))], node.name)
+
+
+def _with_facts_of(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """A copy of `gm`'s graph (sharing its modules) with shapes and dtypes recorded on
+    `example_inputs`: the export writes those shapes, and the compiled model keeps its own."""
+    from ..tracing import record_facts
+
+    recorded = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    record_facts(recorded, tuple(example_inputs))
+    return recorded
+
+
 def _softmax_mask_weights(gm: fx.GraphModule, node: fx.Node, value: Any) -> bool:
     """Whether a graph constant is the int64 mask weights or offsets integer softmaxes read (and
     nothing else)."""
@@ -820,30 +1141,37 @@ def _softmax_mask_weights(gm: fx.GraphModule, node: fx.Node, value: Any) -> bool
 
 
 def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFAULT_OPSET, strict: bool = False,
-                     dynamic_batch: bool = True) -> tuple[Any, list[str]]:
+                     dynamic_batch: bool = True, example_inputs: tuple[Any, ...] | None = None) -> tuple[Any, list[str]]:
     """The ONNX ModelProto of a compiled model's simulated graph and plan, and the export's notes
     (see `export_onnx`)."""
     if opset < 19:
         raise OnnxExportError(f"opset {opset} is too old: QDQ with FP8 and per-axis int types needs opset >= 19 (21 for INT4)")
-    gm = simulated
+    if example_inputs is not None:
+        example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    gm = simulated if example_inputs is None else _with_facts_of(simulated, example_inputs)
     b = _Builder(gm, plan, opset, strict)
     onnx, TP, helper, _ = b.onnx, b.TP, b.helper, b.numpy_helper
     # A graph that computes shapes from its input's sizes (x.shape, x.size(0)) is written with the
-    # shapes the capture recorded: its batch is then fixed.
+    # shapes the capture recorded: its batch, and every other input dimension, is then fixed.
     b.fixed_shapes = any(n.meta.get("op_kind") == "size" for n in gm.graph.nodes)
-    if b.fixed_shapes and dynamic_batch:
+    if b.fixed_shapes:
         dynamic_batch = False
-        b.notes.append("the graph computes shapes from its inputs' sizes: exported with the example "
-                       "inputs' shapes (batch fixed)")
+        shapes = ", ".join(f"{n.name} {tuple(n.meta['shape'])}" for n in gm.graph.nodes
+                           if n.op == "placeholder" and isinstance(n.meta.get("shape"), tuple))
+        b.notes.append(f"the graph computes shapes from its inputs' sizes: exported at fixed input shapes ({shapes}; "
+                       "batch fixed, and sequence length or image size too). Those are the compile's example inputs' "
+                       "unless export_onnx(example_inputs=...) gives others; pad smaller inputs to them where the model "
+                       "masks padding (a BERT attention mask of 0 on padded tokens changes no other token's output)")
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             shape = node.meta.get("shape")
             if shape is None:
                 raise OnnxExportError(f"input {node.name} has no recorded shape; compile with example inputs")
+            dtype = node.meta.get("dtype", torch.float32)
+            if dtype not in _ONNX_DTYPES:
+                raise OnnxExportError(f"input {node.name} of type {dtype} has no ONNX equivalent")
             dims = [BATCH_DIM if (i == 0 and dynamic_batch) else int(d) for i, d in enumerate(shape)]
-            # A boolean input (an attention mask) stays boolean; every other input is float.
-            elem = TP.BOOL if node.meta.get("dtype") == torch.bool else TP.FLOAT
-            b.inputs.append(helper.make_tensor_value_info(node.name, elem, dims))
+            b.inputs.append(helper.make_tensor_value_info(node.name, getattr(TP, _ONNX_DTYPES[dtype]), dims))
             b.names[node] = node.name
         elif node.op == "output":
             results = node.args[0]
@@ -854,15 +1182,19 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
                 shape = r.meta.get("shape") if isinstance(r, fx.Node) else None
                 dims = ([BATCH_DIM if (j == 0 and dynamic_batch) else int(d) for j, d in enumerate(shape)]
                         if shape is not None else None)
-                b.outputs.append(helper.make_tensor_value_info(name, TP.FLOAT, dims))
+                dtype = r.meta.get("dtype") if isinstance(r, fx.Node) else None
+                elem = getattr(TP, _ONNX_DTYPES.get(dtype, "FLOAT") if isinstance(dtype, torch.dtype) else "FLOAT")
+                b.outputs.append(helper.make_tensor_value_info(name, elem, dims))
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
             if _softmax_mask_weights(gm, node, value):
                 b.names[node] = None    # no ONNX tensor of their own: the softmax's export reads them
                 continue
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                raise OnnxExportError(f"node {node.name}: graph constant {node.target} is not a float tensor")
-            b.names[node] = b.const(node.name, value.detach().float().numpy())
+            if not isinstance(value, torch.Tensor):
+                raise OnnxExportError(f"node {node.name}: graph constant {node.target} is not a tensor")
+            b.values[node] = value.detach().float() if value.is_floating_point() else value.detach()
+        elif b.fixed_shapes and _computable(b, node):
+            b.values[node] = _compute(b, node)
         elif b.fixed_shapes and (node.meta.get("op_kind") == "size" or not isinstance(node.meta.get("shape"), tuple)):
             b.names[node] = None        # sizes and shapes: the shapes they compute are written as recorded
         else:
@@ -884,15 +1216,22 @@ def build_onnx_model(simulated: fx.GraphModule, plan: Plan, *, opset: int = DEFA
 
 
 def export_onnx(simulated: fx.GraphModule, plan: Plan, target: Any, path: str | Path, *, opset: int = DEFAULT_OPSET,
-                strict: bool = False, dynamic_batch: bool = True) -> ExportResult:
+                strict: bool = False, dynamic_batch: bool = True,
+                example_inputs: tuple[Any, ...] | None = None) -> ExportResult:
     """Write the compiled model as a QDQ ONNX file that ONNX Runtime runs.
 
-    opset: 21 by default (INT4/UINT4 and blocked DequantizeLinear need it; FP8 needs 19).
+    opset: 21 by default (INT4/UINT4 and blocked DequantizeLinear need it; FP8 needs 19; int16
+    activations are INT16 QuantizeLinear/DequantizeLinear, which ONNX Runtime runs from 21).
     strict: raise OnnxExportError instead of storing a format ONNX cannot express as float.
-    dynamic_batch: the first dimension of inputs and outputs is the symbolic `batch`.
-    Returns the path and the notes (what was stored as float and why).
+    dynamic_batch: the first dimension of inputs and outputs is the symbolic `batch`. A graph that
+    computes shapes from its inputs' sizes (torch.export's captures, ViT's reshapes) is exported at
+    fixed shapes instead, and a note says which.
+    example_inputs: inputs whose shapes the export records (a graph of fixed shapes is written at
+    them); by default the shapes the compile recorded on its example inputs.
+    Returns the path and the notes (what was stored as float and why, which shapes are fixed).
     """
-    model, notes = build_onnx_model(simulated, plan, opset=opset, strict=strict, dynamic_batch=dynamic_batch)
+    model, notes = build_onnx_model(simulated, plan, opset=opset, strict=strict, dynamic_batch=dynamic_batch,
+                                    example_inputs=example_inputs)
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise OnnxExportError(f"cannot write {path}: directory {path.parent} does not exist")
