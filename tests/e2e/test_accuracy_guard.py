@@ -39,7 +39,7 @@ from qcompiler.requant import requantize  # noqa: E402
 
 TARGETS = qcompiler.list_targets()
 # Targets whose activations are integer codes: their simulation lowers to the reference backend.
-INTEGER_TARGETS = ("npu-int8", "npu-int4", "cpu-x86-int8", "dsp-fixed-point", "npu-int8-transformer")
+INTEGER_TARGETS = ("npu-int8", "npu-int4", "cpu-x86-int8", "dsp-fixed-point", "npu-int8-transformer", "npu-int8-balanced")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ FLOORS = {
     "dsp-fixed-point": Floor(0.978, 28.2, 0.010),
     # measured 99.83 %, 38.68 dB, 96.83 % (seeds 1, 2: 99.50 %, 99.83 %); threshold 98.8 %, 36.6 dB, drop <= 1 pt
     "npu-int8-transformer": Floor(0.988, 36.6, 0.010),
+    # measured 99.50 %, 34.89 dB, 96.50 % (seeds 1, 2: 99.33 %, 31.23 dB; 99.83 %, 35.35 dB); below
+    # npu-int8 because this target keeps round-to-nearest weights and mse ranges (chosen on MiniLM)
+    # and a CNN has no residual stream to balance; threshold 98.5 %, 32.9 dB, drop <= 1 pt.
+    # No offset limit: without bias correction the logits keep their rounding offset (0.96 codes).
+    "npu-int8-balanced": Floor(0.985, 32.9, 0.010),
     # measured 98.33 %, 24.78 dB, 96.33 %; threshold 96.8 %, 22.8 dB, drop <= 1.5 pt
     # (before bias correction ran on kernels without integer weights: 97.33 %, 21.44 dB)
     "fp8": Floor(0.968, 22.8, 0.015),
