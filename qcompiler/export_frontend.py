@@ -151,11 +151,23 @@ def _retarget(gm: fx.GraphModule) -> int:
     return count
 
 
+def _batch_of_two(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`inputs` with a batch of one repeated to two. torch.export specialises every dimension of
+    size 1 (it cannot tell it from a broadcast), so a graph captured on a batch of one would
+    refuse every other batch size; captured on two, the batch stays dynamic. Inputs are left as
+    they are unless every tensor among them has a leading dimension of 1."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not tensors or not all(x.dim() >= 1 and x.shape[0] == 1 for x in tensors):
+        return inputs
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
 def export_module(model: nn.Module, inputs: tuple[Any, ...]) -> fx.GraphModule:
     """`model` captured by `torch.export` on `inputs` (positional), as a GraphModule in the fx
     front end's spellings. Raises CaptureError (root_untraceable) with export's reason."""
     was_training = model.training
     model.eval()
+    inputs = _batch_of_two(tuple(inputs))
     try:
         program = torch.export.export(model, tuple(inputs), dynamic_shapes=_dynamic_shapes(inputs), strict=False)
     except Exception as exc:

@@ -192,6 +192,19 @@ def test_a_model_torch_fx_cannot_trace_is_captured_by_torch_export(minilm):
                                        rtol=1e-4, atol=1e-4)
 
 
+def test_a_batch_of_one_example_captures_a_graph_for_every_batch_size(minilm):
+    """torch.export specialises dimensions of size 1: captured on a batch of one as given, the
+    graph would refuse a batch of three."""
+    model, tok = minilm
+    one = tok(["Quantization maps real numbers to integers."])
+    gm = _canonical(model, one)
+    three = tok(["The cat sat on the mat.", "A second sentence, somewhat longer than the first.", "Third."])
+    with torch.no_grad():
+        for ids, mask in (one, three):
+            torch.testing.assert_close(gm(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state,
+                                       rtol=1e-4, atol=1e-4)
+
+
 def test_both_front_ends_failing_is_one_clear_error():
     class DataDependent(nn.Module):
         def forward(self, x):
