@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import fx, nn
 
 from ..calibration import ensure_calibration_batches, first_samples
 from ..context import CompileContext
-from ..fx_util import copy_sharing_tensors, fetch_attr, set_submodule
+from ..fx_util import NodeOutputs, copy_sharing_tensors, fetch_attr, set_submodule
 from ..layers import GAIN_BITS, GainLayerNorm, ScaledAdd
 
 STAGE = "balance_residual"
@@ -65,11 +66,7 @@ class _Stream:
     def __init__(self, gm: fx.GraphModule, layer_norm: bool):
         self.gm, self.layer_norm = gm, layer_norm
         self.adds = [n for n in gm.graph.nodes if _is_residual_add(n)]
-        calls: dict[str, int] = {}
-        for n in gm.graph.nodes:
-            if n.op == "call_module":
-                calls[n.target] = calls.get(n.target, 0) + 1
-        self.calls = calls
+        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         add_set = set(self.adds)
         # The adds' inputs and outputs, and every LayerNorm output (pre-LayerNorm blocks read
         # their LayerNorm's output with linears only: RepQ-ViT's case).
@@ -83,7 +80,7 @@ class _Stream:
         m = self.gm.get_submodule(node.target)
         return m if isinstance(m, cls) else None
 
-    def _table(self, t: fx.Node) -> fx.Node | nn.Embedding | None:
+    def table(self, t: fx.Node) -> fx.Node | nn.Embedding | None:
         """The table of an embedding lookup that only this lookup reads: an nn.Embedding, or the
         get_attr node of F.embedding's weight."""
         if (m := self._module(t, nn.Embedding)) is not None and m.max_norm is None:
@@ -98,7 +95,7 @@ class _Stream:
         channels = t.meta["shape"][-1]
         if "fused_into" in t.meta or "fusion" in t.meta and t not in adds:
             return False
-        made = t in adds or self._table(t) is not None
+        made = t in adds or self.table(t) is not None
         if not made and (m := self._module(t, nn.Linear)) is not None:
             made = m.out_features == channels
         if not made and (m := self._module(t, nn.LayerNorm)) is not None:
@@ -122,18 +119,13 @@ class _Stream:
 def _magnitudes(gm: fx.GraphModule, names: set[str], batches: list) -> dict[str, torch.Tensor]:
     """Per-channel max |value| (last dimension) of the named nodes over the batches."""
     seen: dict[str, torch.Tensor] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            value = super().run_node(n)
-            if n.name in names:
-                m = value.detach().abs().reshape(-1, value.shape[-1]).amax(0).float()
-                seen[n.name] = m if n.name not in seen else torch.maximum(seen[n.name], m)
-            return value
-
     with torch.no_grad():
         for args in batches:
-            Recorder(gm).run(*args)
+            run = NodeOutputs(gm, {n: n for n in names})
+            run.run(*args)
+            for name, value in run.values.items():
+                m = value.abs().reshape(-1, value.shape[-1]).amax(0).float()
+                seen[name] = m if name not in seen else torch.maximum(seen[name], m)
     return seen
 
 
@@ -198,7 +190,7 @@ def balance_residual(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     with torch.no_grad():
         for t in stream.tensors:
             r = factors[t.name]
-            table = stream._table(t)
+            table = stream.table(t)
             if isinstance(table, fx.Node):       # F.embedding of a graph constant: a divided copy
                 name = f"balanced_{table.target.replace('.', '_')}"
                 gm.register_buffer(name, fetch_attr(gm, table.target) / r)

@@ -48,3 +48,20 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
 def tree_map_detach(value: Any) -> Any:
     """`value` (a tensor, or tuples, lists and dicts of them) with every tensor detached."""
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, value)
+
+
+class NodeOutputs(fx.Interpreter):
+    """Runs a graph and keeps the outputs of the named nodes: `values[key]` for each node name ->
+    key of `wanted`."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: dict[str, str]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        key = self.wanted.get(n.name)
+        if key is not None and isinstance(out, torch.Tensor):
+            self.values[key] = out.detach()
+        return out

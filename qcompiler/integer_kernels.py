@@ -535,8 +535,6 @@ def make_exact_scale(gm: fx.GraphModule, node: fx.Node, spec) -> None:
 def _embedding_table(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor]:
     """(ids, constant table) of an embedding lookup: an nn.Embedding, or F.embedding of a graph
     constant. Options that change the lookup itself (max_norm) have no integer form."""
-    from .fx_util import fetch_attr
-
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if not isinstance(m, nn.Embedding) or m.max_norm is not None or len(node.args) != 1:

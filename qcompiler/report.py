@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .fx_util import NodeOutputs
+
 
 @dataclass(frozen=True)
 class ReportRow:
@@ -93,22 +95,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-class _Collect(fx.Interpreter):
-    """Runs a graph and keeps the outputs of the named nodes."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: dict[str, str]):
-        super().__init__(gm)
-        self.wanted = wanted  # node name in this graph -> key
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        key = self.wanted.get(n.name)
-        if key is not None and isinstance(out, torch.Tensor):
-            self.values[key] = out.detach()
-        return out
-
-
 def node_sqnr(float_gm: fx.GraphModule, quant_gm: fx.GraphModule, names: list[str],
               batches: list, max_samples: int = 64, chunk: int = 8) -> dict[str, float]:
     """SQNR in dB of each named node's output, simulated against float, over the batches."""
@@ -129,9 +115,9 @@ def node_sqnr(float_gm: fx.GraphModule, quant_gm: fx.GraphModule, names: list[st
                     break
                 take = lambda t: t[start:start + chunk] if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == n_rows else t
                 a = tuple(take(t) for t in args)
-                ref = _Collect(float_gm, float_want)
+                ref = NodeOutputs(float_gm, float_want)
                 ref.run(*a)
-                sim = _Collect(quant_gm, quant_want)
+                sim = NodeOutputs(quant_gm, quant_want)
                 sim.run(*a)
                 for name in names:
                     if name in ref.values and name in sim.values and ref.values[name].shape == sim.values[name].shape:

@@ -67,6 +67,13 @@ def _tensor(tensors: dict[str, torch.Tensor], index: dict[str, Any], key: str, t
     return key
 
 
+def _op_record(op: str, node: fx.Node, module: nn.Module, attrs: tuple[str, ...], names: tuple[str, ...],
+               tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> dict[str, Any]:
+    """The record of an integer op: its attributes and its named tensors (stored in the tensor file)."""
+    return {"op": op, "attrs": {k: getattr(module, k) for k in attrs},
+            "tensors": {k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k)) for k in names}}
+
+
 def _quantizer_record(node: fx.Node, module: Quantize, tensors: dict, index: dict) -> dict[str, Any]:
     p = module.params
     record: dict[str, Any] = {
@@ -118,25 +125,17 @@ def export_qpack(simulated: fx.GraphModule, plan: Plan, target: Any, path: str |
                               tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
                                        for k in IntegerKernel.TENSORS})
             elif isinstance(module, IntegerAdd):
-                record.update(op="add_int", attrs={k: getattr(module, k) for k in ADD_ATTRS},
-                              tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
-                                       for k in IntegerAdd.TENSORS})
+                record.update(_op_record("add_int", node, module, ADD_ATTRS, IntegerAdd.TENSORS, tensors, index))
             elif isinstance(module, IntegerMatmul):
-                record.update(op="matmul_int", attrs={k: getattr(module, k) for k in MATMUL_ATTRS},
-                              tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
-                                       for k in IntegerMatmul.TENSORS})
+                record.update(_op_record("matmul_int", node, module, MATMUL_ATTRS, IntegerMatmul.TENSORS, tensors, index))
             elif isinstance(module, IntegerScale):
-                record.update(op="scale_int", attrs={k: getattr(module, k) for k in SCALE_ATTRS},
-                              tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
-                                       for k in IntegerScale.TENSORS})
+                record.update(_op_record("scale_int", node, module, SCALE_ATTRS, IntegerScale.TENSORS, tensors, index))
             elif isinstance(module, IntegerEmbedding):
                 record.update(op="embedding_int",
                               tensors={"table": _tensor(tensors, index, f"{node.name}.table", module.table)})
             elif isinstance(module, IntegerLayerNorm):
                 names = IntegerLayerNorm.TENSORS + (("in_gain",) if module.in_gain_bits else ())
-                record.update(op="layer_norm_int", attrs={k: getattr(module, k) for k in LAYER_NORM_ATTRS},
-                              tensors={k: _tensor(tensors, index, f"{node.name}.{k}", getattr(module, k))
-                                       for k in names})
+                record.update(_op_record("layer_norm_int", node, module, LAYER_NORM_ATTRS, names, tensors, index))
             elif isinstance(module, IntegerSoftmax):
                 record.update(op="softmax_int", attrs={k: getattr(module, k) for k in SOFTMAX_ATTRS},
                               tensors={"exp_table": _tensor(tensors, index, f"{node.name}.exp_table", module.exp_table)})
