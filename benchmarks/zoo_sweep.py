@@ -15,13 +15,21 @@ identity statistics of a fresh model), then
 A model passes when both hold. Failures are tabulated by error class (the exception type and
 the pass it came from). Models whose float forward fails at the sweep's input size are built at
 their own default size; models that fail even in float are listed apart and not counted.
+
+The models are independent, so `--executor ray` runs them as Ray tasks (one CPU and one torch
+thread each; a local Ray instance, or the cluster named by RAY_ADDRESS). `--log FILE` appends
+each model's row as one JSON line as it finishes and `--resume` skips the models already in it,
+so a sweep that lasts hours survives an interruption.
 """
 from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import gc
+import json
 import math
+import os
 import random
 import signal
 import sys
@@ -250,6 +258,49 @@ def report(rows: list[Row], top: str, args) -> str:
     return "\n".join(lines)
 
 
+def _sweep_task(name: str, size: int, max_params: float, seconds: int) -> Row | None:
+    """One model in a Ray worker: its own timeout alarm (tasks run on the worker's main thread)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGALRM, _alarm)
+    warnings.filterwarnings("ignore")
+    return sweep_one(name, size, max_params, seconds)
+
+
+def run_rows(names: list[str], args, done: dict[str, Row | None]):
+    """(name, row) for every name not in `done`, here or on Ray, as each model finishes."""
+    todo = [n for n in names if n not in done]
+    if args.executor == "local":
+        for name in todo:
+            yield name, sweep_one(name, args.size, args.max_params, args.timeout)
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    task = ray.remote(num_cpus=1, max_retries=0)(_sweep_task)
+    pending = {task.remote(n, args.size, args.max_params, args.timeout): n for n in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(ready[0])
+        try:
+            yield name, ray.get(ready[0])
+        except Exception as exc:    # the worker died (out of memory, a crash in native code)
+            yield name, Row(name, float("nan"), args.size, "compile", f"worker lost: {type(exc).__name__}")
+
+
+def read_log(path: str | None) -> dict[str, Row | None]:
+    """name -> row (None: over the parameter limit) from a log written by an earlier run."""
+    if not path or not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path) as f:
+        for line in f:
+            item = json.loads(line)
+            done[item["name"]] = Row(**item["row"]) if item["row"] else None
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = parser(__file__, __doc__.splitlines()[0])
@@ -260,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="", help="comma-separated timm names instead of the zoo")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="ray: one task per model on a local Ray instance or RAY_ADDRESS's cluster")
+    ap.add_argument("--log", default=None, help="append every model's row here as a JSON line")
+    ap.add_argument("--resume", action="store_true", help="skip the models already in --log")
     args = ap.parse_args(argv)
     if args.quick:
         args.models = args.models or "resnet10t,mobilenetv3_small_050"
@@ -270,13 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     # The header (commit, load) is taken before the run, which can last hours.
     top = header("timm zoo sweep: capture, fold_bn and an npu-int8 compile", __file__, argv, passes=None,
                  notes=[__doc__.split("\n\n", 1)[1].strip()])
-    rows = []
-    for name in candidates(args.max_params, args.sample, args.seed, [m for m in args.models.split(",") if m]):
-        row = sweep_one(name, args.size, args.max_params, args.timeout)
-        if row is None:
-            continue
-        rows.append(row)
-        print(f"{row.name:45s} {row.status:8s} {row.seconds:6.1f}s {row.error[:100]}", file=sys.stderr, flush=True)
+    names = candidates(args.max_params, args.sample, args.seed, [m for m in args.models.split(",") if m])
+    done = read_log(args.log) if args.resume else {}
+    log = open(args.log, "a" if args.resume else "w") if args.log else None
+    for name, row in run_rows(names, args, done):
+        done[name] = row
+        if log:
+            log.write(json.dumps({"name": name, "row": dataclasses.asdict(row) if row else None}) + "\n")
+            log.flush()
+        if row is not None:
+            print(f"{row.name:45s} {row.status:8s} {row.seconds:6.1f}s {row.error[:100]}", file=sys.stderr, flush=True)
+    rows = [done[n] for n in names if done.get(n) is not None]
     emit(report(rows, top, args), out_path(__file__, args))
     return 0
 
