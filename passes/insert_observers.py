@@ -6,7 +6,10 @@ t's users now read; the stubs of one group share one observer, so a shared-scale
 covers all its tensors. Weights need no observer: `convert` quantizes them from the tensor itself.
 
 The observer is chosen per group from the user's `observer` argument (a name, or a dict keyed by
-node name, op kind or "default"), then the spec's `observer`, then `DEFAULT_OBSERVER`.
+node name, op kind or "default"), then the spec's `observer`, then `DEFAULT_OBSERVER`. A group
+at one of the graph's ports that `ctx.options.boundary` names (a part of a model compiled in
+parts, `qcompiler.partition`) takes the observer given there, calibrated on everything the
+tensor carries between the parts and fixed.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import fx
 
 from ..context import CompileContext
 from ..errors import QCompileError
+from ..fx_util import port_node
 from ..observers import OBSERVERS, make_observer
 from ..quantizers import ObserverStub
 
@@ -24,14 +28,20 @@ DEFAULT_OBSERVER = "mse"
 
 def observer_name(group: Any, ctx: CompileContext) -> str:
     choice = ctx.options.observer
-    if isinstance(choice, str):
-        return choice
     if isinstance(choice, dict):
-        for key in (*group.tensors, group.owner, group.op_kind, "default"):
+        for key in (*group.tensors, group.owner, group.op_kind):
             if key in choice:
                 return choice[key]
-    spec_default = getattr(ctx.target, "observer", None)
-    return spec_default or DEFAULT_OBSERVER
+    return default_observer_name(choice, ctx.target)
+
+
+def default_observer_name(choice: Any, spec: Any) -> str:
+    """The observer of a group that `choice` (the observer option) does not name by node or kind."""
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict) and "default" in choice:
+        return choice["default"]
+    return getattr(spec, "observer", None) or DEFAULT_OBSERVER
 
 
 def _check_observer_choice(choice: Any) -> None:
@@ -43,14 +53,27 @@ def _check_observer_choice(choice: Any) -> None:
             raise QCompileError(f"unknown observer {name!r}; known observers: {', '.join(OBSERVERS)}")
 
 
+def boundary_observers(gm: fx.GraphModule, ctx: CompileContext) -> dict[int, Any]:
+    """group id -> the observer `ctx.options.boundary` gives the group's port (the first port's,
+    if a group holds several)."""
+    found: dict[int, Any] = {}
+    for port, observer in (ctx.options.boundary or {}).items():
+        node = port_node(gm, port)
+        group = node.meta.get("group") if node is not None else None
+        if group is not None:
+            found.setdefault(group, observer)
+    return found
+
+
 def insert_observers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     _check_observer_choice(ctx.options.observer)
     nodes = {n.name: n for n in gm.graph.nodes}
     ctx.observers = {}
+    fixed = boundary_observers(gm, ctx)
     for group in ctx.groups:
         if group.kind != "activation" or group.fallback:
             continue
-        observer = make_observer(observer_name(group, ctx))
+        observer = fixed[group.id] if group.id in fixed else make_observer(observer_name(group, ctx))
         ctx.observers[group.id] = observer
         for name in group.tensors:
             node = nodes[name]

@@ -25,8 +25,15 @@ def capture(model: Any, example_inputs: Any, leaf_modules: Any = (), concrete_ar
     return capture_module(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
 
-def load(path: Any) -> CompiledModel:
-    """Load a model saved with `CompiledModel.save` (JSON + safetensors; no code is loaded)."""
+def load(path: Any, model: Any = None) -> Any:
+    """Load a model saved with `CompiledModel.save` (JSON + safetensors; no code is loaded).
+
+    A model compiled in parts (`PartitionedModel.save`) needs `model`, the float model it was
+    compiled from: its forward runs the code around the parts, which a save never holds."""
+    from .partition import is_partitioned_save, load_partitioned
+
+    if is_partitioned_save(path):
+        return load_partitioned(path, model)
     return load_compiled(path)
 
 

@@ -20,6 +20,7 @@ from .context import CompileContext, as_input_tuple
 from .errors import CaptureError, QCompileError
 from .executor import check_executor, map_tasks
 from .options import CompileOptions
+from .passes.insert_observers import default_observer_name
 from .pass_manager import PassManager, PassRun
 from .plan_check import check_plan
 from .quality_search import compile_to_quality, read_quality_target
@@ -229,21 +230,23 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
     if not items:
         raise QCompileError("calibration data is empty: give at least one batch of what the model's forward takes")
 
-    def compile_one(part: nn.Module, first: tuple, inputs: list[tuple], path: str) -> CompiledModel:
+    def compile_one(part: nn.Module, first: tuple, inputs: list[tuple], path: str, ports: dict) -> CompiledModel:
         part_options = {**options, "leaf_modules": relative_leaves(options["leaf_modules"], path)}
         return _compile_whole(part, first, target=spec, calib_data=inputs, budget=None, plan_check=False,
-                              concrete_args=None, host_fallback=False, validation_data=None, **part_options)
+                              concrete_args=None, host_fallback=False, validation_data=None, boundary=ports,
+                              **part_options)
 
-    return compile_parts(model, partition, items, compile_one, spec)
+    return compile_parts(model, partition, items, compile_one, spec, default_observer_name(options["observer"], spec))
 
 
 def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any, budget: Any,
                    observer: Any, passes: Any, progress: bool, seed: int, leaf_modules: Sequence[Any],
                    concrete_args: Any, sensitivity: Any, host_fallback: bool, reconstruction: Any,
                    plan_check: bool | None, validation_data: Any, threads: int | None,
-                   target_quality: Any = None, effort: str = "default", executor: str = "local") -> CompiledModel:
+                   target_quality: Any = None, effort: str = "default", executor: str = "local",
+                   boundary: dict | None = None) -> CompiledModel:
     check_inputs(model, example_inputs)
-    options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback,
+    options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback, boundary=boundary,
                              leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
                              seed=seed, threads=threads, effort=effort, executor=executor,
                              **({"sensitivity": sensitivity} if sensitivity is not None else {}),

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:
@@ -43,6 +43,22 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     snap = copy_sharing_tensors(gm)
     snap.meta = dict(getattr(gm, "meta", {}))
     return snap
+
+
+def port_node(gm: fx.GraphModule, port: str) -> fx.Node | None:
+    """The node at a graph's port: "input:i" is the i-th placeholder, "output:j" the j-th tensor
+    of what the graph returns (in pytree order, as the forward's value flattens)."""
+    kind, _, index = port.partition(":")
+    if kind == "input":
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    elif kind == "output":
+        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        nodes = list(tree_leaves(out.args[0])) if out.args else []
+    else:
+        raise ValueError(f"a port is 'input:i' or 'output:j', got {port!r}")
+    i = int(index)
+    node = nodes[i] if 0 <= i < len(nodes) else None
+    return node if isinstance(node, fx.Node) else None
 
 
 def tree_map_detach(value: Any) -> Any:

@@ -552,6 +552,33 @@ OBSERVERS: dict[str, type[Observer]] = {
 OBSERVER_NAMES: tuple[str, ...] = tuple(OBSERVERS)
 
 
+class FixedObserver(Observer):
+    """A calibrated observer that later data does not change: the one quantizer of a tensor that
+    several compiled graphs share (`qcompiler.partition`) is calibrated once, on every value it
+    carries, and each graph's compile reads it as it is."""
+
+    def __init__(self, observer: Observer) -> None:
+        super().__init__(axis=observer.axis, label=observer.label)
+        self.observer = observer
+        self.kind = observer.kind
+        self.num_channels, self.batches = observer.num_channels, observer.batches
+
+    def update(self, x: Tensor) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def compute_range(self, fmt: Format | None = None) -> tuple[Tensor, Tensor]:
+        return self.observer.compute_range(fmt)
+
+    def compute_qparams(self, fmt: Format) -> QParams:
+        return self.observer.compute_qparams(fmt)
+
+    def __repr__(self) -> str:
+        return f"FixedObserver({self.observer!r})"
+
+
 def make_observer(name: str, axis: int | None = None, **kw: Any) -> Observer:
     """A new observer by registry name, e.g. make_observer("percentile", percentile=99.9)."""
     if name not in OBSERVERS:

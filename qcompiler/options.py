@@ -74,6 +74,9 @@ class CompileOptions:
         unless `qcompile(plan_check=True)` asks for it.
     executor: "local" or "ray": where independent measurements (the sensitivity of many groups)
         run (`qcompiler.executor`). The results are those of one process on one thread per task.
+    boundary: set by `qcompiler.partition` for a part of a larger model: the observer of the
+        quantizer group at each of the graph's ports ("input:i", a placeholder; "output:j", the
+        j-th tensor of the output), shared with the parts the tensor passes to or comes from.
     """
 
     observer: str | Mapping[str, str] | None = None
@@ -89,6 +92,7 @@ class CompileOptions:
     threads: int | None = field(default=None, compare=False)
     effort: str = "default"
     executor: str = field(default="local", compare=False)
+    boundary: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.effort not in EFFORTS:

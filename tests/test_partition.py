@@ -1,0 +1,126 @@
+"""A model compiled in parts (qcompiler/partition.py): a tensor one part hands to another is
+quantized once, and the partitioned model saves, loads and draws as one.
+
+The model's root loops over a list of images, which torch.fx cannot trace, so qcompile splits
+it into `body`, `head` and `side`. `body`'s two outputs, of different ranges, both go straight
+into `head`, so all three ports are one tensor boundary with one quantizer; `side` reads a value
+the host computed, so its input is not a boundary.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qcompiler
+from qcompiler.errors import ArtifactError
+from qcompiler.formats import qparams_from_range
+from qcompiler.partition import PartitionedModel, same_quantizer
+
+
+class Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        f = self.conv2(torch.relu(self.conv(x)))
+        return f, 3 * self.conv3(f)
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Loopy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.side = Body(), Head(), Head()
+
+    def forward(self, images):
+        out = []
+        for x in images:                       # iteration over an input list: the root cannot be traced
+            fine, coarse = self.body(x)
+            out.append(self.head(fine).mean() + self.head(coarse).mean() + self.side(fine * 0.5))
+        return out
+
+
+def batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(2, 3, 12, 12, generator=g) for _ in range(2)] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    model = Loopy().eval()
+    calib = batches(4, 1)
+    c = qcompiler.qcompile(model, calib[0], target="npu-int8", calib_data=calib, observer="minmax", progress=False)
+    return model, calib, c
+
+
+def test_a_tensor_passed_between_parts_has_one_quantizer(compiled):
+    model, calib, c = compiled
+    assert isinstance(c, PartitionedModel) and c.partition.parts == ["body", "head", "side"]
+    assert [b.ports for b in c.boundaries] == [[("body", "output:0"), ("body", "output:1"), ("head", "input:0")]]
+    out_q, in_q = c.port_quantizer("body", "output:0"), c.port_quantizer("head", "input:0")
+    assert same_quantizer(out_q, in_q) and same_quantizer(c.port_quantizer("body", "output:1"), in_q)
+    # side reads f * 0.5, a host value: its input quantizer is its own.
+    assert not same_quantizer(out_q, c.port_quantizer("side", "input:0"))
+    # The one quantizer's range is what a min-max observer gives over every value body produced
+    # (both outputs, both images of every calibration batch), computed here independently.
+    with torch.no_grad():
+        values = torch.cat([t.flatten() for batch in calib for x in batch for t in model.body(x)])
+    fmt = c.parts["head"].plan.group(c.parts["head"].simulated.graph.find_nodes(op="placeholder")[0]
+                                     .meta["group"]).format
+    expected = qparams_from_range(fmt, values.min(), values.max())
+    torch.testing.assert_close(in_q[1].scale, expected.scale, rtol=0, atol=0)
+    torch.testing.assert_close(in_q[1].zero_point, expected.zero_point, rtol=0, atol=0)
+    # Quantized once: head's input quantizer maps body's compiled output onto itself.
+    x = batches(1, 7)[0][0]
+    with torch.no_grad():
+        produced = c.parts["body"](x)[1]
+        head_gm = c.parts["head"].simulated
+        stub = next(n for n in head_gm.graph.nodes if n.op == "call_module" and n.args
+                    and n.args[0].op == "placeholder")
+        torch.testing.assert_close(head_gm.get_submodule(stub.target)(produced), produced, rtol=0, atol=0)
+    assert "body[output:0] -> body[output:1] -> head[input:0]: one quantizer" in c.report()
+
+
+def test_a_partitioned_model_saves_loads_and_draws_as_one(compiled, tmp_path):
+    model, _, c = compiled
+    c.save(tmp_path / "saved")
+    with pytest.raises(ArtifactError, match=r"qcompiler.load\(path, model=float_model\)"):
+        qcompiler.load(tmp_path / "saved")
+    loaded = qcompiler.load(tmp_path / "saved", model=model)
+    assert isinstance(loaded, PartitionedModel) and loaded.partition.parts == c.partition.parts
+    assert [b.ports for b in loaded.boundaries] == [b.ports for b in c.boundaries]
+    images = batches(1, 9)[0]
+    with torch.no_grad():
+        for a, b in zip(c(images), loaded(images)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "one quantizer" in loaded.report()
+    # A save into a directory that holds something else is refused, nothing overwritten.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not an empty directory"):
+        c.save(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+    class Other(nn.Module):
+        def forward(self, images):
+            return images
+
+    with pytest.raises(ArtifactError, match="does not have"):
+        qcompiler.load(tmp_path / "saved", model=Other())
+    # One drawing per part, named after it.
+    written = c.render(tmp_path / "parts.dot")
+    assert [p.rsplit("/", 1)[1] for p in written] == ["parts.body.dot", "parts.head.dot", "parts.side.dot"]
+    assert all("digraph" in open(p).read() for p in written)
