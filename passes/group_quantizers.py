@@ -25,10 +25,12 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
 from ..attention import softmax_mask
 from ..context import CompileContext
 from ..errors import GroupingError
+from ..fx_util import port_node
 from ..groups import QuantizerGroup, Tie
 from ..opkinds import META
 from ..tracing import source_line
@@ -167,7 +169,7 @@ def group_quantizers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         for m in members:
             m.meta["group"] = group.id
     _add_weight_groups(g, nodes, groups, spec)
-    _apply_min_bits(g, nodes, groups, spec)
+    _apply_min_bits(g, nodes, groups, spec, set(ctx.options.boundary or ()))
     ctx.groups = groups
     ctx.ties = _ties(g, nodes, groups, spec)
     return gm
@@ -231,15 +233,27 @@ def _weighted_kernels(nodes: list[fx.Node]) -> list[fx.Node]:
     return [n for n in nodes if "weight_group" in n.meta]
 
 
-def _apply_min_bits(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup], spec: Any) -> None:
+def _apply_min_bits(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup], spec: Any,
+                    boundary: set[str]) -> None:
+    """min_bits couplings at the model's first layer, last layer and outputs. In a part of a model
+    compiled in parts, ports that other parts feed or read (`boundary`) are not the model's ends:
+    a part whose every input comes from another part has no first layer of the model, and so on."""
     kernels = _weighted_kernels(nodes)
     if not kernels:
         return
+    inputs = [f"input:{i}" for i, n in enumerate(n for n in nodes if n.op == "placeholder")]
+    outputs = _output_ports(g.gm)
+    inner = {"first": bool(inputs) and all(p in boundary for p in inputs),
+             "last": bool(outputs) and all(p in boundary for p in outputs)}
     for coupling in spec.couplings:
         if coupling.kind != "min_bits":
             continue
         if coupling.where == "output":
-            _narrow(groups, _output_groups(nodes), coupling, "the model's outputs")
+            inner_groups = {port_node(g.gm, p).meta.get("group") for p in outputs if p in boundary}
+            _narrow(groups, [gid for gid in _output_groups(nodes) if gid not in inner_groups], coupling,
+                    "the model's outputs")
+            continue
+        if inner.get(coupling.where):
             continue
         kernel = kernels[0] if coupling.where == "first" else kernels[-1]
         touched: list[int] = []
@@ -256,6 +270,13 @@ def _apply_min_bits(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup
                 if "group" in last.meta:
                     touched.append(last.meta["group"])
         _narrow(groups, touched, coupling, f"the {coupling.where} layer ({kernel.name})")
+
+
+def _output_ports(gm: fx.GraphModule) -> list[str]:
+    """"output:j" for every tensor the graph returns."""
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    leaves = tree_leaves(out.args[0]) if out is not None and out.args else []
+    return [f"output:{j}" for j, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)]
 
 
 def _output_groups(nodes: list[fx.Node]) -> list[int]:

@@ -258,6 +258,43 @@ def build_problem(gm: fx.GraphModule, spec: TargetSpec, groups: Sequence[Quantiz
     return AllocationProblem(candidates=free, bits=bits, sensitivity=sens, costs=costs, defaults=defaults, ties=bit_ties)
 
 
+def combine_problems(problems: Sequence[AllocationProblem], equal: Sequence[Sequence[tuple[int, int]]] = ()
+                     ) -> tuple[AllocationProblem, list[dict[int, int]]]:
+    """One program over the groups of several graphs (the parts of a model compiled in parts,
+    `qcompiler.partition`): their costs and sensitivities add up. Group g of problem i becomes
+    `offset_i + g`; each set in `equal` (pairs (problem index, group id), one tensor quantized
+    in several graphs) must take equal bits. Returns the program and, per problem, new id -> its id."""
+    metrics = set(problems[0].costs) if problems else set()
+    if any(set(p.costs) != metrics for p in problems):
+        raise BudgetError("the parts' problems have different cost metrics")
+    offsets, owners, start = [], [], 0
+    for p in problems:
+        offsets.append(start)
+        ids = set(p.bits) | set(p.candidates)
+        owners.append({start + g: g for g in ids})
+        start += max(ids, default=-1) + 1
+    candidates, bits, sensitivity, defaults, ties = {}, {}, {}, {}, []
+    costs = {m: CostTable(0.0, {}) for m in metrics}
+    for p, off in zip(problems, offsets):
+        candidates.update({off + g: c for g, c in p.candidates.items()})
+        bits.update({off + g: dict(b) for g, b in p.bits.items()})
+        sensitivity.update({off + g: dict(v) for g, v in p.sensitivity.items()})
+        defaults.update({off + g: d for g, d in p.defaults.items()})
+        ties += [BitTie(t.kind, tuple(off + g for g in t.groups), t.weight_bits, t.activation_bits) for t in p.ties]
+        for m in metrics:
+            table = p.costs[m]
+            merged = costs[m]
+            factors = dict(merged.factors)
+            factors.update({tuple(off + g for g in gids): dict(v) for gids, v in table.factors.items()})
+            costs[m] = CostTable(merged.constant + table.constant, factors)
+    for pairs in equal:
+        groups = tuple(dict.fromkeys(offsets[i] + g for i, g in pairs))
+        if len(groups) > 1:
+            ties.append(BitTie("equal_bits", groups))
+    return AllocationProblem(candidates=candidates, bits=bits, sensitivity=sensitivity, costs=costs,
+                             defaults=defaults, ties=tuple(ties)), owners
+
+
 # ---------------------------------------------------------------------------------------------
 # Solving
 # ---------------------------------------------------------------------------------------------

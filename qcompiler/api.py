@@ -12,13 +12,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .allocation import check_metrics
+from .allocation import absolute_budgets, build_problem, check_metrics, combine_problems, solve_allocation
 from .allocator import reuse_freed_memory
 from .calibration import as_channels_last, calibration_batches
 from .compiled import CompiledModel
 from .context import CompileContext, as_input_tuple
 from .errors import CaptureError, QCompileError
 from .executor import check_executor, map_tasks
+from .fx_util import port_node
 from .options import CompileOptions
 from .passes.insert_observers import default_observer_name
 from .pass_manager import PassManager, PassRun
@@ -216,13 +217,12 @@ def _root_untraceable(model: Any, leaf_modules: Sequence[Any], concrete_args: di
 
 def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, calib_data: Any,
                          split: Sequence[str] | None, *, budget: Any, **options: Any) -> Any:
-    """Compile the traceable parts of `model` (see `qcompiler.partition`)."""
+    """Compile the traceable parts of `model` (see `qcompiler.partition`); a budget spans them all."""
     from .partition import compile_parts, find_partition, relative_leaves
 
-    if budget is not None:
-        raise QCompileError("a budget over a model compiled in parts is not supported yet: compile with a uniform "
-                            "target, or give each part its own budget by compiling it alone")
     spec = load_spec(target)
+    if budget is not None:
+        check_metrics(spec, budget)
     partition = find_partition(model, options["leaf_modules"], split)
     if calib_data is None:
         calib_data = [example_inputs]
@@ -230,13 +230,55 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
     if not items:
         raise QCompileError("calibration data is empty: give at least one batch of what the model's forward takes")
 
-    def compile_one(part: nn.Module, first: tuple, inputs: list[tuple], path: str, ports: dict) -> CompiledModel:
-        part_options = {**options, "leaf_modules": relative_leaves(options["leaf_modules"], path)}
-        return _compile_whole(part, first, target=spec, calib_data=inputs, budget=None, plan_check=False,
-                              concrete_args=None, host_fallback=False, validation_data=None, boundary=ports,
-                              **part_options)
+    def part_options(job: Any) -> dict[str, Any]:
+        return {**options, "leaf_modules": relative_leaves(options["leaf_modules"], job.path), "boundary": job.ports}
 
-    return compile_parts(model, partition, items, compile_one, spec, default_observer_name(options["observer"], spec))
+    def compile_all(jobs: list[Any], boundaries: list[Any]) -> dict[str, CompiledModel]:
+        if budget is not None:
+            return _compile_parts_to_budget(jobs, boundaries, spec, budget, part_options)
+        return {job.path: _compile_whole(job.module, job.inputs[0], target=spec, calib_data=job.inputs, budget=None,
+                                         plan_check=False, concrete_args=None, host_fallback=False,
+                                         validation_data=None, **part_options(job))
+                for job in jobs}
+
+    return compile_parts(model, partition, items, compile_all, spec, default_observer_name(options["observer"], spec))
+
+
+def _compile_parts_to_budget(jobs: list[Any], boundaries: list[Any], spec: TargetSpec, budget: Any,
+                             part_options: Any) -> dict[str, CompiledModel]:
+    """Every part through `sensitivity`, one bit-allocation program over all their groups (a
+    tensor passed between parts takes one bit width), then each part finished with its share."""
+
+    runs = []
+    for job in jobs:
+        settings = part_options(job)
+        passes = settings.pop("passes")
+        manager = pipeline(passes, budget=True)
+        options = _options(budget=budget, host_fallback=False, concrete_args=None, **settings)
+        runs.append((manager, start_run(manager, job.module, job.inputs[0], spec, job.inputs, options,
+                                        stop="sensitivity")))
+    problems = [build_problem(run.gm, spec, run.ctx.groups, run.ctx.ties, run.ctx.sensitivity, list(budget))
+                for _, run in runs]
+    index = {job.path: i for i, job in enumerate(jobs)}
+    equal = []
+    for b in boundaries:
+        pairs = []
+        for path, port in b.ports:
+            node = port_node(runs[index[path]][1].gm, port)
+            if node is not None and node.meta.get("group") is not None:
+                pairs.append((index[path], node.meta["group"]))
+        equal.append(pairs)
+    problem, owners = combine_problems(problems, equal)
+    result = solve_allocation(problem, absolute_budgets(problem, budget),
+                              time_limit=runs[0][1].ctx.options.allocation_time_limit)
+    compiled = {}
+    for job, (manager, run), owned in zip(jobs, runs, owners):
+        run.ctx.allocation.update({owned[g]: c for g, c in result.choice.items() if g in owned})
+        run.ctx.allocation_problem, run.ctx.allocation_result = problem, result
+        run.ctx.note("allocate_bits", f"one program over all {len(jobs)} parts: {result.summary()}")
+        after = manager.names[manager.names.index("allocate_bits") + 1]
+        compiled[job.path] = CompiledModel.from_run(resume(manager, run=run, start=after))
+    return compiled
 
 
 def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_data: Any, budget: Any,
@@ -246,11 +288,10 @@ def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_
                    target_quality: Any = None, effort: str = "default", executor: str = "local",
                    boundary: dict | None = None) -> CompiledModel:
     check_inputs(model, example_inputs)
-    options = CompileOptions(observer=observer, budget=budget, host_fallback=host_fallback, boundary=boundary,
-                             leaf_modules=tuple(leaf_modules), concrete_args=concrete_args, progress=progress,
-                             seed=seed, threads=threads, effort=effort, executor=executor,
-                             **({"sensitivity": sensitivity} if sensitivity is not None else {}),
-                             **({"reconstruction": reconstruction} if reconstruction is not None else {}))
+    options = _options(observer=observer, budget=budget, host_fallback=host_fallback, boundary=boundary,
+                       leaf_modules=leaf_modules, concrete_args=concrete_args, progress=progress, seed=seed,
+                       threads=threads, effort=effort, executor=executor, sensitivity=sensitivity,
+                       reconstruction=reconstruction)
     if target_quality is not None:
         spec = load_spec(target)
         wanted = read_quality_target(target_quality, spec)
@@ -268,6 +309,13 @@ def _compile_whole(model: nn.Module, example_inputs: Any, *, target: Any, calib_
     finished = check_plan(run, lambda r: resume(manager, run=r, start=manager.names[manager.names.index("allocate_bits") + 1]),
                           run.float_graph or model, _validation_batches(run, validation_data, "plan_check"))
     return CompiledModel.from_run(finished)
+
+
+def _options(*, sensitivity: Any, reconstruction: Any, leaf_modules: Sequence[Any], **settings: Any) -> CompileOptions:
+    """CompileOptions from qcompile's keywords (None leaves a setting at its default)."""
+    return CompileOptions(leaf_modules=tuple(leaf_modules), **settings,
+                          **({"sensitivity": sensitivity} if sensitivity is not None else {}),
+                          **({"reconstruction": reconstruction} if reconstruction is not None else {}))
 
 
 def _validation_batches(run: PassRun, validation_data: Any, who: str) -> list[tuple[Any, ...]]:

@@ -24,7 +24,11 @@ quantizer maps the producer's quantized output onto itself. `PartitionedModel.sa
 parts and the partition as data; `load_partitioned` installs them into the user's float model,
 whose forward is the host code (an artifact never holds code).
 
-Not yet: the parts do not share one mixed-precision budget.
+With a budget, every part runs through `sensitivity`, one bit-allocation program covers the
+groups of all parts (their costs add up; a boundary's groups take equal bits), and each part
+finishes with its share of the plan (`qcompiler.api._compile_parts_to_budget`). The parts'
+sensitivities are each measured at their own outputs and summed, an approximation of their
+effect on the model's output; the plan check of a whole-graph compile is not run.
 """
 from __future__ import annotations
 
@@ -450,19 +454,29 @@ def load_partitioned(path: str | os.PathLike[str], model: nn.Module | None) -> P
     return PartitionedModel(root, parts, partition, next(iter(parts.values())).target, boundaries)
 
 
+@dataclass
+class PartJob:
+    """One part to compile: its module, what it received on every call, and the fixed observers
+    of its ports that are boundaries ("input:i" / "output:j" -> observer)."""
+
+    path: str
+    module: nn.Module
+    inputs: list[tuple]
+    ports: dict[str, Any]
+
+
 def compile_parts(model: nn.Module, partition: Partition, calib_items: Sequence[Any],
-                  compile_one: Callable[[nn.Module, tuple, list[tuple], str, dict[str, Any]], Any], target: Any,
+                  compile_all: Callable[[list[PartJob], list[Boundary]], dict[str, Any]], target: Any,
                   observer_name: str) -> PartitionedModel:
     """Compile every part on what it receives from `calib_items`, each tensor passed between two
     parts with one quantizer; install the parts in a copy of model."""
     traffic = record_traffic(model, partition.parts, calib_items)
     boundaries = calibrate_boundaries(traffic.shared, observer_name)
+    jobs = [PartJob(path, model.get_submodule(path), traffic.inputs[path],
+                    {port: b.observer for b in boundaries for p, port in b.ports if p == path})
+            for path in partition.parts]
+    compiled = compile_all(jobs, boundaries)
     root = copy_sharing_tensors(model)
-    compiled = {}
     for path in partition.parts:
-        part = model.get_submodule(path)
-        inputs = traffic.inputs[path]
-        ports = {port: b.observer for b in boundaries for p, port in b.ports if p == path}
-        compiled[path] = compile_one(part, inputs[0], inputs, path, ports)
         set_submodule(root, path, compiled[path])
-    return PartitionedModel(root, compiled, partition, target, boundaries)
+    return PartitionedModel(root, {p: compiled[p] for p in partition.parts}, partition, target, boundaries)

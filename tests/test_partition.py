@@ -8,12 +8,15 @@ the host computed, so its input is not a boundary.
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
 import qcompiler
-from qcompiler.errors import ArtifactError
+from qcompiler.allocation import AllocationProblem, CostTable, combine_problems, solve_allocation
+from qcompiler.errors import ArtifactError, BudgetError
 from qcompiler.formats import qparams_from_range
 from qcompiler.partition import PartitionedModel, same_quantizer
 
@@ -124,3 +127,50 @@ def test_a_partitioned_model_saves_loads_and_draws_as_one(compiled, tmp_path):
     written = c.render(tmp_path / "parts.dot")
     assert [p.rsplit("/", 1)[1] for p in written] == ["parts.body.dot", "parts.head.dot", "parts.side.dot"]
     assert all("digraph" in open(p).read() for p in written)
+
+
+def test_one_budget_spans_every_part(compiled):
+    """npu-int4 with a weight-memory budget: one program over the groups of all parts. The
+    spec's 8-bit first and last layers are the model's ends only: body's last conv feeds head,
+    so it may take 4 bits; head's conv writes the model's output, so it may not."""
+    model, calib, _ = compiled
+    full = qcompiler.qcompile(model, calib[0], target="npu-int4", calib_data=calib, budget={"weight_memory": 1.0},
+                              progress=False)
+    c = qcompiler.qcompile(model, calib[0], target="npu-int4", calib_data=calib, budget={"weight_memory": 0.83},
+                           progress=False)
+    weights = {p: {g.owner: g for g in part.plan.groups if g.kind == "weight"} for p, part in c.parts.items()}
+    assert weights["body"]["conv3"].candidates == ("w8", "w4") and weights["head"]["conv"].candidates == ("w8",)
+    assert weights["body"]["conv"].candidates == ("w8",)           # reads the model's input
+    result = c.parts["body"]._run.ctx.allocation_result
+    problem = c.parts["body"]._run.ctx.allocation_problem
+    assert all(part._run.ctx.allocation_result is result for part in c.parts.values())
+    # The plan meets the budget as the parts' own costs add up, and is the program's optimum,
+    # checked by enumerating every plan of the joint program.
+    assert c.weight_memory_bytes == result.costs["weight_memory"] <= 0.83 * full.weight_memory_bytes
+    assert c.weight_memory_bytes < full.weight_memory_bytes
+    plans = [dict(zip(problem.candidates, combo)) for combo in itertools.product(*problem.candidates.values())]
+    feasible = [p for p in plans if problem.feasible_ties(p) and problem.cost("weight_memory", p) <= result.budgets["weight_memory"]]
+    assert len(feasible) < len(plans)                               # the budget binds
+    assert result.objective == pytest.approx(min(problem.objective(p) for p in feasible))
+    assert "one program over all 3 parts" in "\n".join(c.parts["head"]._run.ctx.notes["allocate_bits"])
+    with pytest.raises(BudgetError, match="smallest feasible value"):
+        qcompiler.qcompile(model, calib[0], target="npu-int4", calib_data=calib, budget={"weight_memory": 0.1},
+                           progress=False)
+
+
+def test_combined_problems_tie_a_boundary_to_one_bit_width():
+    """Two graphs' problems in one program: costs add, ids are offset, and a tensor quantized in
+    both (group 0 of each) takes one bit width."""
+    def one(sens4):
+        table = CostTable(10.0, {(0,): {("a8",): 8.0, ("a4",): 4.0}})
+        return AllocationProblem(candidates={0: ("a8", "a4")}, bits={0: {"a8": 8, "a4": 4}},
+                                 sensitivity={0: {"a8": 0.0, "a4": sens4}}, costs={"m": table}, defaults={0: "a8"})
+
+    problem, owners = combine_problems([one(1.0), one(100.0)], equal=[[(0, 0), (1, 0)]])
+    assert owners == [{0: 0}, {1: 0}] and problem.costs["m"].constant == 20.0
+    free = solve_allocation(combine_problems([one(1.0), one(100.0)])[0], {"m": 32.0})
+    assert free.choice == {0: "a4", 1: "a8"}                         # untied: the cheap one drops
+    tied = solve_allocation(problem, {"m": 32.0})                   # tied: both 4 bits or neither
+    assert tied.choice == {0: "a4", 1: "a4"} and tied.objective == 101.0
+    with pytest.raises(BudgetError):
+        solve_allocation(problem, {"m": 27.0})

@@ -94,8 +94,6 @@ def test_bad_splits_are_clear_errors(data):
         qcompiler.qcompile(model, (calib[0],), calib_data=calib, split=["head"], progress=False)
     with pytest.raises(QCompileError, match="overlap"):
         qcompiler.qcompile(model, (calib[0],), calib_data=calib, split=["backbone", "backbone.body"], progress=False)
-    with pytest.raises(QCompileError, match="budget over a model compiled in parts"):
-        qcompiler.qcompile(model, (calib[0],), calib_data=calib, budget={"weight_memory": 0.5}, progress=False)
 
 
 class NoTraceablePart(nn.Module):
