@@ -12,6 +12,10 @@ against the float detector on the same held-out images:
 - matched boxes: the share of the float detector's boxes that the compiled one also returns
   (same label, IoU >= 0.5), and the mean absolute score difference of the matched pairs.
 
+A tensor one part hands to another is quantized once (`PartitionedModel.boundary_table()`,
+listed under each partition); `--budget weight_memory=0.6` compiles with one budget over all
+parts (a fraction of the weight memory with every group at the target's default format).
+
 Random weights give near-uniform scores, so every detector is run with its score threshold at
 0 and at most 100 detections per image: the comparison covers its top boxes instead of an
 empty set. Detections of random weights are arbitrary; the figures say whether the compiled
@@ -105,18 +109,23 @@ def match_boxes(ref: list[dict], out: list[dict], iou: float = 0.5) -> tuple[flo
     return found / max(1, total), (sum(diffs) / len(diffs) if diffs else float("nan"))
 
 
-def measure(name: str, size: int, calib: list, held: list, target: str, passes: list) -> dict[str, Any]:
+def measure(name: str, size: int, calib: list, held: list, target: str, passes: list,
+            budget: dict[str, float] | None = None) -> dict[str, Any]:
     model = detector(name, size)
     path = DETECTORS[name][1]
     start = time.perf_counter()
-    compiled = qcompiler.qcompile(model, (calib[0],), target=target, calib_data=calib, passes=passes, progress=False)
+    compiled = qcompiler.qcompile(model, (calib[0],), target=target, calib_data=calib, passes=passes, budget=budget,
+                                  progress=False)
     seconds = time.perf_counter() - start
     ref_dets, ref_head = run_with_head(model, path, held)
     out_dets, out_head = run_with_head(compiled.root, path, held)
     matched, score_diff = match_boxes(ref_dets, out_dets)
     return {"compiled": compiled, "seconds": seconds, "head_sqnr_db": output_sqnr_db(ref_head, out_head),
             "matched": matched, "score_diff": score_diff, "boxes": sum(len(d["boxes"]) for d in ref_dets),
-            "parts": len(compiled.parts), "host": len(compiled.partition.host)}
+            "parts": len(compiled.parts), "host": len(compiled.partition.host),
+            "boundaries": len(compiled.boundaries),
+            "one_quantizer": sum("one quantizer" in line for line in compiled.boundary_table().splitlines()),
+            "weight_mib": compiled.weight_memory_bytes / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,25 +136,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=4, help="held-out batches of 2 images")
     ap.add_argument("--models", default=",".join(DETECTORS))
     ap.add_argument("--target", default="npu-int8")
+    ap.add_argument("--budget", default=None, help="one budget over all parts, e.g. weight_memory=0.6")
     args = ap.parse_args(argv)
+    budget = None
+    if args.budget:
+        metric, _, value = args.budget.partition("=")
+        budget = {metric: float(value)}
     if args.quick:
         args.size, args.calib, args.heldout = 128, 2, 1
     passes = pipeline(args.quick)
     top = header("Detectors compiled whole", __file__, argv, notes=[__doc__.split("\n\n", 1)[1].strip()])
     calib, held = images(args.calib, 2, args.size, 10), images(args.heldout, 2, args.size, 20)
     lines = [top, "", f"Target `{args.target}`; images {args.size}×{args.size} (each detector's transform then "
-             f"resizes as it defines); {2 * args.calib} calibration and {2 * args.heldout} held-out random images.", "",
-             "| detector | compiled parts | host modules | head SQNR (dB) | float boxes matched | mean score diff | "
-             "compile (s) |", "|---|---|---|---|---|---|---|"]
+             f"resizes as it defines); {2 * args.calib} calibration and {2 * args.heldout} held-out random images"
+             + (f"; budget {budget} over all parts" if budget else "") + ".", "",
+             "| detector | compiled parts | host modules | tensors between parts (one quantizer) | weight MiB | "
+             "head SQNR (dB) | float boxes matched | mean score diff | compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     partitions = []
     for name in [m for m in args.models.split(",") if m]:
-        r = measure(name, args.size, calib, held, args.target, passes)
-        lines.append(f"| {name} | {r['parts']} | {r['host']} | {r['head_sqnr_db']:.1f} | "
+        r = measure(name, args.size, calib, held, args.target, passes, budget)
+        lines.append(f"| {name} | {r['parts']} | {r['host']} | {r['boundaries']} ({r['one_quantizer']}) | "
+                     f"{r['weight_mib']:.2f} | {r['head_sqnr_db']:.1f} | "
                      f"{100 * r['matched']:.1f} % of {r['boxes']} | {r['score_diff']:.4f} | {r['seconds']:.0f} |")
-        partitions += ["", f"### {name}", "", "```", r["compiled"].partition.table(), "```"]
+        partitions += ["", f"### {name}", "", "```", r["compiled"].partition.table(), "",
+                       "tensors passed between parts:", r["compiled"].boundary_table(), "```"]
         print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", "## Partitions", "", "What each detector compiled as graphs and what ran on the host, with the "
-              "reason (`PartitionedModel.partition.table()`)."] + partitions
+              "reason (`PartitionedModel.partition.table()`), and the tensors passed between parts "
+              "(`boundary_table()`)."] + partitions
     emit("\n".join(lines), out_path(__file__, args))
     return 0
 
