@@ -145,10 +145,17 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         The model is the same either way.
     """
     def in_parts(parts: Sequence[str] | None) -> Any:
+        unsupported = [name for name, given in (("target_quality", target_quality is not None),
+                                                ("plan_check=True", plan_check is True),
+                                                ("validation_data", validation_data is not None)) if given]
+        if unsupported:
+            raise QCompileError(f"{type(model).__name__} is compiled in parts (its root cannot be traced, or split= "
+                                f"names the parts), which does not support {', '.join(unsupported)} yet: give a "
+                                "budget= instead, or compile a traceable submodule on its own")
         return _compile_partitioned(model, example_inputs, target, calib_data, parts, budget=budget, observer=observer,
                                     passes=passes, progress=progress, seed=seed, leaf_modules=leaf_modules,
                                     sensitivity=sensitivity, reconstruction=reconstruction, threads=threads,
-                                    effort=effort, executor=executor)
+                                    effort=effort, executor=executor, host_fallback=host_fallback)
 
     if split is not None:
         return in_parts(split)
@@ -162,8 +169,6 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         if budget is not None:
             raise QCompileError("give either budget= (a cost limit) or target_quality= (a quality to reach at "
                                 "the least cost), not both")
-        if split is not None:
-            raise QCompileError("target_quality is not supported for split models yet; compile the parts with a budget")
     try:
         return _compile_whole(model, example_inputs, target=target, calib_data=calib_data, budget=budget,
                               observer=observer, passes=passes, progress=progress, seed=seed,
@@ -230,12 +235,14 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
     if not items:
         raise QCompileError("calibration data is empty: give at least one batch of what the model's forward takes")
 
+    host_fallback = options.pop("host_fallback")
+
     def part_options(job: Any) -> dict[str, Any]:
         return {**options, "leaf_modules": relative_leaves(options["leaf_modules"], job.path), "boundary": job.ports}
 
     def compile_all(jobs: list[Any], boundaries: list[Any]) -> dict[str, CompiledModel]:
         if budget is not None:
-            return _compile_parts_to_budget(jobs, boundaries, spec, budget, part_options)
+            return _compile_parts_to_budget(jobs, boundaries, spec, budget, part_options, host_fallback)
         return {job.path: _compile_whole(job.module, job.inputs[0], target=spec, calib_data=job.inputs, budget=None,
                                          plan_check=False, concrete_args=None, host_fallback=False,
                                          validation_data=None, **part_options(job))
@@ -245,7 +252,7 @@ def _compile_partitioned(model: nn.Module, example_inputs: Any, target: Any, cal
 
 
 def _compile_parts_to_budget(jobs: list[Any], boundaries: list[Any], spec: TargetSpec, budget: Any,
-                             part_options: Any) -> dict[str, CompiledModel]:
+                             part_options: Any, host_fallback: bool) -> dict[str, CompiledModel]:
     """Every part through `sensitivity`, one bit-allocation program over all their groups (a
     tensor passed between parts takes one bit width), then each part finished with its share."""
 
@@ -254,11 +261,11 @@ def _compile_parts_to_budget(jobs: list[Any], boundaries: list[Any], spec: Targe
         settings = part_options(job)
         passes = settings.pop("passes")
         manager = pipeline(passes, budget=True)
-        options = _options(budget=budget, host_fallback=False, concrete_args=None, **settings)
+        options = _options(budget=budget, host_fallback=host_fallback, concrete_args=None, **settings)
         runs.append((manager, start_run(manager, job.module, job.inputs[0], spec, job.inputs, options,
                                         stop="sensitivity")))
-    problems = [build_problem(run.gm, spec, run.ctx.groups, run.ctx.ties, run.ctx.sensitivity, list(budget))
-                for _, run in runs]
+    problems = [build_problem(run.gm, spec, run.ctx.groups, run.ctx.ties, run.ctx.sensitivity, list(budget),
+                              host_fallback=host_fallback) for _, run in runs]
     index = {job.path: i for i, job in enumerate(jobs)}
     equal = []
     for b in boundaries:

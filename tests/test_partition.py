@@ -16,7 +16,7 @@ from torch import nn
 
 import qcompiler
 from qcompiler.allocation import AllocationProblem, CostTable, combine_problems, solve_allocation
-from qcompiler.errors import ArtifactError, BudgetError
+from qcompiler.errors import ArtifactError, BudgetError, QCompileError
 from qcompiler.formats import qparams_from_range
 from qcompiler.partition import PartitionedModel, same_quantizer
 
@@ -155,6 +155,10 @@ def test_one_budget_spans_every_part(compiled):
     assert "one program over all 3 parts" in "\n".join(c.parts["head"]._run.ctx.notes["allocate_bits"])
     with pytest.raises(BudgetError, match="smallest feasible value"):
         qcompiler.qcompile(model, calib[0], target="npu-int4", calib_data=calib, budget={"weight_memory": 0.1},
+                           progress=False)
+    # What parts do not support yet is refused, not silently dropped.
+    with pytest.raises(QCompileError, match="compiled in parts .* target_quality"):
+        qcompiler.qcompile(model, calib[0], target="npu-int4", calib_data=calib, target_quality={"sqnr_db": 20},
                            progress=False)
 
 
