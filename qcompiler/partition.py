@@ -280,11 +280,6 @@ def record_traffic(model: nn.Module, parts: Sequence[str], batches: Sequence[Any
     return Traffic(seen, ports.shared(parts))
 
 
-def record_part_inputs(model: nn.Module, parts: Sequence[str], batches: Sequence[Any]) -> dict[str, list[tuple]]:
-    """What each part receives when the float model runs eagerly on `batches` (every call)."""
-    return record_traffic(model, parts, batches).inputs
-
-
 def calibrate_boundaries(shared: list[tuple[list[tuple[str, str]], list[torch.Tensor]]],
                          observer_name: str) -> list[Boundary]:
     """One fixed observer per tensor passed between parts, calibrated on every value it carried."""
