@@ -20,7 +20,7 @@ sys.path.insert(0, str(BENCHMARKS))
 common = importlib.import_module("common")
 
 SCRIPTS = ("adaround_schedule", "defaults", "detection", "effnet", "float_baseline", "mixed_precision", "onnx_export", "pipeline_timing",
-           "reference_backend", "segmentation", "sensitivity_samples", "speed", "zoo_sweep", "minilm", "vit")
+           "reference_backend", "segmentation", "sensitivity_samples", "speed", "zoo_sweep", "minilm", "vit", "quality_paired")
 
 
 def _git(repo: Path, *args: str) -> str:
