@@ -427,3 +427,92 @@ def test_two_process_ddp_training_equals_one_process(digits, labelled, tmp_path)
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-6), name
         moved += int(not torch.equal(one[name], start[name]))
     assert moved >= 10
+
+
+# -- BatchNorm re-estimation ------------------------------------------------------------------
+
+def _codes(module: qat.QATModule) -> dict[int, torch.Tensor]:
+    """Every kernel's integer weight codes: its hard weight over its per-channel step."""
+    out = {}
+    for i, k in enumerate(module.kernels()):
+        step = k.quant.step() if isinstance(k.quant, LearnedStep) else k.quant.params.scale
+        out[i] = torch.round(k.hard_weight() / step.reshape(-1, *[1] * (k.module.weight.dim() - 1)))
+    return out
+
+
+@pytest.mark.parametrize("method", ["lsq", "ste"])
+def test_reestimated_statistics_are_the_float_moments_and_keep_the_weight_codes(digits, labelled, method):
+    """Damaged latent weights (as oscillation leaves them) move every kernel's output moments;
+    re-estimation puts each output channel's mean and deviation back to float's on the data,
+    leaves every integer weight code as it was, brings the held-out output closer to float and
+    keeps the conversion exact."""
+    compiled = _compile(digits, W4A4)
+    module = qat.prepare(compiled, method)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for k in module.kernels():
+            w = k.module.weight
+            w.mul_(1 + 0.3 * torch.randn(w.shape[0], *[1] * (w.dim() - 1), generator=g)).add_(
+                0.2 * w.std() * torch.randn(w.shape, generator=g))
+    module.eval()
+    data = [(b[0],) for b in labelled[0]]
+    x, f = digits.heldout, digits.model(digits.heldout).detach()
+    with torch.no_grad():
+        before = float(F.mse_loss(module(x), f))
+    codes = _codes(module)
+    done = qat.reestimate_statistics(module, data)
+    assert len(done) == len(module.kernels()) and all(c.scaled for c in done)   # per-channel int4 steps
+    assert max(c.largest_factor for c in done) > 0.1                  # the damage was there to undo
+    for i, c in _codes(module).items():
+        torch.testing.assert_close(c, codes[i], rtol=0, atol=0)
+    # The moments now match float's: measured independently, with forward hooks on both models.
+    def moments(model, modules):
+        seen = {}
+        hooks = [m.register_forward_hook(lambda mod, a, out, name=name: seen.setdefault(name, []).append(out))
+                 for name, m in modules.items()]
+        with torch.no_grad():
+            for (b,) in data:
+                model(b)
+        for h in hooks:
+            h.remove()
+        # channels first: dim 1 of a conv's output, the last dim of a linear's
+        return {n: torch.cat([(t.movedim(-1, 0) if t.dim() == 2 else t.movedim(1, 0)).reshape(t.shape[-1 if t.dim() == 2 else 1], -1)
+                              for t in ts], 1) for n, ts in seen.items()}
+
+    names = {n.name: n.target for n in module.graph.graph.nodes
+             if n.op == "call_module" and isinstance(module.graph.get_submodule(n.target), qat.QATKernel)}
+    teacher = compiled._float_graph
+    targets = {n.name: n.target for n in teacher.graph.nodes}
+    ours = moments(module.graph, {n: module.graph.get_submodule(t) for n, t in names.items()})
+    theirs = moments(teacher, {n: teacher.get_submodule(targets[n]) for n in names})
+    for n in names:
+        torch.testing.assert_close(ours[n].mean(1), theirs[n].mean(1), atol=0.02 * float(theirs[n].std()), rtol=0)
+        torch.testing.assert_close(ours[n].std(1), theirs[n].std(1), atol=0.02 * float(theirs[n].std()), rtol=0.02)
+    with torch.no_grad():
+        after = float(F.mse_loss(module(x), f))
+        converted = qat.convert(module)
+        torch.testing.assert_close(module(x), converted(x), rtol=0, atol=0)
+        torch.testing.assert_close(converted.lower("reference")(x), converted(x), rtol=0, atol=0)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_fit_can_end_with_reestimated_statistics(digits, labelled):
+    """fit(reestimate=True): after training, the first kernel's output channels have float's mean
+    and deviation on the training inputs it re-estimated on (256 of them)."""
+    compiled = _compile(digits, W4A4)
+    train = [(b[0],) for b in labelled[0]]
+    module = qat.prepare(compiled, "lsq")
+    with deterministic_torch():
+        trained = qat.fit(compiled, train, epochs=1, module=module, lr=1e-2, progress=False, reestimate=True)
+    x = torch.cat([b[0] for b in train[:4]])                  # the 256 inputs re-estimated on
+    first = next(n for n in trained.simulated.graph.nodes if n.op == "call_module" and "weight_group" in n.meta)
+    seen = []
+    with torch.no_grad():
+        for graph in (compiled._float_graph, module.graph.eval()):
+            hook = graph.get_submodule(first.target).register_forward_hook(lambda m, a, out: seen.append(out))
+            graph(x)
+            hook.remove()
+    float_out, ours = seen
+    torch.testing.assert_close(ours.mean((0, 2, 3)), float_out.mean((0, 2, 3)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.std((0, 2, 3)), float_out.std((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trained(digits.heldout), module(digits.heldout), rtol=0, atol=0)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..compiled import CompiledModel
 from ..errors import QCompileError
 from .model import QATModule, convert, prepare
+from .reestimate import reestimate_statistics
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
         zero_point_lr: float = 0.05,
         qsin_weight: float = 1.0, p: float = 0.5, seed: int = 0, progress: bool = True,
         hessian: bool = False, checkpoint: bool = True, module: QATModule | None = None,
-        log: list[EpochLog] | None = None) -> CompiledModel:
+        log: list[EpochLog] | None = None, reestimate: bool = False,
+        reestimate_samples: int = 256) -> CompiledModel:
     """Train `compiled` with QAT and return the converted `CompiledModel` (see the module docstring).
 
     data: batches of inputs (label-free) or of (inputs..., labels) when `loss_fn` is given.
@@ -87,6 +89,9 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
     checkpoint: keep the parameters that scored best on validation (False: the last ones).
     module: an already prepared module to continue training (method and p are then its own).
     log: a list that receives one `EpochLog` per evaluation.
+    reestimate: after training, re-estimate the folded BatchNorm statistics on the first
+        `reestimate_samples` training inputs (`reestimate_statistics`; needs the compile's float
+        graph): every kernel's output channels get the float model's mean and deviation again.
     """
     if epochs < 1:
         raise QCompileError(f"qat.fit needs at least one epoch, got {epochs}")
@@ -180,6 +185,18 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
             best, best_state = score, copy.deepcopy(qat.state_dict())
     bar.close()
     qat.load_state_dict(best_state)
+    if reestimate:
+        if compiled._float_graph is None:
+            raise QCompileError("reestimate=True compares with the compile's float graph: use a CompiledModel fresh "
+                                "from qcompile, or call qat.reestimate_statistics(module, data, teacher=...)")
+        inputs, count = [], 0
+        for batch in batches:
+            x = split(batch)[0]
+            inputs.append(x)
+            count += next((t.shape[0] for t in x if isinstance(t, Tensor) and t.dim()), 1)
+            if count >= reestimate_samples:
+                break
+        reestimate_statistics(qat, inputs, compiled._float_graph)
     if log is not None:
         log.extend(history)
     return convert(qat)
