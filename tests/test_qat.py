@@ -516,3 +516,18 @@ def test_fit_can_end_with_reestimated_statistics(digits, labelled):
     torch.testing.assert_close(ours.mean((0, 2, 3)), float_out.mean((0, 2, 3)), atol=1e-4, rtol=0)
     torch.testing.assert_close(ours.std((0, 2, 3)), float_out.std((0, 2, 3)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(trained(digits.heldout), module(digits.heldout), rtol=0, atol=0)
+
+
+def test_reestimation_refuses_what_it_cannot_use(digits, tmp_path):
+    compiled = _compile(digits, W4A4)
+    module = qat.prepare(compiled, "lsq")
+    with pytest.raises(QCompileError, match="no training batches"):
+        qat.reestimate_statistics(module, [])
+    with pytest.raises(QCompileError, match="NaN"):
+        qat.reestimate_statistics(module, [torch.full((4, 1, 8, 8), float("nan"))])
+    compiled.save(tmp_path / "saved")
+    loaded = qat.prepare(qcompiler.load(tmp_path / "saved"), "lsq")
+    with pytest.raises(QCompileError, match="pass teacher="):
+        qat.reestimate_statistics(loaded, [digits.calib])
+    with pytest.raises(QCompileError, match="takes what qat.prepare returns"):
+        qat.reestimate_statistics(compiled, [digits.calib])

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..compiled import CompiledModel
 from ..errors import QCompileError
-from .model import QATModule, convert, prepare
+from .model import QATModule, as_batches, convert, prepare
 from .reestimate import reestimate_statistics
 
 
@@ -45,17 +45,6 @@ class EpochLog:
     validation: float          # the validation metric in eval mode (lower is better)
     seconds: float             # training and validation
     train_seconds: float       # the training steps alone (0 for epoch 0)
-
-
-def _batches(data: Iterable[Any]) -> list[tuple[Any, ...]]:
-    out = [b if isinstance(b, (tuple, list)) else (b,) for b in data]
-    if not out:
-        raise QCompileError("qat.fit got no training batches; pass an iterable of input tensors or tuples")
-    for b in out:
-        for t in b:
-            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise QCompileError("qat.fit: a training batch holds NaN or infinite values; clean the data first")
-    return [tuple(b) for b in out]
 
 
 def _shard(batch: tuple[Any, ...], rank: int, world: int) -> tuple[Any, ...]:
@@ -95,8 +84,8 @@ def fit(compiled: CompiledModel, data: Iterable[Any], *, epochs: int = 1, method
     """
     if epochs < 1:
         raise QCompileError(f"qat.fit needs at least one epoch, got {epochs}")
-    batches = _batches(data)
-    val = _batches(validation_data) if validation_data is not None else batches
+    batches = as_batches(data)
+    val = as_batches(validation_data) if validation_data is not None else batches
     if loss_fn is None:
         teacher = teacher if teacher is not None else compiled._float_graph
         if teacher is None:

@@ -42,7 +42,7 @@ import copy
 import math
 import operator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +286,18 @@ class QATModule(nn.Module):
         if self.training:
             return self.graph(*args)
         return self.converted()(*args)
+
+
+def as_batches(data: Iterable[Any], who: str = "qat.fit") -> list[tuple[Any, ...]]:
+    """Training or statistics batches as tuples, refused when empty or not finite."""
+    out = [b if isinstance(b, (tuple, list)) else (b,) for b in data]
+    if not out:
+        raise QCompileError(f"{who} got no training batches; pass an iterable of input tensors or tuples")
+    for b in out:
+        for t in b:
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise QCompileError(f"{who}: a batch holds NaN or infinite values; clean the data first")
+    return [tuple(b) for b in out]
 
 
 def prepare(compiled: CompiledModel, method: str = "lsq", *, p: float = 0.5, bound: float = 16.0,

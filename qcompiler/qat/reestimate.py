@@ -29,7 +29,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import QCompileError
 from ..trainable import LearnedStep
-from .model import FixedQuant, QATKernel, QATModule
+from .model import FixedQuant, QATKernel, QATModule, as_batches
 
 FACTOR_LIMIT = 4.0     # a per-channel factor stays within [1/4, 4]: beyond that the data, not the weights, are off
 
@@ -137,15 +137,13 @@ def reestimate_statistics(qat: QATModule, data: Iterable[Any], teacher: nn.Modul
     teacher: the float graph whose kernel outputs give the target moments (default: the float
     graph of the compile `qat` was prepared from); its kernel nodes carry the same names.
     """
-    from .fit import _batches
-
     if not isinstance(qat, QATModule):
         raise QCompileError(f"reestimate_statistics takes what qat.prepare returns, got {type(qat).__name__}")
     teacher = teacher if teacher is not None else qat._compiled._float_graph
     if not isinstance(teacher, fx.GraphModule):
         raise QCompileError("reestimate_statistics compares with the compile's float graph, which a loaded model does "
                             "not keep: pass teacher= (the float model captured as a torch.fx GraphModule)")
-    batches = _batches(data)
+    batches = as_batches(data, "reestimate_statistics")
     gm = qat.graph
     teacher_names = {n.name for n in teacher.graph.nodes}
     kernels: dict[str, QATKernel] = {}
