@@ -255,7 +255,6 @@ def _compile_parts_to_budget(jobs: list[Any], boundaries: list[Any], spec: Targe
                              part_options: Any, host_fallback: bool) -> dict[str, CompiledModel]:
     """Every part through `sensitivity`, one bit-allocation program over all their groups (a
     tensor passed between parts takes one bit width), then each part finished with its share."""
-
     runs = []
     for job in jobs:
         settings = part_options(job)
