@@ -29,7 +29,7 @@ MODELS = {
         weights_backbone=None, aux_loss=False),
     "fcn_resnet50": lambda: torchvision.models.segmentation.fcn_resnet50(weights_backbone=None, aux_loss=False),
 }
-NPU_TARGETS = ("npu-int8", "npu-int4")
+NPU_TARGETS = ("npu-int8", "npu-int4", "npu-int8-transformer", "npu-int8-balanced")
 
 
 def main(argv: list[str] | None = None) -> int:
