@@ -31,7 +31,7 @@ FLOORS = {
     ("deeplabv3_mobilenet_v3_large", "npu-int4"): (0.46, 5.0),    # (58.5 %, 7.7 dB)
     ("fcn_resnet50", "npu-int8"): (0.32, 1.0),                    # (42.7 %, 2.9 dB)
     ("fcn_resnet50", "npu-int4"): (0.32, 1.0),                    # (43.7 %, 3.0 dB)
-    # the two transformer-minded NPU targets, measured at 725a9ff
+    # the two NPU targets added later (measured when they joined this test)
     ("lraspp_mobilenet_v3_large", "npu-int8-transformer"): (0.70, 10.5),     # (80.0 %, 13.8 dB)
     ("lraspp_mobilenet_v3_large", "npu-int8-balanced"): (0.70, 10.5),        # (81.5 %, 13.7 dB)
     ("deeplabv3_mobilenet_v3_large", "npu-int8-transformer"): (0.46, 5.0),   # (62.7 %, 8.0 dB)
