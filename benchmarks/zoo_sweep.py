@@ -19,7 +19,8 @@ their own default size; models that fail even in float are listed apart and not 
 The models are independent, so `--executor ray` runs them as Ray tasks (one CPU and one torch
 thread each; a local Ray instance, or the cluster named by RAY_ADDRESS). `--log FILE` appends
 each model's row as one JSON line as it finishes and `--resume` skips the models already in it,
-so a sweep that lasts hours survives an interruption.
+so a sweep that lasts hours survives an interruption; `--retry-timeouts` runs the models it
+lists as timed out again (the timeout is wall time: a starved worker times out).
 """
 from __future__ import annotations
 
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="ray: one task per model on a local Ray instance or RAY_ADDRESS's cluster")
     ap.add_argument("--log", default=None, help="append every model's row here as a JSON line")
     ap.add_argument("--resume", action="store_true", help="skip the models already in --log")
+    ap.add_argument("--retry-timeouts", action="store_true",
+                    help="with --resume: run again the models the log lists as timed out")
     args = ap.parse_args(argv)
     if args.quick:
         args.models = args.models or "resnet10t,mobilenetv3_small_050"
@@ -327,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                  notes=[__doc__.split("\n\n", 1)[1].strip()])
     names = candidates(args.max_params, args.sample, args.seed, [m for m in args.models.split(",") if m])
     done = read_log(args.log) if args.resume else {}
+    if args.retry_timeouts:
+        done = {n: r for n, r in done.items() if r is None or r.status != "timeout"}
+    from_log = {n for n, r in done.items() if r is not None}
     log = open(args.log, "a" if args.resume else "w") if args.log else None
     for name, row in run_rows(names, args, done):
         done[name] = row
@@ -336,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             print(f"{row.name:45s} {row.status:8s} {row.seconds:6.1f}s {row.error[:100]}", file=sys.stderr, flush=True)
     rows = [done[n] for n in names if done.get(n) is not None]
+    if from_log:
+        top += (f"\n\nResumed from `{args.log}`: {len(from_log & {r.name for r in rows})} of the {len(rows)} models "
+                "below were measured by the earlier run(s) that wrote it, the rest by this one.")
     emit(report(rows, top, args), out_path(__file__, args))
     return 0
 
