@@ -155,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     partitions = []
     for name in [m for m in args.models.split(",") if m]:
-        r = measure(name, args.size, calib, held, args.target, passes, budget)
+        try:
+            r = measure(name, args.size, calib, held, args.target, passes, budget)
+        except qcompiler.QCompileError as exc:     # e.g. a budget this detector cannot meet: say so, go on
+            lines.append(f"| {name} | {type(exc).__name__}: {str(exc).splitlines()[0][:200]} |" + " |" * 7)
+            print(lines[-1], file=sys.stderr, flush=True)
+            continue
         lines.append(f"| {name} | {r['parts']} | {r['host']} | {r['boundaries']} ({r['one_quantizer']}) | "
                      f"{r['weight_mib']:.2f} | {r['head_sqnr_db']:.1f} | "
                      f"{100 * r['matched']:.1f} % of {r['boxes']} | {r['score_diff']:.4f} | {r['seconds']:.0f} |")
