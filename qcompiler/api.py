@@ -130,7 +130,9 @@ def qcompile(model: nn.Module, example_inputs: Any, *, target: Any = "npu-int8",
         in float (`qcompiler.partition`). Without it, a model whose root torch.fx cannot trace
         (a detector: resizing, anchors, box decoding, NMS) is split automatically into its
         largest traceable parts, and a `PartitionedModel` is returned; example_inputs and every
-        calib_data item are then whatever the model's forward takes (a list of images).
+        calib_data item are then whatever the model's forward takes (a list of images). A tensor
+        passed between parts has one quantizer, and a budget spans all parts; target_quality,
+        plan_check=True and validation_data are refused there.
     threads: torch threads while the passes run. None (default): the cores this process may use
         that other processes leave free, at most torch's own setting (`qcompiler.threads`); a
         busy machine then gets no spinning threads. The plan does not depend on it; on large
