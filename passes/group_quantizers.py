@@ -25,12 +25,11 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx
-from torch.utils._pytree import tree_leaves
 
 from ..attention import softmax_mask
 from ..context import CompileContext
 from ..errors import GroupingError
-from ..fx_util import port_node
+from ..fx_util import graph_ports
 from ..groups import QuantizerGroup, Tie
 from ..opkinds import META
 from ..tracing import source_line
@@ -241,15 +240,16 @@ def _apply_min_bits(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup
     kernels = _weighted_kernels(nodes)
     if not kernels:
         return
-    inputs = [f"input:{i}" for i, n in enumerate(n for n in nodes if n.op == "placeholder")]
-    outputs = _output_ports(g.gm)
+    ports = graph_ports(g.gm)
+    inputs = [p for p in ports if p.startswith("input:")]
+    outputs = [p for p in ports if p.startswith("output:")]
     inner = {"first": bool(inputs) and all(p in boundary for p in inputs),
              "last": bool(outputs) and all(p in boundary for p in outputs)}
     for coupling in spec.couplings:
         if coupling.kind != "min_bits":
             continue
         if coupling.where == "output":
-            inner_groups = {port_node(g.gm, p).meta.get("group") for p in outputs if p in boundary}
+            inner_groups = {ports[p].meta.get("group") for p in outputs if p in boundary}
             _narrow(groups, [gid for gid in _output_groups(nodes) if gid not in inner_groups], coupling,
                     "the model's outputs")
             continue
@@ -270,13 +270,6 @@ def _apply_min_bits(g: _Graph, nodes: list[fx.Node], groups: list[QuantizerGroup
                 if "group" in last.meta:
                     touched.append(last.meta["group"])
         _narrow(groups, touched, coupling, f"the {coupling.where} layer ({kernel.name})")
-
-
-def _output_ports(gm: fx.GraphModule) -> list[str]:
-    """"output:j" for every tensor the graph returns."""
-    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
-    leaves = tree_leaves(out.args[0]) if out is not None and out.args else []
-    return [f"output:{j}" for j, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)]
 
 
 def _output_groups(nodes: list[fx.Node]) -> list[int]:

@@ -45,20 +45,21 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     return snap
 
 
+def graph_ports(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """A graph's ports by name: "input:i" is the i-th placeholder, "output:j" the j-th leaf of
+    what the graph returns (in pytree order, as the forward's value flattens) where it is a node."""
+    ports = {f"input:{i}": n for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    leaves = tree_leaves(out.args[0]) if out is not None and out.args else []
+    ports.update({f"output:{j}": leaf for j, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)})
+    return ports
+
+
 def port_node(gm: fx.GraphModule, port: str) -> fx.Node | None:
-    """The node at a graph's port: "input:i" is the i-th placeholder, "output:j" the j-th tensor
-    of what the graph returns (in pytree order, as the forward's value flattens)."""
-    kind, _, index = port.partition(":")
-    if kind == "input":
-        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    elif kind == "output":
-        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        nodes = list(tree_leaves(out.args[0])) if out.args else []
-    else:
+    """The node at one of a graph's ports (`graph_ports`), None where there is none."""
+    if port.partition(":")[0] not in ("input", "output"):
         raise ValueError(f"a port is 'input:i' or 'output:j', got {port!r}")
-    i = int(index)
-    node = nodes[i] if 0 <= i < len(nodes) else None
-    return node if isinstance(node, fx.Node) else None
+    return graph_ports(gm).get(port)
 
 
 def tree_map_detach(value: Any) -> Any:

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import ArtifactError, CaptureError, QCompileError
-from .fx_util import copy_sharing_tensors, set_submodule, tree_map_detach
+from .fx_util import copy_sharing_tensors, port_node, set_submodule, tree_map_detach
 from .observers import FixedObserver, make_observer
 from .tracing import trace
 
@@ -315,8 +315,6 @@ class PartitionedModel(nn.Module):
 
     def port_quantizer(self, path: str, port: str) -> tuple[str, Any] | None:
         """(format name, QParams) of the quantizer at a part's port; None where it is not quantized."""
-        from .fx_util import port_node
-
         part = self.parts[path]
         node = port_node(part.simulated, port)
         group = node.meta.get("group") if node is not None else None

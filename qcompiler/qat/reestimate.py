@@ -44,6 +44,23 @@ class Correction:
     scaled: bool          # False: only the mean was corrected (per-tensor or power-of-two steps)
 
 
+def _channel_sums(values: Iterable[Tensor], axis: int, sums: list[Tensor] | None = None) -> list[Tensor]:
+    """[sum, sum of squares, count] per channel along `axis` over all of `values` (added to
+    `sums`, from an earlier call), in float64."""
+    sums = sums or []
+    for v in values:
+        y = v.detach().double().movedim(axis, 0).reshape(v.shape[axis], -1)
+        s = [y.sum(1), y.pow(2).sum(1), torch.tensor(float(y.shape[1]), dtype=torch.float64)]
+        sums = s if not sums else [a + b for a, b in zip(sums, s)]
+    return sums
+
+
+def _mean_var(sums: list[Tensor]) -> tuple[Tensor, Tensor]:
+    s, s2, n = sums
+    mean = s / n
+    return mean, (s2 / n - mean.pow(2)).clamp_min(0.0)
+
+
 class _Moments(fx.Interpreter):
     """Per-channel sums and sums of squares of the named nodes' outputs over the batches run."""
 
@@ -56,18 +73,11 @@ class _Moments(fx.Interpreter):
         out = super().run_node(n)
         axis = self.axes.get(n.name)
         if axis is not None and isinstance(out, Tensor):
-            y = out.detach().double().movedim(axis, 0).reshape(out.shape[axis], -1)
-            s = [y.sum(1), y.pow(2).sum(1), torch.tensor(float(y.shape[1]), dtype=torch.float64)]
-            prev = self.sums.get(n.name)
-            self.sums[n.name] = s if prev is None else [a + b for a, b in zip(prev, s)]
+            self.sums[n.name] = _channel_sums([out], axis, self.sums.get(n.name))
         return out
 
     def moments(self) -> dict[str, tuple[Tensor, Tensor]]:
-        out = {}
-        for name, (s, s2, n) in self.sums.items():
-            mean = s / n
-            out[name] = (mean, (s2 / n - mean.pow(2)).clamp_min(0.0))
-        return out
+        return {name: _mean_var(sums) for name, sums in self.sums.items()}
 
 
 def _moments(gm: fx.GraphModule, axes: dict[str, int], batches: list[tuple[Any, ...]]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -88,7 +98,7 @@ def _scalable(quant: nn.Module | None, channels: int) -> bool:
         return quant.base.numel() == channels and quant.fmt.scale_kind != "pow2"
     if isinstance(quant, FixedQuant) and quant.params is not None and not hasattr(quant, "zp"):
         return quant.params.scale.numel() == channels and getattr(quant.fmt, "scale_kind", "") != "pow2"
-    return quant is None
+    return False
 
 
 def _scale_step(quant: nn.Module | None, a: Tensor) -> None:
@@ -118,13 +128,6 @@ def _correct(kernel: QATKernel, target: tuple[Tensor, Tensor], measured: tuple[T
             module.bias = nn.Parameter(torch.zeros(channels, dtype=w.dtype))
         module.bias.mul_(a.to(w.dtype)).add_(shift.to(w.dtype))
     return a, shift, scaled
-
-
-def _moments_of(values: list[Tensor], axis: int) -> tuple[Tensor, Tensor]:
-    ys = [v.detach().double().movedim(axis, 0).reshape(v.shape[axis], -1) for v in values]
-    n = sum(y.shape[1] for y in ys)
-    mean = sum(y.sum(1) for y in ys) / n
-    return mean, (sum(y.pow(2).sum(1) for y in ys) / n - mean.pow(2)).clamp_min(0.0)
 
 
 def reestimate_statistics(qat: QATModule, data: Iterable[Any], teacher: nn.Module | None = None) -> list[Correction]:
@@ -187,7 +190,7 @@ def reestimate_statistics(qat: QATModule, data: Iterable[Any], teacher: nn.Modul
 
                     env[node] = compute()
                     if node.name in kernels and node.name in target:
-                        measured = _moments_of(env[node], axes[node.name])
+                        measured = _mean_var(_channel_sums(env[node], axes[node.name]))
                         if measured[0].numel() == kernels[node.name].module.weight.shape[0]:
                             a, shift, scaled = _correct(kernels[node.name], target[node.name], measured)
                             env[node] = compute()
